@@ -1,0 +1,480 @@
+"""The job spec: the one description of a training job, shared by the REST API, the CLI and the Ray workers.
+
+`JobSpec` is a pydantic v2 model with `extra="forbid"` (an unknown field is an error, so a typo never
+silently falls back to a default). Every field carries a description and bounds; the OpenAPI docs are
+generated from them. Mistakes that involve two fields raise `ValueError` with a sentence that names the
+field and says how to fix it.
+
+Files are never trusted: an `npz` data set names a path *relative to a data root* that the operator configures
+(`resolve_npz_path`). Absolute paths and `..` are refused at validation time, and the resolved path (symlinks
+followed) must still lie under the root at run time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "CONV_MODELS",
+    "DatasetSpec",
+    "EarlyStopSpec",
+    "JobSpec",
+    "LrScheduleSpec",
+    "ModelName",
+    "OptimizerSpec",
+    "load_spec_file",
+    "resolve_npz_path",
+]
+
+ModelName = Literal["resnet18", "small_resnet", "cnn", "mlp"]
+#: Models made of 2-D convolutions: they need image-shaped inputs (channels, height, width).
+CONV_MODELS: frozenset[str] = frozenset({"resnet18", "small_resnet", "cnn"})
+
+#: Images of scikit-learn's bundled digits data set: 1,797 grey 8x8 images, 10 classes.
+DIGITS_SAMPLES = 1797
+DIGITS_SHAPE = (1, 8, 8)
+
+
+class _Strict(BaseModel):
+    """Base of every spec model: unknown fields are errors, and names like `model` are allowed."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    def _changed(self, field: str) -> bool:
+        """Whether `field` holds something other than its default.
+
+        Fields that do not apply to the chosen variant are refused only when changed, so that a dumped spec
+        (which lists every default) validates again unchanged.
+        """
+        info = type(self).model_fields[field]
+        return getattr(self, field) != info.get_default(call_default_factory=True)
+
+
+class OptimizerSpec(_Strict):
+    """Which optimizer updates the weights, and its hyper-parameters."""
+
+    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimizer: sgd, adam or adamw.")
+    lr: float = Field(0.1, gt=0.0, le=10.0, description="Peak learning rate (after warm-up).")
+    momentum: float = Field(
+        0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only; adam/adamw use their default betas)."
+    )
+    nesterov: bool = Field(False, description="Use Nesterov momentum (sgd only; needs momentum > 0).")
+    weight_decay: float = Field(
+        5e-4,
+        ge=0.0,
+        le=1.0,
+        description="Weight decay: L2 penalty for sgd/adam, decoupled decay for adamw.",
+    )
+
+    @model_validator(mode="after")
+    def _check_sgd_only_fields(self) -> OptimizerSpec:
+        if self.name != "sgd":
+            for field in ("momentum", "nesterov"):
+                if self._changed(field):
+                    raise ValueError(
+                        f"optimizer.{field} applies to sgd only (got name={self.name!r}): "
+                        f"remove optimizer.{field} or set optimizer.name to 'sgd'."
+                    )
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError(
+                "optimizer.nesterov needs momentum > 0 (got momentum=0): set optimizer.momentum, e.g. 0.9, "
+                "or nesterov to false."
+            )
+        return self
+
+
+class LrScheduleSpec(_Strict):
+    """How the learning rate changes over the run: an optional linear warm-up, then a decay."""
+
+    name: Literal["none", "cosine", "step"] = Field(
+        "none",
+        description="Decay after warm-up: none (constant), cosine (to min_lr at the last step) or step "
+        "(multiply by gamma every step_epochs epochs).",
+    )
+    warmup_epochs: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="Linear warm-up from 0 to optimizer.lr over this many epochs (fractions allowed).",
+    )
+    min_lr: float = Field(0.0, ge=0.0, le=10.0, description="Final learning rate of the cosine decay.")
+    step_epochs: int = Field(
+        10, ge=1, le=10_000, description="Epochs between two decays of the step schedule (step only)."
+    )
+    gamma: float = Field(
+        0.1, gt=0.0, le=1.0, description="Factor applied at each decay of the step schedule (step only)."
+    )
+
+    @model_validator(mode="after")
+    def _check_schedule_fields(self) -> LrScheduleSpec:
+        if self.name != "step":
+            for field in ("step_epochs", "gamma"):
+                if self._changed(field):
+                    raise ValueError(
+                        f"lr_schedule.{field} applies to the step schedule only (got name={self.name!r}): "
+                        f"remove lr_schedule.{field} or set lr_schedule.name to 'step'."
+                    )
+        if self.name != "cosine" and self._changed("min_lr"):
+            raise ValueError(
+                f"lr_schedule.min_lr applies to the cosine schedule only (got name={self.name!r}): "
+                "remove lr_schedule.min_lr or set lr_schedule.name to 'cosine'."
+            )
+        return self
+
+
+class EarlyStopSpec(_Strict):
+    """When to stop before the last epoch: a validation accuracy target, a patience, or both."""
+
+    target_val_acc: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Stop as soon as the validation accuracy reaches this value (0-1]; verdict 'converged'.",
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Stop when the validation accuracy has not improved by more than min_delta for this many "
+        "epochs; verdict 'plateaued'.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0.0, le=1.0, description="Smallest gain in validation accuracy that counts as an improvement."
+    )
+
+    @model_validator(mode="after")
+    def _check_has_criterion(self) -> EarlyStopSpec:
+        if self.target_val_acc is None and self.patience is None:
+            raise ValueError(
+                "early_stop needs target_val_acc and/or patience: set one of them, or remove early_stop."
+            )
+        return self
+
+
+class DatasetSpec(_Strict):
+    """Where the samples come from.
+
+    - `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), shape (1, 8, 8).
+    - `synthetic`: seeded class-conditional Gaussian images/vectors of `input_shape`.
+    - `npz`: a user file under the operator's data root with arrays `x` (N, ...) and `y` (N,) of integer
+      labels, optionally `x_val`/`y_val` (otherwise `val_fraction` of `x` is held out).
+    """
+
+    kind: Literal["digits", "synthetic", "npz"] = Field(
+        "digits", description="Data source: digits, synthetic or npz."
+    )
+    val_fraction: float = Field(
+        0.2,
+        ge=0.05,
+        le=0.5,
+        description="Share of the samples held out for validation (seeded split; npz files with x_val/y_val "
+        "use those instead).",
+    )
+    num_samples: int = Field(
+        2048,
+        ge=16,
+        le=1_000_000,
+        description="Number of generated samples, train + validation (synthetic only).",
+    )
+    num_classes: int = Field(10, ge=2, le=1000, description="Number of classes (synthetic only).")
+    input_shape: list[int] = Field(
+        default_factory=lambda: [3, 16, 16],
+        min_length=1,
+        max_length=3,
+        description="Shape of one sample (synthetic only): [features] for vectors or "
+        "[channels, height, width] for images; each entry 1-4096.",
+    )
+    path: str | None = Field(
+        None,
+        max_length=512,
+        description="Path of the .npz file relative to the service's data root (npz only); "
+        "absolute paths and '..' are refused.",
+        examples=["mnist_small.npz"],
+    )
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> DatasetSpec:
+        if self.kind != "synthetic":
+            for field in ("num_samples", "num_classes", "input_shape"):
+                if self._changed(field):
+                    raise ValueError(
+                        f"dataset.{field} applies to synthetic data only (got kind={self.kind!r}): "
+                        f"remove dataset.{field} or set dataset.kind to 'synthetic'."
+                    )
+        if self.kind == "synthetic":
+            if len(self.input_shape) == 2:
+                raise ValueError(
+                    f"dataset.input_shape must be [features] or [channels, height, width] "
+                    f"(got {self.input_shape}): add the channel count, e.g. [1, {self.input_shape[0]}, "
+                    f"{self.input_shape[1]}]."
+                )
+            if any(not 1 <= d <= 4096 for d in self.input_shape):
+                raise ValueError(
+                    f"dataset.input_shape entries must lie in 1-4096 (got {self.input_shape}): "
+                    "use smaller sizes."
+                )
+        if self.kind == "npz":
+            if self.path is None:
+                raise ValueError(
+                    "dataset.path is required when dataset.kind is 'npz': give the file's path relative to "
+                    "the data root, e.g. 'my_data.npz'."
+                )
+            _check_relative_path(self.path)
+        elif self.path is not None:
+            raise ValueError(
+                f"dataset.path applies to npz data only (got kind={self.kind!r}): remove dataset.path or set "
+                "dataset.kind to 'npz'."
+            )
+        return self
+
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """Shape of one input sample when it is known before loading (None for npz files)."""
+        if self.kind == "digits":
+            return DIGITS_SHAPE
+        if self.kind == "synthetic":
+            return tuple(self.input_shape)
+        return None
+
+    def train_size(self) -> int | None:
+        """Number of training samples when it is known before loading (None for npz files)."""
+        total = {"digits": DIGITS_SAMPLES, "synthetic": self.num_samples}.get(self.kind)
+        if total is None:
+            return None
+        return total - max(1, round(total * self.val_fraction))
+
+
+def _check_relative_path(path: str) -> None:
+    """Refuse absolute paths, `..` components and odd characters in a user-supplied data path."""
+    if not path or path.strip() != path:
+        raise ValueError(
+            f"dataset.path must be a non-empty relative path without surrounding spaces (got {path!r})."
+        )
+    if "\\" in path or "\x00" in path:
+        raise ValueError(f"dataset.path must use '/' separators and no NUL bytes (got {path!r}).")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or (len(path) > 1 and path[1] == ":"):
+        raise ValueError(
+            f"dataset.path must be relative to the data root (got the absolute path {path!r}): "
+            "drop the leading '/' and place the file under the data root."
+        )
+    if ".." in pure.parts:
+        raise ValueError(
+            f"dataset.path must stay under the data root (got {path!r}, which contains '..'): "
+            "place the file under the data root and give its path from there."
+        )
+    if pure.suffix != ".npz":
+        raise ValueError(f"dataset.path must name a .npz file (got {path!r}).")
+
+
+def resolve_npz_path(path: str, data_root: Path | str) -> Path:
+    """Resolve a spec's relative npz path against the operator's data root, refusing anything outside it.
+
+    Symlinks are followed before the check, so a link inside the root that points elsewhere is refused too.
+
+    Args:
+        path: `DatasetSpec.path` (already checked to be relative, without `..`).
+        data_root: the directory the operator allows data files to be read from.
+
+    Raises:
+        ValueError: the path escapes the root, or no such file exists.
+    """
+    _check_relative_path(path)
+    root = Path(data_root).resolve()
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(
+            f"dataset.path {path!r} resolves to {resolved}, outside the data root {root}: "
+            "place the file itself under the data root."
+        )
+    if not resolved.is_file():
+        raise ValueError(
+            f"dataset.path {path!r} does not exist under the data root {root}: upload it there first."
+        )
+    return resolved
+
+
+_EXAMPLE: dict[str, Any] = {
+    "name": "digits-small-resnet",
+    "model": "small_resnet",
+    "dataset": {"kind": "digits", "val_fraction": 0.2},
+    "workers": 2,
+    "use_gpu": False,
+    "cpus_per_worker": 1,
+    "epochs": 10,
+    "batch_size": 32,
+    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0005},
+    "lr_schedule": {"name": "cosine", "warmup_epochs": 1},
+    "sync_bn": True,
+    "sync_group_size": None,
+    "seed": 0,
+    "stats_every": 10,
+    "early_stop": {"target_val_acc": 0.99, "patience": 3},
+    "max_failures": 1,
+    "checkpoint_every": 1,
+}
+
+
+class JobSpec(_Strict):
+    """One distributed training job: model, data, cluster shape, optimisation and what to record.
+
+    The same object travels from the REST body or the CLI's spec file to every Ray worker, so it holds
+    plain data only (nothing here is ever executed).
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        protected_namespaces=(),
+        json_schema_extra={"examples": [_EXAMPLE]},
+    )
+
+    name: str | None = Field(
+        None, max_length=100, description="Optional human-readable label shown in listings and logs."
+    )
+    model: ModelName = Field(
+        "small_resnet",
+        description="Built-in architecture: resnet18 (CIFAR-style ResNet-18), small_resnet (3 stages, 16-64 "
+        "channels), cnn (plain conv net) or mlp (BatchNorm1d multi-layer perceptron). Built with "
+        "nn.BatchNorm*d and converted to syncbn.SyncBatchNorm when sync_bn is true.",
+    )
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="Data source and validation split.")
+    workers: int = Field(2, ge=1, le=512, description="Number of Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(
+        False, description="One GPU per worker, NCCL backend; false: CPU workers with gloo."
+    )
+    cpus_per_worker: float = Field(
+        1.0,
+        gt=0.0,
+        le=256.0,
+        multiple_of=0.25,
+        description="Logical CPUs reserved per worker (multiple of 0.25); torch uses max(1, floor(value)) "
+        "threads.",
+    )
+    epochs: int = Field(5, ge=1, le=10_000, description="Number of passes over the training data.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        le=65_536,
+        description="Samples per worker per step; the global batch is workers x batch_size.",
+    )
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Cap on steps per epoch (smoke tests, quick looks); null: one full pass over the data.",
+    )
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and its settings.")
+    lr_schedule: LrScheduleSpec = Field(
+        default_factory=LrScheduleSpec, description="Learning-rate warm-up and decay."
+    )
+    sync_bn: bool = Field(
+        True,
+        description="true: syncbn.SyncBatchNorm (batch statistics over all ranks); false: local "
+        "BatchNorm per rank under DDP, to compare.",
+    )
+    sync_group_size: int | None = Field(
+        None,
+        ge=2,
+        le=512,
+        description="Synchronise BatchNorm within groups of this many consecutive ranks instead of all ranks "
+        "(must divide workers; needs sync_bn).",
+    )
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="Seed for weights, data split, shuffling and synthetic data."
+    )
+    stats_every: int = Field(
+        10,
+        ge=1,
+        le=1_000_000,
+        description="Record step metrics and per-layer BatchNorm statistics every N steps.",
+    )
+    early_stop: EarlyStopSpec | None = Field(
+        None,
+        description="Stop early on a validation accuracy target and/or a patience; null: run every epoch.",
+    )
+    max_failures: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Worker-group failures tolerated; each one restarts the workers from the last "
+        "checkpoint.",
+    )
+    checkpoint_every: int = Field(
+        1,
+        ge=0,
+        le=10_000,
+        description="Save a checkpoint every N epochs (used to resume after a failure); 0: never.",
+    )
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> JobSpec:
+        if self.sync_group_size is not None:
+            if not self.sync_bn:
+                raise ValueError(
+                    "sync_group_size needs sync_bn=true (local BatchNorm has no groups): "
+                    "remove sync_group_size or set sync_bn to true."
+                )
+            if self.workers % self.sync_group_size != 0:
+                raise ValueError(
+                    f"sync_group_size must divide workers (got sync_group_size={self.sync_group_size}, "
+                    f"workers={self.workers}): pick a divisor of {self.workers} or change workers."
+                )
+        shape = self.dataset.sample_shape()
+        if self.model in CONV_MODELS and shape is not None and len(shape) != 3:
+            raise ValueError(
+                f"model {self.model!r} needs image samples [channels, height, width], but "
+                f"dataset.input_shape is {list(shape)}: use model 'mlp' or a 3-entry input_shape."
+            )
+        if self.lr_schedule.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"lr_schedule.warmup_epochs must be smaller than epochs (got warmup_epochs="
+                f"{self.lr_schedule.warmup_epochs}, epochs={self.epochs}): shorten the warm-up or add epochs."
+            )
+        if self.lr_schedule.name == "cosine" and self.lr_schedule.min_lr > self.optimizer.lr:
+            raise ValueError(
+                f"lr_schedule.min_lr ({self.lr_schedule.min_lr}) must not exceed optimizer.lr "
+                f"({self.optimizer.lr}): lower min_lr."
+            )
+        train_size = self.dataset.train_size()
+        if train_size is not None and train_size < self.workers:
+            raise ValueError(
+                f"the data set has {train_size} training samples, fewer than workers={self.workers}: "
+                "raise dataset.num_samples or use fewer workers."
+            )
+        return self
+
+    def torch_threads(self) -> int:
+        """Torch intra-op threads for one worker: its reserved CPUs, at least one."""
+        return max(1, int(self.cpus_per_worker))
+
+    def resources(self) -> dict[str, float]:
+        """Logical resources the whole run reserves: `{"CPU": ..., "GPU": ...}` (for admission checks)."""
+        return {"CPU": self.workers * self.cpus_per_worker, "GPU": float(self.workers if self.use_gpu else 0)}
+
+
+def load_spec_file(path: Path | str) -> JobSpec:
+    """Read a job spec from a `.json`, `.yaml` or `.yml` file and validate it.
+
+    Raises:
+        ValueError: unknown file type, unreadable content, or a spec that does not validate (pydantic's
+            `ValidationError` is a `ValueError` and names each bad field).
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(text)
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        raise ValueError(f"spec file must end in .json, .yaml or .yml (got {path.name!r}).")
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"spec file {path.name!r} must hold a mapping of fields (got {type(data).__name__})."
+        )
+    return JobSpec.model_validate(data)
