@@ -1,0 +1,23 @@
+"""syncbn: an exact synchronized BatchNorm for CPU (gloo) and GPU (NCCL), one all-reduce per pass.
+
+Public surface (everything else is private):
+
+- :class:`SyncBatchNorm`: drop-in for ``torch.nn.SyncBatchNorm``, exact against BatchNorm on the global batch.
+- :func:`convert_sync_batchnorm` / :func:`revert_sync_batchnorm`: swap a model's BatchNorm layers and back.
+- :class:`BatchStatsRecorder` / :func:`merge_rank_layer_stats`: per-layer batch statistics and cross-rank skew.
+"""
+
+from syncbn.batchnorm import SyncBatchNorm
+from syncbn.convert import convert_sync_batchnorm, revert_sync_batchnorm
+from syncbn.stats import BatchStatsRecorder, merge_rank_layer_stats
+
+__all__ = [
+    "BatchStatsRecorder",
+    "SyncBatchNorm",
+    "__version__",
+    "convert_sync_batchnorm",
+    "merge_rank_layer_stats",
+    "revert_sync_batchnorm",
+]
+
+__version__ = "0.1.0"

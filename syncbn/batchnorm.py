@@ -1,0 +1,114 @@
+"""`SyncBatchNorm`: BatchNorm over the global batch of all ranks, on CPU (gloo) and GPU (NCCL)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from syncbn._functions import BatchMoments, SyncBatchNormFunction
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalisation whose statistics are those of the concatenation of every rank's batch.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    with the mean and (biased) variance taken per channel over the *global* batch: all ranks of
+    ``process_group``. A drop-in for :class:`torch.nn.SyncBatchNorm` that also runs on CPU tensors and sends a
+    fixed-size message per layer: one ``all_reduce`` of ``[count, sums, sums of squares]`` forward, one of
+    ``[sum(dy), sum(dy * x_hat)]`` backward (no ``all_gather``, so the volume does not grow with the world size).
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: weight of the new batch in the running averages; ``None`` gives a cumulative average.
+            Default: 0.1.
+        affine: learnable per-channel scale and shift. Default: True.
+        track_running_stats: keep running mean and (unbiased) variance for eval mode; if False, eval mode also
+            uses batch statistics. Default: True.
+        process_group: the ranks whose batches are pooled; ``None`` means the default (world) group.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+
+    Shape:
+        - Input: :math:`(N, C)`, :math:`(N, C, L)`, :math:`(N, C, H, W)` or :math:`(N, C, D, H, W)`.
+        - Output: same shape (and memory format, e.g. channels_last) as the input.
+
+    Notes:
+        - Synchronisation happens only in training mode with an initialised process group of more than one rank.
+          Otherwise the layer is exactly :class:`torch.nn.BatchNorm*d` through torch's native kernels. Eval mode
+          never communicates (as in torch): with running stats they are used, without them each rank normalises
+          with its own batch, so evaluation on a single rank cannot hang.
+        - Every rank of the group must call forward (and backward) the same number of times, as with any
+          collective. A rank with an empty batch still takes part and the others stay exact.
+        - Weight and bias gradients on each rank are that rank's contribution; their sum over ranks is the global
+          gradient, so DDP's gradient averaging gives the same update as :class:`torch.nn.SyncBatchNorm`.
+        - With DDP, pass ``broadcast_buffers=False``: the running stats are already identical on every rank.
+
+    Example::
+
+        >>> model = syncbn.convert_sync_batchnorm(model)
+        >>> ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+        # Number of input dims this layer is for (2-3: 1d, 4: 2d, 5: 3d); lets revert pick the BatchNorm class.
+        self.input_dims_hint: int | None = None
+        # Set by BatchStatsRecorder around a recording forward pass; the Function appends its moments here.
+        self._moments_sink: list[BatchMoments] | None = None
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2 or input.dim() > 5:
+            raise ValueError(f"expected a 2D to 5D input (N, C, ...) for SyncBatchNorm (got {input.dim()}D input)")
+
+    def _world_size(self) -> int:
+        """Ranks in this layer's group, or 1 where there is no initialised process group."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected input with {self.num_features} channels in dim 1 (got {input.shape[1]}, "
+                f"input shape {tuple(input.shape)})"
+            )
+        self.input_dims_hint = input.dim()
+
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        need_sync = self.training and bn_training and self._world_size() > 1
+        if not need_sync:
+            # No peers to agree with: exactly torch's BatchNorm (its native fused kernels, its bookkeeping).
+            return super().forward(input)
+
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        num_batches_tracked = self.num_batches_tracked if self.track_running_stats else None
+        return SyncBatchNormFunction.apply(
+            input,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            self.momentum,
+            self.eps,
+            self.process_group,
+            self._moments_sink,
+        )
