@@ -14,6 +14,7 @@ import os
 import queue
 import traceback
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ def _rank_main(rank: int, world_size: int, store_path: str, tasks: Any, results:
                 break
             fn, args = task
             try:
-                results.put((rank, True, fn(rank, world_size, *args)))
+                value = fn(rank, world_size, *args)
+                ForkingPickler.dumps(value)  # fail here, visibly, rather than in the queue's feeder thread
+                results.put((rank, True, value))
             except BaseException:  # report every failure to the parent, including gloo timeouts
                 results.put((rank, False, traceback.format_exc()))
     finally:

@@ -53,34 +53,41 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def run_layer(layer: nn.Module, cfg: dict[str, Any], rank: int | None) -> dict[str, Any]:
-    """Run ``cfg['steps']`` forward/backward passes of ``layer`` on rank ``rank``'s slice (None = whole batch)."""
+def run_layer(layer: nn.Module, cfg: dict[str, Any], rank: int | None, part: slice | None = None) -> dict[str, Any]:
+    """Run ``cfg['steps']`` forward/backward passes of ``layer`` on rank ``rank``'s slice of the global batch.
+
+    ``rank=None`` takes ``part`` of the batch instead (default: all of it).
+    """
     in_dtype = _dtype(cfg.get("dtype", "float64"))
     out: dict[str, Any] = {}
     for step in range(cfg.get("steps", 1)):
         x_all, dy_all = make_global_batch(cfg, step)
-        part = slice(None) if rank is None else rank_slice(cfg, rank)
-        x = x_all[part].to(in_dtype)
+        rows = (part or slice(None)) if rank is None else rank_slice(cfg, rank)
+        x = x_all[rows].to(device=cfg.get("device", "cpu"), dtype=in_dtype)
         if cfg.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         if layer.weight is not None and layer.weight.grad is not None:
             layer.weight.grad = None
             layer.bias.grad = None
+        if cfg.get("forbid_host_sync"):
+            torch.cuda.set_sync_debug_mode("error")  # any .item()/.cpu() on the hot path raises
         y = layer(x)
-        y.backward(dy_all[part].to(y.dtype))
+        y.backward(dy_all[rows].to(device=y.device, dtype=y.dtype))
+        if cfg.get("forbid_host_sync"):
+            torch.cuda.set_sync_debug_mode("default")
         out = {
-            "y": y.detach(),
-            "dx": x.grad,
-            "dw": None if layer.weight is None else layer.weight.grad.clone(),
-            "db": None if layer.bias is None else layer.bias.grad.clone(),
+            "y": y.detach().cpu(),
+            "dx": x.grad.cpu(),
+            "dw": None if layer.weight is None else layer.weight.grad.cpu(),
+            "db": None if layer.bias is None else layer.bias.grad.cpu(),
         }
     out["y_channels_last"] = out["y"].is_contiguous(memory_format=torch.channels_last) if out["y"].dim() == 4 else None
     out["dx_channels_last"] = (
         out["dx"].is_contiguous(memory_format=torch.channels_last) if out["dx"].dim() == 4 else None
     )
-    out["running_mean"] = None if layer.running_mean is None else layer.running_mean.clone()
-    out["running_var"] = None if layer.running_var is None else layer.running_var.clone()
+    out["running_mean"] = None if layer.running_mean is None else layer.running_mean.cpu()
+    out["running_var"] = None if layer.running_var is None else layer.running_var.cpu()
     out["num_batches_tracked"] = None if layer.num_batches_tracked is None else int(layer.num_batches_tracked)
     return out
 
@@ -95,8 +102,8 @@ def build_sync_layer(cfg: dict[str, Any], process_group: Any = None) -> syncbn.S
     if layer.affine:
         w, b = make_affine(cfg)
         with torch.no_grad():
-            layer.weight.copy_(w)
-            layer.bias.copy_(b)
+            layer.weight.copy_(w.to(layer.weight.device))
+            layer.bias.copy_(b.to(layer.bias.device))
     return layer
 
 
@@ -159,9 +166,9 @@ def eval_without_peers(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[
     layer.eval()
     with torch.no_grad():
         outs = [layer(x) for _ in range(3)]
-    reference = nn.functional.batch_norm(
-        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
-    )
+        reference = nn.functional.batch_norm(
+            x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+        )
     return {"outs": outs, "reference": reference}
 
 

@@ -1,0 +1,23 @@
+"""The public surface of the library is exactly what `__all__` names, and it depends on torch only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import syncbn
+
+
+def test_all_is_the_public_surface() -> None:
+    public = {name for name in dir(syncbn) if not name.startswith("_")}
+    submodules = {"batchnorm", "convert", "stats"}
+    assert set(syncbn.__all__) - {"__version__"} == public - submodules
+    assert {"SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"} <= set(syncbn.__all__)
+
+
+def test_importing_syncbn_pulls_in_no_service_dependencies() -> None:
+    code = (
+        "import sys, syncbn; print(sorted(m for m in ('ray', 'fastapi', 'pydantic', 'sqlalchemy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

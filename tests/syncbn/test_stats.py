@@ -1,0 +1,88 @@
+"""Per-layer batch statistics: what the recorder reads on every rank, and the skew merged outside the ranks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import syncbn
+from tests.syncbn import scenarios as sc
+from tests.syncbn.process_group_pool import ProcessGroupPool
+
+
+def test_recorded_statistics_agree_across_ranks_and_match_the_global_batch(pool3: ProcessGroupPool) -> None:
+    cfg = {"sizes": [2, 5, 3], "channels": 3, "spatial": (2, 2)}
+    snaps = pool3.run(sc.record_stats, cfg)
+    json.dumps(snaps)  # JSON-ready
+    x, _ = sc.make_global_batch(cfg)
+    dims = (0, 2, 3)
+
+    synced = [s["0"] for s in snaps]
+    assert all(s["synchronized"] for s in synced)
+    merged = syncbn.merge_rank_layer_stats(synced)
+    assert merged["ranks_agree"] is True and merged["synchronized"] is True
+    torch.testing.assert_close(torch.tensor(merged["mean"], dtype=torch.float64), x.mean(dims), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        torch.tensor(merged["var"], dtype=torch.float64), x.var(dims, correction=0), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        torch.tensor(synced[0]["var_global"], dtype=torch.float64), x.var(dims, correction=0), rtol=1e-12, atol=0
+    )
+
+    # Between-rank variance: from the layer's all-reduce, from the merge, and computed directly.
+    parts = [x[sc.rank_slice(cfg, r)] for r in range(3)]
+    counts = torch.tensor([p.shape[0] * 4.0 for p in parts], dtype=torch.float64)
+    rank_means = torch.stack([p.mean(dims) for p in parts])
+    between = (counts[:, None] * (rank_means - x.mean(dims)) ** 2).sum(0) / counts.sum()
+    torch.testing.assert_close(
+        torch.tensor(synced[1]["between_var"], dtype=torch.float64), between, rtol=1e-9, atol=1e-12
+    )
+    share = between / x.var(dims, correction=0)
+    assert merged["skew_between_share_max"] == pytest.approx(float(share.max()), rel=1e-9)
+    gap = ((rank_means - x.mean(dims)).abs() / torch.sqrt(x.var(dims, correction=0) + 1e-5)).max()
+    assert merged["skew_max_gap"] == pytest.approx(float(gap), rel=1e-9)
+    assert merged["per_rank_count"] == [8.0, 20.0, 12.0]
+
+    plain = [s["1"] for s in snaps]
+    assert not any(s["synchronized"] for s in plain)
+    merged_plain = syncbn.merge_rank_layer_stats(plain)
+    assert merged_plain["ranks_agree"] is None
+    assert merged_plain["count"] == merged["count"]
+
+
+def test_merge_reports_dead_channels_and_drift() -> None:
+    rank = {
+        "eps": 1e-5,
+        "synchronized": False,
+        "count_local": 10.0,
+        "mean_local": [0.0, 2.0],
+        "var_local": [1.0, 0.0],
+        "running_mean": [1.0, 2.0],
+        "running_var": [4.0, 1.0],
+    }
+    merged = syncbn.merge_rank_layer_stats([rank, dict(rank, count_local=0.0, mean_local=[9.0, 9.0])])
+    assert merged["dead_channels"] == 1
+    assert merged["drift_max"] == pytest.approx(1.0 / (4.0 + 1e-5) ** 0.5)
+    assert merged["skew_max_gap"] == 0.0, "an empty rank has no batch statistics and cannot be skewed"
+    with pytest.raises(ValueError, match="at least one rank"):
+        syncbn.merge_rank_layer_stats([])
+
+
+def test_recorder_without_process_group_reads_local_moments_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = syncbn.convert_sync_batchnorm(sc.small_cnn())
+    recorder = syncbn.BatchStatsRecorder(model)
+    assert recorder.layer_names == ["1", "4", "8"]
+    x = torch.randn(6, 3, 5, 5)
+    with recorder.recording():
+        model(x).sum().backward()
+    snap = recorder.snapshot()
+    assert set(snap) == {"1", "4", "8"}
+    first = snap["1"]
+    assert first["synchronized"] is False and first["count_local"] == 6 * 25
+    assert first["weight_grad_norm"] is not None and first["weight_grad_norm"] > 0
+    model(x)  # outside recording(): nothing new is kept
+    assert recorder.snapshot()["1"]["mean_local"] == first["mean_local"]
+    recorder.close()
