@@ -1,0 +1,156 @@
+"""The per-job record log: where a run's records wait until the service (or the CLI) reads them.
+
+It runs as a detached, named Ray actor (`syncbn-recorder-{job_id}` in namespace `syncbn`, no CPU reserved), so
+it outlives both the Ray Train controller that writes into it and a service restart that reads from it.
+
+Records are dicts with `seq` (1-based, increasing) and `kind`: `step`, `epoch`, `layers`, `log` and, last, `end`.
+Two kinds pushed by the controller are kept as state instead of being published: `info` (the current attempt's
+workers and step counts) and `summary` (the train loop's final report, from which the `end` record is built).
+
+After a worker-group restart, the train loop resumes from its last checkpoint and reports some steps and epochs
+again; the log keeps the first record of each step and epoch, so consumers see increasing step numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+__all__ = ["END_STATUSES", "RECORDER_NAMESPACE", "RecordLog", "recorder_name"]
+
+#: Ray namespace of the job and recorder actors.
+RECORDER_NAMESPACE = "syncbn"
+END_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+def recorder_name(job_id: str) -> str:
+    """Name of the recorder actor of a job."""
+    return f"syncbn-recorder-{job_id}"
+
+
+class RecordLog:
+    """Ordered, append-only records of one run (plain class; `runner` wraps it in a Ray actor).
+
+    Responsibilities:
+      - number records (`seq`) in arrival order and serve them by `poll(after_seq)`;
+      - drop steps and epochs a resumed attempt reports a second time;
+      - keep the latest worker info and the final summary;
+      - write exactly one `end` record (the first `finish` wins) and refuse records after it.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self._records: list[dict[str, Any]] = []
+        self._last_step = {"step": 0, "layers": 0}
+        self._last_epoch = 0
+        self._best_val_acc: float | None = None
+        self._last_epoch_record: dict[str, Any] | None = None
+        self._info: dict[str, Any] = {}
+        self._summary: dict[str, Any] | None = None
+        self._end: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ writing
+
+    def push(self, records: list[dict[str, Any]]) -> int:
+        """Append records (without `seq`); returns the last `seq` written."""
+        for record in records:
+            if self._end is not None:
+                break
+            kind = record.get("kind")
+            if kind == "info":
+                self._info = {k: v for k, v in record.items() if k != "kind"}
+                continue
+            if kind == "summary":
+                self._summary = {k: v for k, v in record.items() if k != "kind"}
+                self._append({"kind": "log", "level": "info", "message": _summary_line(self._summary)})
+                continue
+            if kind in ("step", "layers"):
+                if record["step"] <= self._last_step[kind]:
+                    continue
+                self._last_step[kind] = record["step"]
+            elif kind == "epoch":
+                if record["epoch"] <= self._last_epoch:
+                    continue
+                self._last_epoch = record["epoch"]
+                self._last_epoch_record = record
+                val_acc = record.get("val_acc")
+                if val_acc is not None and (self._best_val_acc is None or val_acc > self._best_val_acc):
+                    self._best_val_acc = val_acc
+            self._append(dict(record))
+        return len(self._records)
+
+    def log(self, level: str, message: str) -> int:
+        """Append a `log` record; returns its `seq`."""
+        return self.push([{"kind": "log", "level": level, "message": message}])
+
+    def finish(self, status: str, error: str | None = None, model_path: str | None = None) -> dict[str, Any]:
+        """Write the `end` record (only the first call counts) and return it.
+
+        Args:
+            status: "succeeded", "failed" or "cancelled".
+            error: why the run failed (with rank and message for worker errors), or None.
+            model_path: where the final model was written, or None.
+        """
+        if self._end is not None:
+            return self._end
+        if status not in END_STATUSES:
+            raise ValueError(f"expected status in {END_STATUSES}, got {status!r}")
+        summary = self._summary or {}
+        last = self._last_epoch_record or {}
+        self._end = {
+            "kind": "end",
+            "status": status,
+            "verdict": summary.get("verdict") if status != "cancelled" else None,
+            "error": error,
+            "epochs_done": summary.get("epochs_done", self._last_epoch),
+            "best_val_acc": summary.get("best_val_acc", self._best_val_acc),
+            "final_val_acc": summary.get("final_val_acc", last.get("val_acc")),
+            "final_train_loss": summary.get("final_train_loss", last.get("train_loss")),
+            "model_path": model_path,
+            "finished_at": time.time(),
+        }
+        self._append(self._end)
+        return self._end
+
+    def _append(self, record: dict[str, Any]) -> None:
+        record["seq"] = len(self._records) + 1
+        self._records.append(record)
+
+    # ------------------------------------------------------------ reading
+
+    def poll(self, after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Records with `seq > after_seq`, in order (at most `limit` of them)."""
+        start = max(0, int(after_seq))
+        end = len(self._records) if limit is None else min(len(self._records), start + max(0, limit))
+        return self._records[start:end]
+
+    def info(self) -> dict[str, Any]:
+        """The current attempt's `world_size`, `device`, `steps_per_epoch`, `total_steps`,
+        `resumed_from_epoch` and `workers` (rank, pid, hostname); empty before the workers start."""
+        return dict(self._info)
+
+    def summary(self) -> dict[str, Any] | None:
+        """The train loop's final report (verdict, reason, epochs_done, ...), or None before it."""
+        return None if self._summary is None else dict(self._summary)
+
+    def end(self) -> dict[str, Any] | None:
+        """The `end` record, or None while the run goes on."""
+        return self._end
+
+    def done(self) -> bool:
+        """Whether the `end` record has been written."""
+        return self._end is not None
+
+    def last_seq(self) -> int:
+        """`seq` of the newest record (0 when empty)."""
+        return len(self._records)
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
+    verdict = summary.get("verdict")
+    parts = [f"training finished after {summary.get('epochs_done')} epochs: verdict {verdict}"]
+    if summary.get("final_val_acc") is not None:
+        parts.append(f"final val acc {summary['final_val_acc']:.4f}")
+    if summary.get("reason"):
+        parts.append(str(summary["reason"]))
+    return "; ".join(parts)

@@ -1,0 +1,73 @@
+"""The Ray Train callback that forwards every report round to the job's recorder actor.
+
+Ray Train V2 calls `UserCallback.after_report` in the controller's process with one metrics dict per rank
+(`metrics[i]` from world rank i) each time all workers have called `ray.train.report`. We merge them there
+(`service.engine.reports.records_from_reports`) and push the records to the recorder. The callback holds only the
+recorder's handle: per-job state lives in the recorder actor, which the service reads (the callback object itself
+lives in another process, and `Result.metrics` is None for reports without a checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+from ray.train import Checkpoint, UserCallback
+
+from service.engine.reports import records_from_reports
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RecordingCallback", "describe_worker_error"]
+
+_PUSH_TIMEOUT_S = 60.0
+
+
+def describe_worker_error(rank: int, error: BaseException) -> str:
+    """`rank R: Type: message` with the innermost exception's own message (not Ray's wrapper text)."""
+    cause: BaseException = error
+    while True:
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if inner is None or inner is cause:
+            break
+        cause = inner
+    message = str(cause).strip().splitlines()
+    text = message[-1] if message else ""
+    return f"rank {rank}: {type(cause).__name__}: {text}".rstrip(": ")
+
+
+class RecordingCallback(UserCallback):
+    """Merges each report round across ranks and pushes the records to the job's recorder actor.
+
+    Args:
+        recorder: handle of the job's recorder actor (`service.engine.recorder.RecordLog` as a Ray actor).
+    """
+
+    def __init__(self, recorder: ActorHandle) -> None:
+        self._recorder = recorder
+
+    def after_report(
+        self,
+        run_context: Any,
+        metrics: list[dict[str, Any]],
+        checkpoint: Checkpoint | None,
+    ) -> None:
+        try:
+            records = records_from_reports(metrics)
+        except Exception as exc:  # a malformed report must not kill the controller; say so in the job's log
+            logger.exception("could not merge a report round")
+            records = [{"kind": "log", "level": "error", "message": f"could not merge a report round: {exc!r}"}]
+        if checkpoint is not None:
+            records.append({"kind": "log", "level": "info", "message": f"checkpoint saved: {checkpoint.path}"})
+        # Waiting here keeps the order: records reach the recorder before the driver writes the end record.
+        ray.get(self._recorder.push.remote(records), timeout=_PUSH_TIMEOUT_S)
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        records = []
+        for rank, error in sorted(worker_exceptions.items()):
+            logger.debug("worker error on rank %d: %s", rank, "".join(traceback.format_exception(error)))
+            records.append({"kind": "log", "level": "error", "message": describe_worker_error(rank, error)})
+        ray.get(self._recorder.push.remote(records), timeout=_PUSH_TIMEOUT_S)

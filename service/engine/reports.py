@@ -1,0 +1,80 @@
+"""What workers report to Ray Train, and how the controller turns one report per rank into records.
+
+Every rank calls `ray.train.report` at the same points (it is a barrier), with a dict whose `kind` says which:
+
+- `start` (once per attempt): `rank, pid, hostname, device, world_size, steps_per_epoch, total_steps,
+  resumed_from_epoch`;
+- `step` (every `stats_every` steps): `step, epoch, train_loss, lr, samples_per_s, step_time_s` (global values,
+  equal on every rank) and `layers`: this rank's `syncbn.BatchStatsRecorder.snapshot()`;
+- `epoch` (after each epoch's validation): `epoch, step, train_loss, train_acc, val_loss, val_acc, epoch_time_s`
+  (global values);
+- `final` (once, at the end): `verdict, reason, epochs_done, best_val_acc, final_val_acc, final_train_loss,
+  model_path`.
+
+`records_from_reports` merges one such dict per rank into the records of the engine's contract (`step`, `layers`,
+`epoch`, `log`) plus two internal kinds that the recorder keeps as state: `info` (the attempt's workers) and
+`summary` (the final report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from syncbn import merge_rank_layer_stats
+
+__all__ = ["EPOCH_FIELDS", "STEP_FIELDS", "SUMMARY_FIELDS", "records_from_reports"]
+
+STEP_FIELDS = ("step", "epoch", "train_loss", "lr", "samples_per_s", "step_time_s")
+EPOCH_FIELDS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s")
+SUMMARY_FIELDS = (
+    "verdict",
+    "reason",
+    "epochs_done",
+    "best_val_acc",
+    "final_val_acc",
+    "final_train_loss",
+    "model_path",
+)
+_INFO_FIELDS = ("world_size", "device", "steps_per_epoch", "total_steps", "resumed_from_epoch")
+
+
+def records_from_reports(per_rank: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Turn the metrics dicts of one `ray.train.report` round (index = rank) into records (without `seq`).
+
+    Global numbers are taken from rank 0 (every rank holds the same all-reduced values); per-layer statistics are
+    merged across ranks with `syncbn.merge_rank_layer_stats`.
+
+    Raises:
+        ValueError: the ranks reported different kinds, or an unknown kind (a bug in the train loop).
+    """
+    if not per_rank:
+        return []
+    kinds = {report.get("kind") for report in per_rank}
+    if len(kinds) != 1:
+        raise ValueError(f"expected every rank to report the same kind, got {sorted(map(str, kinds))}")
+    kind = kinds.pop()
+    first = per_rank[0]
+    if kind == "start":
+        workers = [{"rank": int(r["rank"]), "pid": int(r["pid"]), "hostname": str(r["hostname"])} for r in per_rank]
+        info = {key: first[key] for key in _INFO_FIELDS} | {"workers": workers}
+        where = ", ".join(f"rank {w['rank']} pid {w['pid']} on {w['hostname']}" for w in workers)
+        resumed = first["resumed_from_epoch"]
+        origin = f"resuming after epoch {resumed} from its checkpoint" if resumed else "starting from scratch"
+        message = (
+            f"{len(workers)} workers on {first['device']} ({where}), {first['steps_per_epoch']} steps per epoch, "
+            f"{origin}"
+        )
+        return [{"kind": "info", **info}, {"kind": "log", "level": "info", "message": message}]
+    if kind == "step":
+        records: list[dict[str, Any]] = [{"kind": "step", **{key: first[key] for key in STEP_FIELDS}}]
+        if "layers" in first:
+            names = list(first["layers"])
+            layers = {name: merge_rank_layer_stats([r["layers"][name] for r in per_rank]) for name in names}
+            records.append({"kind": "layers", "step": first["step"], "epoch": first["epoch"], "layers": layers})
+        return records
+    if kind == "epoch":
+        return [{"kind": "epoch", **{key: first[key] for key in EPOCH_FIELDS}}]
+    if kind == "final":
+        return [{"kind": "summary", **{key: first[key] for key in SUMMARY_FIELDS}}]
+    raise ValueError(f"unknown report kind {kind!r}: expected start, step, epoch or final")

@@ -1,0 +1,303 @@
+"""Launching, following, re-attaching to and cancelling one training run on Ray.
+
+Each run consists of two detached, named Ray actors in namespace `syncbn` (neither reserves a CPU):
+
+- `syncbn-job-{job_id}` (`JobDriver`): loads and checks the data, runs `TorchTrainer.fit()` (which blocks, and
+  whose Ray Train controller is pinned to this actor's node and owned by it), then writes the `end` record and
+  exits;
+- `syncbn-recorder-{job_id}` (`RecordLog`): the records, filled by the controller's `RecordingCallback`.
+
+Both being detached, a service restart does not stop the run: `attach_run(job_id)` finds it again by name.
+Cancelling kills the driver; Ray then kills what the driver owns (the controller, which owns the worker group and
+its placement group), so the run's CPUs and GPUs come back.
+
+Usage::
+
+    ensure_ray(None)
+    run = launch_run(spec, "job42", Path("runs/job42"))
+    seq = 0
+    while not run.done():
+        for record in run.poll(seq):
+            seq = record["seq"]
+        time.sleep(0.5)
+    run.close()  # once every record has been read
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+
+from service.engine.recorder import RECORDER_NAMESPACE, RecordLog, recorder_name
+from service.spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["JobRun", "attach_run", "driver_name", "launch_run"]
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: How often the Ray Train controller collects reports (Ray's default is 2 s; a worker reporting faster than the
+#: controller collects would block, since each worker's report queue holds one entry).
+_REPORT_POLL_INTERVAL_S = "0.1"
+_RPC_TIMEOUT_S = 60.0
+
+
+def driver_name(job_id: str) -> str:
+    """Name of the driver actor of a job."""
+    return f"syncbn-job-{job_id}"
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class JobDriver:
+    """Runs one job's `TorchTrainer.fit()` inside the cluster and records how it ended.
+
+    Responsibilities:
+      - load the data set (a bad npz fails here, before any worker starts) and share it via the object store;
+      - configure Ray Train: scaling, gloo/NCCL, failure and checkpoint policy, the recording callback;
+      - translate the outcome into the `end` record: status, verdict, error (rank and message), model path.
+    """
+
+    def __init__(self, job_id: str, spec: dict[str, Any], output_dir: str, data_root: str | None) -> None:
+        self.job_id = job_id
+        self.spec = JobSpec.model_validate(spec)
+        self.output_dir = Path(output_dir)
+        self.data_root = data_root
+        self.recorder = ray.get_actor(recorder_name(job_id), namespace=RECORDER_NAMESPACE)
+
+    def run(self) -> None:
+        """Train, write the `end` record, then exit this actor."""
+        status, error, model_path = "failed", None, None
+        try:
+            summary = self._fit()
+            if summary is None:
+                error = "training ended without a final report (see the log records)"
+            elif summary.get("verdict") == "diverged":
+                error = summary.get("reason") or "diverged"
+            else:
+                status, model_path = "succeeded", summary.get("model_path")
+        except Exception as exc:  # every failure must end as a record, never as a silent dead actor
+            error = _describe_failure(exc)
+            logger.warning("job %s failed: %s", self.job_id, error)
+        if error:
+            ray.get(self.recorder.log.remote("error", error), timeout=_RPC_TIMEOUT_S)
+        ray.get(self.recorder.finish.remote(status, error, model_path), timeout=_RPC_TIMEOUT_S)
+        ray.actor.exit_actor()
+
+    def _fit(self) -> dict[str, Any] | None:
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from service.engine.data import load_data
+        from service.engine.recording_callback import RecordingCallback
+        from service.engine.train_loop import train_loop_per_worker
+        from service.spec import CONV_MODELS
+
+        spec = self.spec
+        data = load_data(spec.dataset, spec.seed, self.data_root)
+        if spec.model in CONV_MODELS and len(data.sample_shape) != 3:
+            raise ValueError(
+                f"model {spec.model!r} needs image samples (channels, height, width), but the data set's samples "
+                f"have shape {data.sample_shape}: use model 'mlp' or save x as (N, C, H, W)."
+            )
+        if len(data.y_train) < spec.workers:
+            raise ValueError(
+                f"the data set has {len(data.y_train)} training samples, fewer than workers={spec.workers}: "
+                "use fewer workers or more data."
+            )
+        ray.get(
+            self.recorder.log.remote(
+                "info",
+                f"data: {len(data.y_train)} train / {len(data.y_val)} val samples of shape "
+                f"{list(data.sample_shape)}, {data.num_classes} classes",
+            ),
+            timeout=_RPC_TIMEOUT_S,
+        )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "spec": spec.model_dump(mode="json"),
+                "data": ray.put(data),
+                "output_dir": str(self.output_dir),
+            },
+            torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=spec.workers,
+                use_gpu=spec.use_gpu,
+                resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
+            ),
+            run_config=RunConfig(
+                name=f"syncbn-{self.job_id}",
+                storage_path=str(self.output_dir / "ray"),
+                failure_config=FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=[RecordingCallback(self.recorder)],
+                # Ray Train logs every report at INFO (with its metrics: whole layer statistics); ours go to
+                # the recorder instead.
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        trainer.fit()
+        return ray.get(self.recorder.summary.remote(), timeout=_RPC_TIMEOUT_S)
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """One line per failed rank for worker errors, else the exception's type and message."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from service.engine.recording_callback import describe_worker_error
+
+    if isinstance(exc, WorkerGroupError):
+        failures = sorted(exc.worker_failures.items())
+        return "; ".join(describe_worker_error(rank, error) for rank, error in failures)
+    if isinstance(exc, ControllerError):
+        return f"Ray Train controller failed: {exc.controller_failure!r}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class JobRun:
+    """A handle on one run: read its records, wait for it, cancel it.
+
+    Cheap to create and safe to drop: the run lives in the cluster, not in this object. Several `JobRun`s (e.g.
+    before and after a service restart) may follow the same run.
+    """
+
+    def __init__(self, job_id: str, recorder: ActorHandle) -> None:
+        self.job_id = job_id
+        self._recorder = recorder
+
+    def poll(self, after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Records with `seq > after_seq`, in order (at most `limit`)."""
+        return ray.get(self._recorder.poll.remote(after_seq, limit), timeout=_RPC_TIMEOUT_S)
+
+    def info(self) -> dict[str, Any]:
+        """The current attempt's workers (rank, pid, hostname), world size, device and steps per epoch."""
+        return ray.get(self._recorder.info.remote(), timeout=_RPC_TIMEOUT_S)
+
+    def end(self) -> dict[str, Any] | None:
+        """The `end` record once the run is over, else None."""
+        return ray.get(self._recorder.end.remote(), timeout=_RPC_TIMEOUT_S)
+
+    def done(self) -> bool:
+        """Whether the run is over (its `end` record is written).
+
+        A driver that vanished without writing one (its node died, or it was killed from outside) is recorded
+        here as a failure, so a run can never stay "running" forever.
+        """
+        if ray.get(self._recorder.done.remote(), timeout=_RPC_TIMEOUT_S):
+            return True
+        if self._driver() is None:
+            ray.get(
+                self._recorder.finish.remote("failed", "the job's driver actor died before the run ended"),
+                timeout=_RPC_TIMEOUT_S,
+            )
+            return True
+        return False
+
+    def wait(self, timeout: float | None = None, poll_interval: float = 0.5) -> bool:
+        """Block until the run is over or `timeout` seconds have passed; returns `done()`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_interval)
+        return True
+
+    def cancel(self, timeout: float = 30.0) -> None:
+        """Stop the run and free its workers; an `end` record with status "cancelled" follows.
+
+        Kills the driver actor. Ray then kills what it owns: the Ray Train controller, and with it the worker
+        group and its placement group. Returns once the driver is gone (or after `timeout` seconds). A run that
+        already ended is left as it is.
+        """
+        if ray.get(self._recorder.done.remote(), timeout=_RPC_TIMEOUT_S):
+            return
+        driver = self._driver()
+        ray.get(self._recorder.log.remote("info", "cancel requested: stopping the workers"), timeout=_RPC_TIMEOUT_S)
+        if driver is not None:
+            ray.kill(driver, no_restart=True)
+        ray.get(self._recorder.finish.remote("cancelled"), timeout=_RPC_TIMEOUT_S)
+        deadline = time.monotonic() + timeout
+        while self._driver() is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        """Remove the run's actors from the cluster (call once its records are stored elsewhere).
+
+        Cancels the run first if it is still going.
+        """
+        if not self.done():
+            self.cancel()
+        ray.kill(self._recorder, no_restart=True)
+
+    def _driver(self) -> ActorHandle | None:
+        try:
+            return ray.get_actor(driver_name(self.job_id), namespace=RECORDER_NAMESPACE)
+        except ValueError:
+            return None
+
+
+def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path | str | None = None) -> JobRun:
+    """Start a run without waiting for it (Ray must already be initialised, see `cluster.ensure_ray`).
+
+    Args:
+        spec: the job.
+        job_id: a unique id (letters, digits, `_.-`, at most 64 characters); names the actors.
+        output_dir: where the final model (`model.pt`) and Ray Train's checkpoints go; must be reachable from the
+            driver's and rank 0's nodes (always true on a single machine).
+        data_root: directory `npz` paths are resolved against (required for `npz` data sets).
+
+    Raises:
+        ValueError: a malformed job id, or a run with this id still exists in the cluster.
+        RuntimeError: Ray is not initialised.
+    """
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not initialised: call service.engine.cluster.ensure_ray() first")
+    if not _JOB_ID.match(job_id):
+        raise ValueError(
+            f"job_id must be 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit (got {job_id!r})"
+        )
+    if attach_run(job_id) is not None:
+        raise ValueError(f"a run with job_id {job_id!r} still exists in the cluster: close it or use another id")
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    recorder = (
+        ray.remote(RecordLog)
+        .options(
+            name=recorder_name(job_id),
+            namespace=RECORDER_NAMESPACE,
+            lifetime="detached",
+            num_cpus=0,
+            max_restarts=0,
+        )
+        .remote(job_id)
+    )
+    driver = JobDriver.options(
+        name=driver_name(job_id),
+        namespace=RECORDER_NAMESPACE,
+        lifetime="detached",
+        runtime_env={
+            "env_vars": {
+                "RAY_TRAIN_V2_ENABLED": "1",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _REPORT_POLL_INTERVAL_S,
+            }
+        },
+    ).remote(job_id, spec.model_dump(mode="json"), str(output_dir), None if data_root is None else str(data_root))
+    driver.run.remote()
+    logger.info("launched job %s (%d workers, output %s)", job_id, spec.workers, output_dir)
+    return JobRun(job_id, recorder)
+
+
+def attach_run(job_id: str) -> JobRun | None:
+    """Re-attach to a run by id (e.g. after a service restart); None when its recorder no longer exists."""
+    try:
+        recorder = ray.get_actor(recorder_name(job_id), namespace=RECORDER_NAMESPACE)
+    except ValueError:
+        return None
+    return JobRun(job_id, recorder)
