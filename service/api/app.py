@@ -1,0 +1,79 @@
+"""`create_app(settings)`: the FastAPI application of the service, built from its settings and nothing else.
+
+The lifespan opens the store, starts the job manager (which connects to Ray and recovers jobs left by a
+previous process) and stops both on shutdown. Routes live in `service.api.routes`, one module per resource.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from service.api.deps import require_token
+from service.api.errors import register_error_handlers
+from service.api.prometheus import RequestMetricsMiddleware, ServiceMetrics
+from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, prometheus
+from service.jobs.manager import JobManager
+from service.settings import Settings
+from service.store import JobStore
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Submit distributed training jobs that use exact synchronized BatchNorm, follow them live, and read their
+convergence metrics and per-layer BatchNorm statistics (including cross-worker skew).
+
+All job routes live under `/v1`. When the service has API tokens, send `Authorization: Bearer <token>`.
+Errors are JSON `{"detail": "<sentence>"}`: 404 unknown job, 409 wrong state, 422 invalid input.
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the application; nothing starts until the server runs its lifespan."""
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = JobStore(settings.resolved_database_url())
+        manager = JobManager(settings, store)
+        try:
+            await run_in_threadpool(manager.start)
+        except BaseException:
+            store.close()
+            raise
+        app.state.store = store
+        app.state.manager = manager
+        metrics.bind(manager)
+        logger.info("syncbn service ready (database %s)", store.engine.url.render_as_string(hide_password=True))
+        try:
+            yield
+        finally:
+            metrics.bind(None)
+            await run_in_threadpool(manager.stop)
+            store.close()
+
+    app = FastAPI(
+        title="syncbn",
+        version="0.1.0",
+        summary="Distributed training with exact synchronized BatchNorm, as a service.",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    register_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+
+    secured = [Depends(require_token)]
+    app.include_router(health.router)
+    app.include_router(prometheus.router, dependencies=secured)
+    for resource in (jobs, job_metrics, layers, logs, events, cluster):
+        app.include_router(resource.router, prefix="/v1", dependencies=secured)
+    return app

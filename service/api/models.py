@@ -1,0 +1,255 @@
+"""Request and response bodies of the HTTP API, named by role (`JobCreate`, `JobPublic`, `JobsPublic`, ...).
+
+Every field has a description: the OpenAPI document at /docs is generated from these classes. Response
+models are built from store rows by the `from_row` constructors, so the routes stay one-liners.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.jobs.status import JobStatus
+from service.spec import JobSpec
+from service.store.models import EpochPointRow, JobRow, LayerStatRow, LogLineRow, StepPointRow
+from service.store.repository import as_utc, layer_summary
+
+__all__ = [
+    "ClusterPublic",
+    "EpochPoint",
+    "ErrorPublic",
+    "JobCreate",
+    "JobPublic",
+    "JobSummary",
+    "JobsPublic",
+    "LayerHistoryPublic",
+    "LayerPoint",
+    "LayersPublic",
+    "LogLine",
+    "LogsPublic",
+    "MetricsPublic",
+    "ReadinessPublic",
+    "StepPoint",
+]
+
+
+class JobCreate(JobSpec):
+    """Body of `POST /v1/jobs`: the job spec (unknown fields are refused)."""
+
+
+class ErrorPublic(BaseModel):
+    """Body of every 4xx/5xx answer: one or more sentences saying what is wrong and how to fix it."""
+
+    detail: str = Field(description="What went wrong and how to fix it.")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="For validation errors: one entry per problem, with `field` and `message`."
+    )
+
+
+class JobSummary(BaseModel):
+    """How the run went so far (live while it runs, final once it ended)."""
+
+    epochs_done: int = Field(description="Epochs finished.")
+    last_step: int | None = Field(description="Last reported training step.")
+    last_val_acc: float | None = Field(description="Validation accuracy after the latest epoch.")
+    best_val_acc: float | None = Field(description="Best validation accuracy of any epoch.")
+    final_val_acc: float | None = Field(description="Validation accuracy at the end of the run.")
+    final_train_loss: float | None = Field(description="Training loss of the latest epoch (final once ended).")
+    verdict: str | None = Field(
+        description="converged (target reached), plateaued (no improvement for `patience` epochs), diverged "
+        "(NaN/inf loss) or completed; null until the run ends."
+    )
+
+
+class JobPublic(BaseModel):
+    """A job as the API shows it."""
+
+    id: str = Field(description="Job id (32 hex digits).")
+    name: str | None = Field(description="The spec's optional label.")
+    status: JobStatus = Field(description="queued, running, succeeded, failed or cancelled.")
+    spec: JobSpec = Field(description="The submitted spec, with defaults filled in.")
+    created_at: datetime = Field(description="When the job was submitted (UTC).")
+    started_at: datetime | None = Field(description="When its run was launched (UTC).")
+    finished_at: datetime | None = Field(description="When it ended (UTC).")
+    error: str | None = Field(
+        description="Why it failed or was cancelled (for a worker failure: the rank and its message)."
+    )
+    cancel_requested: bool = Field(description="A cancel was requested and the run is stopping.")
+    queue_position: int | None = Field(description="1-based place in the queue while queued.")
+    has_model: bool = Field(description="The final model can be downloaded from /v1/jobs/{id}/model.")
+    summary: JobSummary = Field(description="Progress and results.")
+
+    @classmethod
+    def from_row(cls, job: JobRow, *, queue_position: int | None = None, has_model: bool = False) -> JobPublic:
+        return cls(
+            id=job.id,
+            name=job.name,
+            status=JobStatus(job.status),
+            spec=JobSpec.model_validate(job.spec),
+            created_at=as_utc(job.created_at),
+            started_at=as_utc(job.started_at),
+            finished_at=as_utc(job.finished_at),
+            error=job.error,
+            cancel_requested=bool(job.cancel_requested),
+            queue_position=queue_position,
+            has_model=has_model,
+            summary=JobSummary(
+                epochs_done=job.epochs_done or 0,
+                last_step=job.last_step,
+                last_val_acc=job.last_val_acc,
+                best_val_acc=job.best_val_acc,
+                final_val_acc=job.final_val_acc,
+                final_train_loss=job.final_train_loss,
+                verdict=job.verdict,
+            ),
+        )
+
+
+class JobsPublic(BaseModel):
+    """One page of jobs, newest first."""
+
+    data: list[JobPublic] = Field(description="The jobs of this page.")
+    count: int = Field(description="Number of jobs matching the filter, over all pages.")
+
+
+class StepPoint(BaseModel):
+    """Training metrics of one reported step."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    step: int = Field(description="Global optimizer step (0-based).")
+    epoch: int = Field(description="Epoch the step belongs to.")
+    train_loss: float | None = Field(description="Mean training loss over the ranks (null if not finite).")
+    lr: float | None = Field(description="Learning rate used for the step.")
+    samples_per_s: float | None = Field(description="Training throughput over all workers.")
+    step_time_s: float | None = Field(description="Wall time of the step.")
+
+
+class EpochPoint(BaseModel):
+    """Training and validation metrics at the end of one epoch."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int = Field(description="Epoch number.")
+    step: int = Field(description="Global step at the end of the epoch.")
+    train_loss: float | None = Field(description="Mean training loss of the epoch.")
+    train_acc: float | None = Field(description="Training accuracy of the epoch.")
+    val_loss: float | None = Field(description="Validation loss.")
+    val_acc: float | None = Field(description="Validation accuracy.")
+    epoch_time_s: float | None = Field(description="Wall time of the epoch.")
+
+
+class MetricsPublic(BaseModel):
+    """The convergence metrics of a job."""
+
+    job_id: str = Field(description="The job.")
+    steps: list[StepPoint] = Field(description="Step points with step > since_step, in step order.")
+    epochs: list[EpochPoint] = Field(description="Epoch points ending after since_step, in epoch order.")
+
+    @classmethod
+    def from_rows(cls, job_id: str, steps: list[StepPointRow], epochs: list[EpochPointRow]) -> MetricsPublic:
+        return cls(
+            job_id=job_id,
+            steps=[StepPoint.model_validate(row) for row in steps],
+            epochs=[EpochPoint.model_validate(row) for row in epochs],
+        )
+
+
+def _stats(row: LayerStatRow, channels: bool) -> dict[str, Any]:
+    return row.stats if channels else layer_summary(row.stats)
+
+
+class LayersPublic(BaseModel):
+    """Every BatchNorm layer's statistics at one recorded step."""
+
+    job_id: str = Field(description="The job.")
+    step: int | None = Field(description="The recorded step shown (null: nothing recorded yet).")
+    epoch: int | None = Field(description="Epoch of that step.")
+    recorded_steps: list[int] = Field(description="Every step with recorded statistics, ascending.")
+    layers: dict[str, dict[str, Any]] = Field(
+        description="Per layer (module path): the merged statistics of syncbn.merge_rank_layer_stats: global "
+        "mean/var per channel and their summaries, running stats, gamma/beta, gradient norms, dead_channels, "
+        "drift, cross-worker skew (skew_between_share, skew_max_gap) and ranks_agree."
+    )
+
+    @classmethod
+    def from_rows(cls, job_id: str, rows: list[LayerStatRow], steps: list[int], channels: bool) -> LayersPublic:
+        return cls(
+            job_id=job_id,
+            step=rows[0].step if rows else None,
+            epoch=rows[0].epoch if rows else None,
+            recorded_steps=steps,
+            layers={row.layer: _stats(row, channels) for row in rows},
+        )
+
+
+class LayerPoint(BaseModel):
+    """One layer's statistics at one recorded step."""
+
+    step: int = Field(description="Recorded step.")
+    epoch: int = Field(description="Epoch of that step.")
+    stats: dict[str, Any] = Field(description="The merged statistics (see LayersPublic.layers).")
+
+
+class LayerHistoryPublic(BaseModel):
+    """One layer's statistics over the run."""
+
+    job_id: str = Field(description="The job.")
+    layer: str = Field(description="Module path of the BatchNorm layer, e.g. 'layer1.0.bn1'.")
+    points: list[LayerPoint] = Field(description="One entry per recorded step, ascending.")
+
+    @classmethod
+    def from_rows(cls, job_id: str, layer: str, rows: list[LayerStatRow], channels: bool) -> LayerHistoryPublic:
+        return cls(
+            job_id=job_id,
+            layer=layer,
+            points=[LayerPoint(step=row.step, epoch=row.epoch, stats=_stats(row, channels)) for row in rows],
+        )
+
+
+class LogLine(BaseModel):
+    """One log line about a job."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    seq: int = Field(description="Position in the job's event stream (use as `after` to read on).")
+    created_at: datetime = Field(description="When it was stored (UTC).")
+    level: str = Field(description="debug, info, warning or error.")
+    source: str = Field(description="run (from the workers/controller) or service (lifecycle).")
+    message: str = Field(description="The line.")
+
+    @classmethod
+    def from_row(cls, row: LogLineRow) -> LogLine:
+        return cls(
+            seq=row.seq, created_at=as_utc(row.created_at), level=row.level, source=row.source, message=row.message
+        )
+
+
+class LogsPublic(BaseModel):
+    """Log lines of a job, oldest first."""
+
+    data: list[LogLine] = Field(description="The lines with seq > after.")
+    count: int = Field(description="Number of lines in `data`.")
+
+
+class ClusterPublic(BaseModel):
+    """The Ray cluster the service runs jobs on, and how busy it is."""
+
+    cpus: float = Field(description="Logical CPUs of the cluster.")
+    gpus: float = Field(description="GPUs of the cluster.")
+    available_cpus: float = Field(description="CPUs not reserved right now.")
+    available_gpus: float = Field(description="GPUs not reserved right now.")
+    nodes: list[dict[str, Any]] = Field(description="Per node: its resources.")
+    max_concurrent_jobs: int = Field(description="Jobs that may run at once.")
+    running_jobs: int = Field(description="Jobs running now.")
+    queued_jobs: int = Field(description="Jobs waiting in the queue.")
+
+
+class ReadinessPublic(BaseModel):
+    """Whether the service can take work: the database and Ray both answer."""
+
+    ready: bool = Field(description="Both checks passed.")
+    database: str = Field(description="'ok' or the error.")
+    ray: str = Field(description="'ok' or the error.")

@@ -1,0 +1,33 @@
+"""The Ray cluster jobs run on: its resources, what is free, and the queue."""
+
+from __future__ import annotations
+
+import ray
+from fastapi import APIRouter
+
+from service.api.deps import ManagerDep
+from service.api.models import ClusterPublic
+from service.api.routes.responses import errors
+from service.jobs.status import JobStatus
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["cluster"])
+
+
+@router.get("/cluster", response_model=ClusterPublic, summary="Read the cluster's capacity", responses=errors(401))
+def read_cluster(manager: ManagerDep) -> ClusterPublic:
+    """Total and currently free CPUs/GPUs (free ones come back when a job ends or is cancelled)."""
+    capacity = manager.cluster_capacity(fresh=True)
+    available = ray.available_resources()
+    counts = manager.store.count_by_status()
+    return ClusterPublic(
+        cpus=float(capacity.get("cpus", 0.0)),
+        gpus=float(capacity.get("gpus", 0.0)),
+        available_cpus=float(available.get("CPU", 0.0)),
+        available_gpus=float(available.get("GPU", 0.0)),
+        nodes=list(capacity.get("nodes") or []),
+        max_concurrent_jobs=manager.concurrency_limit(),
+        running_jobs=counts[JobStatus.RUNNING],
+        queued_jobs=counts[JobStatus.QUEUED],
+    )

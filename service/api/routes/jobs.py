@@ -1,0 +1,180 @@
+"""The jobs resource: submit, list, read, cancel, delete, and download the final model."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from service.api.deps import JobDep, ManagerDep, SettingsDep, StoreDep
+from service.api.models import JobCreate, JobPublic, JobsPublic
+from service.api.routes.responses import errors
+from service.jobs.manager import JobManager, JobNotFoundError, JobStateError
+from service.jobs.status import JobStatus
+from service.spec import JobSpec
+from service.store.models import JobRow
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["jobs"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any unique string (e.g. a UUID, printable ASCII without spaces): retrying the same "
+        "submission with the same key returns the job created the first time instead of a second job.",
+    ),
+]
+
+
+def job_public(job: JobRow, manager: JobManager, queue_position: int | None = None) -> JobPublic:
+    """The public view of a job row."""
+    has_model = job.status == JobStatus.SUCCEEDED.value and manager.model_file(job) is not None
+    return JobPublic.from_row(job, queue_position=queue_position, has_model=has_model)
+
+
+def _position(job: JobRow, manager: JobManager) -> int | None:
+    return manager.store.queue_positions().get(job.id) if job.status == JobStatus.QUEUED.value else None
+
+
+@router.post(
+    "/jobs",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    summary="Submit a training job",
+    responses={
+        200: {"model": JobPublic, "description": "Replayed: the job created earlier with this Idempotency-Key."},
+        **errors(401, 413, 422),
+    },
+)
+def submit_job(
+    body: JobCreate,
+    response: Response,
+    manager: ManagerDep,
+    store: StoreDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    """Queue a job. It starts when a slot and its CPUs/GPUs are free; jobs start in submission order.
+
+    A spec that can never fit the cluster (more workers, CPUs or GPUs than it has) is refused with 422.
+    """
+    spec = JobSpec.model_validate(body.model_dump())
+    spec_json = spec.model_dump(mode="json")
+    request_hash = hashlib.sha256(json.dumps(spec_json, sort_keys=True).encode()).hexdigest()
+    if idempotency_key is not None:
+        earlier = store.job_for_idempotency_key(idempotency_key, request_hash)
+        if earlier is not None:
+            response.status_code = status.HTTP_200_OK
+            response.headers["Idempotent-Replayed"] = "true"
+            return job_public(earlier, manager, _position(earlier, manager))
+    manager.submit_check(spec)
+    job, created = store.create_job(
+        uuid.uuid4().hex, spec_json, idempotency_key=idempotency_key, request_hash=request_hash
+    )
+    if created:
+        manager.wake()
+    else:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_public(job, manager, _position(job, manager))
+
+
+@router.get("/jobs", response_model=JobsPublic, summary="List jobs", responses=errors(401, 422))
+def list_jobs(
+    manager: ManagerDep,
+    store: StoreDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this state.")] = None,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000, description="Jobs to skip (newest first).")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="Jobs per page.")] = 50,
+) -> JobsPublic:
+    """One page of jobs, newest first; `count` is the number of matching jobs over all pages."""
+    rows, count = store.list_jobs(status=status_filter, offset=offset, limit=limit)
+    positions = store.queue_positions() if any(r.status == JobStatus.QUEUED.value for r in rows) else {}
+    return JobsPublic(data=[job_public(row, manager, positions.get(row.id)) for row in rows], count=count)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic, summary="Read a job", responses=errors(401, 404))
+def read_job(job: JobDep, manager: ManagerDep) -> JobPublic:
+    """Status, timestamps, error reason and summary (epochs done, last/best validation accuracy, verdict)."""
+    return job_public(job, manager, _position(job, manager))
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobPublic,
+    summary="Cancel a job",
+    responses={
+        202: {"model": JobPublic, "description": "The run is still stopping; the job will end as cancelled."},
+        **errors(401, 404, 409),
+    },
+)
+async def cancel_job(job: JobDep, manager: ManagerDep, settings: SettingsDep, response: Response) -> JobPublic:
+    """Cancel a queued job, or stop a running one and free its workers.
+
+    Answers 200 once the job is cancelled, or 202 if its run has not stopped within `cancel_wait_s`.
+    Cancelling a job that already ended is a 409.
+    """
+    await run_in_threadpool(manager.cancel, job.id)
+    deadline = time.monotonic() + settings.cancel_wait_s
+    while True:
+        latest = await run_in_threadpool(manager.store.get_job, job.id)
+        if latest is None:
+            raise JobNotFoundError(job.id)
+        if JobStatus(latest.status).is_terminal or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.1)
+    if not JobStatus(latest.status).is_terminal:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return await run_in_threadpool(job_public, latest, manager)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete a finished job",
+    responses=errors(401, 404, 409),
+)
+def delete_job(job: JobDep, manager: ManagerDep) -> Response:
+    """Remove a finished job with its metrics, statistics, logs and files. Queued or running jobs: 409."""
+    manager.delete(job.id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/jobs/{job_id}/model",
+    response_class=FileResponse,
+    summary="Download the final model",
+    responses={
+        200: {
+            "description": "The final state dict (torch.save), with plain BatchNorm layers.",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **errors(401, 404, 409),
+    },
+)
+def download_model(job: JobDep, manager: ManagerDep) -> FileResponse:
+    """The final model of a succeeded job: a plain torch state dict (SyncBatchNorm reverted to BatchNorm),
+    loadable with `torch.load(path, weights_only=True)` into the same architecture built with nn.BatchNorm*d.
+    """
+    if job.status != JobStatus.SUCCEEDED.value:
+        raise JobStateError(f"job {job.id} is {job.status}: a model is available only once a job has succeeded.")
+    path = manager.model_file(job)
+    if path is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"job {job.id} succeeded but its model file is missing from the data folder.",
+        )
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}-model.pt")

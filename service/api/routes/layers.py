@@ -1,0 +1,78 @@
+"""Per-layer BatchNorm statistics of a job: the latest (or a given) recorded step, and one layer's history."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, status
+
+from service.api.deps import JobDep, StoreDep
+from service.api.models import LayerHistoryPublic, LayersPublic
+from service.api.routes.responses import errors
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["layers"])
+
+Channels = Annotated[
+    bool,
+    Query(description="Include the per-channel lists (mean, var, running_mean, running_var); false: summaries."),
+]
+
+
+def _some(values: list, limit: int = 20) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+@router.get(
+    "/jobs/{job_id}/layers",
+    response_model=LayersPublic,
+    summary="Read per-layer BatchNorm statistics",
+    responses=errors(401, 404, 422),
+)
+def read_layers(
+    job: JobDep,
+    store: StoreDep,
+    step: Annotated[
+        int | None, Query(ge=0, le=2**53, description="A recorded step; default: the latest recorded step.")
+    ] = None,
+    channels: Channels = True,
+) -> LayersPublic:
+    """Every BatchNorm layer's statistics at one step: global batch mean/variance, running stats, gamma/beta,
+    gradient norms, dead channels, drift and cross-worker skew. Empty (`step: null`) until the first record."""
+    rows = store.layers_at(job.id, step)
+    steps = store.layer_steps(job.id)
+    if step is not None and not rows:
+        recorded = _some(steps) if steps else "none yet"
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"job {job.id} has no layer statistics at step {step}; recorded steps: {recorded}.",
+        )
+    return LayersPublic.from_rows(job.id, rows, steps, channels)
+
+
+@router.get(
+    "/jobs/{job_id}/layers/{layer}",
+    response_model=LayerHistoryPublic,
+    summary="Read one layer's history",
+    responses=errors(401, 404, 422),
+)
+def read_layer_history(
+    job: JobDep,
+    store: StoreDep,
+    layer: Annotated[str, Path(description="Module path of the layer, e.g. 'layer1.0.bn1'.")],
+    since_step: Annotated[int | None, Query(ge=-1, le=2**53, description="Only steps after this one.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100_000, description="Most points to return.")] = 10_000,
+    channels: Channels = True,
+) -> LayerHistoryPublic:
+    """One layer's statistics at every recorded step, ascending."""
+    rows = store.layer_history(job.id, layer, since_step=since_step, limit=limit)
+    if not rows and since_step is None:
+        names = store.layer_names(job.id)
+        known = _some(names) if names else "none recorded yet"
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"job {job.id} has no statistics for layer {layer!r}; its layers: {known}.",
+        )
+    return LayerHistoryPublic.from_rows(job.id, layer, rows, channels)

@@ -1,0 +1,22 @@
+"""The error answers each route documents in OpenAPI (all share the `ErrorPublic` body)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.api.models import ErrorPublic
+
+__all__ = ["errors"]
+
+_DESCRIPTIONS = {
+    401: "Missing or wrong bearer token (only when the service has api_tokens).",
+    404: "No job with this id (or no such layer / recorded step).",
+    409: "The job's state does not allow this request.",
+    413: "The request body is larger than max_body_bytes.",
+    422: "Invalid input: the detail names each field and how to fix it.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for these status codes, each with the `ErrorPublic` body."""
+    return {code: {"model": ErrorPublic, "description": _DESCRIPTIONS[code]} for code in codes}

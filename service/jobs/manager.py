@@ -1,0 +1,478 @@
+"""The job manager: turns queued jobs into Ray Train runs, in order, and keeps the store in step with them.
+
+One background thread does all the scheduling and draining; API handlers only call `submit_check`, `cancel`
+and `delete`, which are short. The run itself (the engine's `JobRun`) lives in Ray, in detached actors, so
+the manager holds nothing that a restart could not rebuild from the database and from Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.jobs.status import JobStatus
+from service.settings import Settings
+from service.spec import JobSpec, resolve_npz_path
+from service.store import JobStore
+from service.store.models import JobRow
+
+if TYPE_CHECKING:
+    from service.engine.runner import JobRun
+
+__all__ = ["Admission", "JobCannotFitError", "JobManager", "JobNotFoundError", "JobStateError"]
+
+logger = logging.getLogger(__name__)
+
+#: Reason recorded for a job whose run did not survive a restart of the service.
+RESTART_REASON = "service restarted"
+#: Consecutive failed polls of a run after which it is considered lost.
+MAX_POLL_FAILURES = 20
+#: Most records read from a run per poll (each batch is stored in one transaction).
+POLL_BATCH = 200
+#: Seconds a cluster capacity reading is reused by the scheduler.
+CAPACITY_TTL_S = 5.0
+
+
+# Errors raised to the API layer:
+#
+#   LookupError ── JobNotFoundError          (404)
+#   ValueError  ── JobCannotFitError         (422: the spec can never run on this cluster)
+#   RuntimeError ─ JobStateError             (409: the job's state does not allow the request)
+
+
+class JobNotFoundError(LookupError):
+    """No job has this id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}: list jobs with GET /v1/jobs.")
+        self.job_id = job_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.job_id,))
+
+
+class JobStateError(RuntimeError):
+    """The job exists but its current state does not allow the request."""
+
+
+class JobCannotFitError(ValueError):
+    """The job asks for more than the cluster has, so it could never start."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The resources a job reserves while it runs, from `JobSpec.resources()`."""
+
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> Admission:
+        resources = spec.resources()
+        return cls(cpus=float(resources.get("CPU", 0.0)), gpus=float(resources.get("GPU", 0.0)))
+
+
+class JobManager:
+    """Runs submitted jobs on Ray, oldest first, within the concurrency limit and the cluster's resources.
+
+    - admission: `submit_check` refuses a spec that could never fit the cluster, or whose npz file is missing
+      or lies outside the data root;
+    - queue: a queued job starts when fewer than `max_concurrent_jobs` run and its CPUs/GPUs are free; the
+      oldest queued job goes first and later ones wait behind it (strict FIFO);
+    - drain: every `poll_interval_s` each running `JobRun` is polled and its new records are stored in one
+      transaction each, so the database holds every record as it arrives;
+    - cancellation: queued jobs are cancelled at once; running ones are stopped through `JobRun.cancel`;
+    - restart: running jobs are re-attached with `attach_run`, or failed with the reason "service
+      restarted" when their run is gone; queued jobs simply run.
+    """
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.settings = settings
+        self.store = store
+        self._runs: dict[str, JobRun] = {}
+        self._reserved: dict[str, Admission] = {}
+        self._poll_failures: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._capacity: dict[str, Any] | None = None
+        self._capacity_at = 0.0
+        self.records_ingested = 0
+        self.loop_errors = 0
+
+    # -- life of the manager --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to Ray, recover jobs left running by a previous process, and start the scheduler thread."""
+        from service.engine.cluster import ensure_ray
+
+        ensure_ray(self.settings.ray_address, self.settings.ray_num_cpus)
+        self.settings.jobs_dir().mkdir(parents=True, exist_ok=True)
+        self._recover()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="syncbn-job-manager", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the scheduler thread. Runs are left alone: they live in Ray and are re-attached on restart."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop` was called (streams use it to end promptly on shutdown)."""
+        return self._stop.is_set()
+
+    def wake(self) -> None:
+        """Ask the scheduler thread for a pass now instead of at its next tick."""
+        self._wake.set()
+
+    def _recover(self) -> None:
+        from service.engine.runner import attach_run
+
+        for job in self.store.jobs_with_status(JobStatus.RUNNING):
+            try:
+                run = attach_run(job.id)
+            except Exception:
+                logger.exception("re-attaching job %s failed", job.id)
+                run = None
+            if run is None:
+                self.store.transition(
+                    job.id,
+                    JobStatus.FAILED,
+                    error=RESTART_REASON,
+                    message=f"job failed: {RESTART_REASON} and its run did not survive; resubmit the job",
+                    level="error",
+                )
+                continue
+            with self._lock:
+                self._runs[job.id] = run
+                self._reserved[job.id] = Admission.of(JobSpec.model_validate(job.spec))
+            self.store.add_log(job.id, "info", "service restarted; re-attached to the surviving run")
+            logger.info("re-attached job %s", job.id)
+            if job.cancel_requested:
+                self._cancel_run(job.id, run)
+
+    # -- admission ------------------------------------------------------------------------------------------
+
+    def cluster_capacity(self, *, fresh: bool = False) -> dict[str, Any]:
+        """The cluster's total resources (`cpus`, `gpus`, `nodes`), cached for a few seconds."""
+        from service.engine.cluster import cluster_capacity
+
+        now = time.monotonic()
+        if fresh or self._capacity is None or now - self._capacity_at > CAPACITY_TTL_S:
+            self._capacity = cluster_capacity()
+            self._capacity_at = now
+        return self._capacity
+
+    def submit_check(self, spec: JobSpec, *, fresh: bool = False) -> None:
+        """Refuse a spec that could never run here (`fresh`: read the cluster now, not a cached reading).
+
+        Raises:
+            JobCannotFitError: more CPUs/GPUs in total, or per worker, than the cluster has; or an npz path
+                that escapes the data root or does not exist.
+        """
+        if spec.dataset.kind == "npz" and spec.dataset.path is not None:
+            try:
+                resolve_npz_path(spec.dataset.path, self.settings.resolved_npz_root())
+            except ValueError as exc:
+                raise JobCannotFitError(str(exc)) from exc
+        capacity = self.cluster_capacity(fresh=fresh)
+        need = Admission.of(spec)
+        cpus, gpus = float(capacity.get("cpus", 0.0)), float(capacity.get("gpus", 0.0))
+        nodes = capacity.get("nodes") or []
+        node_cpus = max((float(n.get("cpus", 0.0)) for n in nodes), default=cpus)
+        node_gpus = max((float(n.get("gpus", 0.0)) for n in nodes), default=gpus)
+        has = (
+            f"the cluster has {_fmt(cpus)} CPUs and {_fmt(gpus)} GPUs in total "
+            f"({len(nodes) or 1} node(s), the largest with {_fmt(node_cpus)} CPUs and {_fmt(node_gpus)} GPUs)"
+        )
+        if need.gpus > gpus:
+            raise JobCannotFitError(
+                f"the job asks for {_fmt(need.gpus)} GPUs (workers={spec.workers}, use_gpu=true) but {has}: "
+                "lower workers or set use_gpu to false."
+            )
+        if need.cpus > cpus + 1e-9:
+            raise JobCannotFitError(
+                f"the job asks for {_fmt(need.cpus)} CPUs (workers={spec.workers} x cpus_per_worker="
+                f"{_fmt(spec.cpus_per_worker)}) but {has}: lower workers or cpus_per_worker."
+            )
+        if spec.cpus_per_worker > node_cpus + 1e-9:
+            raise JobCannotFitError(
+                f"one worker asks for cpus_per_worker={_fmt(spec.cpus_per_worker)} CPUs but {has}: "
+                "lower cpus_per_worker."
+            )
+        if spec.use_gpu and node_gpus < 1:
+            raise JobCannotFitError(f"use_gpu=true needs a node with a GPU but {has}: set use_gpu to false.")
+
+    def concurrency_limit(self) -> int:
+        """How many jobs may run at once: the setting, or the cluster's CPU count (at least 1)."""
+        if self.settings.max_concurrent_jobs is not None:
+            return self.settings.max_concurrent_jobs
+        return max(1, int(float(self.cluster_capacity().get("cpus", 1.0))))
+
+    # -- requests from the API ------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a queued job at once, or start stopping a running one.
+
+        Returns:
+            The job's status after the request: `cancelled` for a queued job, `running` while a run stops.
+
+        Raises:
+            JobNotFoundError: no such job.
+            JobStateError: the job already ended.
+        """
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        status = JobStatus(job.status)
+        if status is JobStatus.QUEUED:
+            done = self.store.transition(
+                job_id,
+                JobStatus.CANCELLED,
+                error="cancelled before it started",
+                message="job cancelled before it started",
+            )
+            if done is not None:
+                return JobStatus.CANCELLED
+            status = JobStatus(self.store.get_job(job_id).status)  # started meanwhile: stop the run instead
+        if status.is_terminal:
+            raise JobStateError(
+                f"job {job_id} already ended with status {status.value!r}, so it cannot be cancelled: "
+                "only queued or running jobs can be."
+            )
+        self.store.mark_cancel_requested(job_id)
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run is not None:
+            self._cancel_run(job_id, run)
+        self.wake()
+        return JobStatus.RUNNING
+
+    def _cancel_run(self, job_id: str, run: JobRun) -> None:
+        try:
+            run.cancel()
+        except Exception as exc:
+            logger.exception("cancelling the run of job %s failed", job_id)
+            self.store.add_log(job_id, "error", f"stopping the run failed: {type(exc).__name__}: {exc}")
+
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job: its rows and its folder of files.
+
+        Raises:
+            JobNotFoundError: no such job.
+            JobStateError: the job is queued or running (cancel it first).
+        """
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        if not JobStatus(job.status).is_terminal:
+            raise JobStateError(
+                f"job {job_id} is {job.status}, and only finished jobs can be deleted: "
+                f"cancel it first with POST /v1/jobs/{job_id}/cancel."
+            )
+        self._remove_leftover_run(job_id)
+        self.store.delete_job(job_id)
+        folder = self.job_dir(job_id)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _remove_leftover_run(self, job_id: str) -> None:
+        """Remove a finished job's actors if a crash left them in the cluster."""
+        from service.engine.runner import attach_run
+
+        try:
+            run = attach_run(job_id)
+            if run is not None:
+                run.close()
+        except Exception as exc:
+            logger.warning("removing leftover actors of job %s failed: %s", job_id, exc)
+
+    def job_dir(self, job_id: str) -> Path:
+        """The folder of a job's files (model, checkpoints), under the data folder."""
+        return self.settings.jobs_dir() / job_id
+
+    def model_file(self, job: JobRow) -> Path | None:
+        """The final state-dict file of a job if it exists inside the job's folder, else None.
+
+        The path reported by the run is used only when it lies in the job's folder: nothing outside the data
+        folder is ever served.
+        """
+        folder = self.job_dir(job.id).resolve()
+        candidates = [Path(job.model_path)] if job.model_path else []
+        candidates.append(folder / "model.pt")
+        for candidate in candidates:
+            resolved = candidate.resolve()
+            if resolved.is_relative_to(folder) and resolved.is_file():
+                return resolved
+        return None
+
+    def running_count(self) -> int:
+        """Number of runs this manager is following."""
+        with self._lock:
+            return len(self._runs)
+
+    # -- the scheduler thread -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain()
+                self._start_queued()
+            except Exception:
+                # A database hiccup must not kill scheduling; the next tick tries again.
+                self.loop_errors += 1
+                logger.exception("job manager pass failed")
+            self._wake.wait(self.settings.poll_interval_s)
+            self._wake.clear()
+
+    def _drain(self) -> None:
+        with self._lock:
+            runs = list(self._runs.items())
+        for job_id, run in runs:
+            if self._stop.is_set():
+                return
+            self._drain_one(job_id, run)
+
+    def _drain_one(self, job_id: str, run: JobRun) -> None:
+        job = self.store.get_job(job_id)
+        if job is None or JobStatus(job.status).is_terminal:
+            self._forget(job_id)
+            return
+        cursor, ended, stored_any = job.record_seq, None, False
+        try:
+            done = run.done()
+            while True:
+                records = run.poll(cursor, POLL_BATCH)
+                if not records:
+                    break
+                result = self.store.ingest(job_id, records)
+                stored_any = True
+                cursor = result.record_seq
+                self.records_ingested += result.stored
+                if result.skipped_kinds:
+                    logger.debug("job %s: records of kinds %s are not stored", job_id, result.skipped_kinds)
+                if result.ended is not None:
+                    ended = result.ended
+                    break
+                if len(records) < POLL_BATCH or self._stop.is_set():
+                    break
+        except Exception as exc:
+            failures = self._poll_failures.get(job_id, 0) + 1
+            self._poll_failures[job_id] = failures
+            logger.warning("polling job %s failed (%d in a row): %s", job_id, failures, exc)
+            if failures >= MAX_POLL_FAILURES:
+                self.store.transition(
+                    job_id,
+                    JobStatus.FAILED,
+                    error=f"lost contact with the run: {type(exc).__name__}: {exc}",
+                    level="error",
+                )
+                self._forget(job_id)
+            return
+        self._poll_failures.pop(job_id, None)
+        if ended is not None:
+            logger.info("job %s ended: %s", job_id, ended.value)
+            self._close_run(job_id, run)
+        elif done and not stored_any:
+            # Over, yet no end record came: never leave such a job running forever.
+            latest = self.store.get_job(job_id)
+            if latest is not None and not JobStatus(latest.status).is_terminal:
+                cancelled = latest.cancel_requested
+                self.store.transition(
+                    job_id,
+                    JobStatus.CANCELLED if cancelled else JobStatus.FAILED,
+                    error="cancelled on request" if cancelled else "the run stopped without reporting an end",
+                    level="info" if cancelled else "error",
+                )
+            self._close_run(job_id, run)
+
+    def _close_run(self, job_id: str, run: JobRun) -> None:
+        """Forget a finished run and remove its actors from the cluster (its records are all stored)."""
+        self._forget(job_id)
+        try:
+            run.close()
+        except Exception as exc:
+            logger.warning("removing the actors of job %s failed: %s", job_id, exc)
+        self.wake()
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._runs.pop(job_id, None)
+            self._reserved.pop(job_id, None)
+        self._poll_failures.pop(job_id, None)
+
+    def _start_queued(self) -> None:
+        queued = self.store.jobs_with_status(JobStatus.QUEUED)
+        for job in queued:
+            if self._stop.is_set():
+                return
+            with self._lock:
+                running = len(self._runs)
+            if running >= self.concurrency_limit():
+                return
+            try:
+                spec = JobSpec.model_validate(job.spec)
+                self.submit_check(spec, fresh=False)
+            except ValueError as exc:
+                # The cluster shrank, a data file vanished, or the spec no longer validates.
+                self.store.transition(job.id, JobStatus.FAILED, error=str(exc), level="error")
+                continue
+            need = Admission.of(spec)
+            if not self._fits_now(need):
+                return  # the oldest job waits for resources; later jobs wait behind it
+            self._launch(job.id, spec, need)
+
+    def _fits_now(self, need: Admission) -> bool:
+        capacity = self.cluster_capacity()
+        with self._lock:
+            used_cpus = sum(a.cpus for a in self._reserved.values())
+            used_gpus = sum(a.gpus for a in self._reserved.values())
+        free_cpus = float(capacity.get("cpus", 0.0)) - used_cpus
+        free_gpus = float(capacity.get("gpus", 0.0)) - used_gpus
+        return need.cpus <= free_cpus + 1e-9 and need.gpus <= free_gpus + 1e-9
+
+    def _launch(self, job_id: str, spec: JobSpec, need: Admission) -> None:
+        from service.engine.runner import launch_run
+
+        started = self.store.transition(
+            job_id,
+            JobStatus.RUNNING,
+            message=f"job started: {spec.workers} worker(s), {spec.model} on {spec.dataset.kind}",
+        )
+        if started is None:
+            return  # cancelled between the listing and now
+        output_dir = self.job_dir(job_id)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run = launch_run(spec, job_id, output_dir, data_root=self.settings.resolved_npz_root())
+        except Exception as exc:
+            logger.exception("launching job %s failed", job_id)
+            self.store.transition(
+                job_id,
+                JobStatus.FAILED,
+                error=f"could not launch the run: {type(exc).__name__}: {exc}",
+                level="error",
+            )
+            return
+        with self._lock:
+            self._runs[job_id] = run
+            self._reserved[job_id] = need
+            latest = self.store.get_job(job_id)
+        if latest is not None and latest.cancel_requested:
+            self._cancel_run(job_id, run)
+
+
+def _fmt(value: float) -> str:
+    """A resource amount without a needless '.0'."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

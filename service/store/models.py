@@ -1,0 +1,156 @@
+"""Database tables of the service (SQLAlchemy 2 declarative models; the same schema on SQLite and Postgres).
+
+- `jobs`: one row per submitted job: spec, status, timestamps, error, the run's summary and two cursors:
+  `record_seq` (last record drained from the run's recorder, so a re-attached run resumes without duplicates)
+  and `event_seq` (last event id handed to Server-Sent-Events clients).
+- `step_points`, `epoch_points`: the convergence metrics, one row per reported step / finished epoch.
+- `layer_stats`: one row per (recorded step, BatchNorm layer) with the merged statistics as JSON.
+- `log_lines`: progress and error lines of the run and of the service about the job.
+- `job_events`: the ordered event log streamed by `GET /v1/jobs/{id}/events`; ids are per job and gap-free,
+  which is what makes `Last-Event-ID` resumption lossless, even across restarts.
+- `idempotency_keys`: `Idempotency-Key` header -> job, with a hash of the request body.
+
+Tables reference jobs by their public id; rows of a job are deleted together with it by the repository.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "Base",
+    "EpochPointRow",
+    "IdempotencyKeyRow",
+    "JobEventRow",
+    "JobRow",
+    "LayerStatRow",
+    "LogLineRow",
+    "StepPointRow",
+]
+
+JOB_ID_LENGTH = 32
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the service's tables."""
+
+
+class JobRow(Base):
+    """A job: what was asked (spec), where it is (status), and what came out (summary)."""
+
+    __tablename__ = "jobs"
+
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(JOB_ID_LENGTH), unique=True, index=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    epochs_done: Mapped[int] = mapped_column(Integer, default=0)
+    last_val_acc: Mapped[float | None] = mapped_column(Float)
+    best_val_acc: Mapped[float | None] = mapped_column(Float)
+    final_val_acc: Mapped[float | None] = mapped_column(Float)
+    final_train_loss: Mapped[float | None] = mapped_column(Float)
+    last_step: Mapped[int | None] = mapped_column(Integer)
+    model_path: Mapped[str | None] = mapped_column(Text)
+    record_seq: Mapped[int] = mapped_column(Integer, default=0)
+    event_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StepPointRow(Base):
+    """Training metrics of one reported step."""
+
+    __tablename__ = "step_points"
+    __table_args__ = (Index("ix_step_points_job_step", "job_id", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)
+    samples_per_s: Mapped[float | None] = mapped_column(Float)
+    step_time_s: Mapped[float | None] = mapped_column(Float)
+
+
+class EpochPointRow(Base):
+    """Training and validation metrics at the end of one epoch."""
+
+    __tablename__ = "epoch_points"
+    __table_args__ = (Index("ix_epoch_points_job_epoch", "job_id", "epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    train_acc: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    val_acc: Mapped[float | None] = mapped_column(Float)
+    epoch_time_s: Mapped[float | None] = mapped_column(Float)
+
+
+class LayerStatRow(Base):
+    """Merged BatchNorm statistics of one layer at one recorded step (see `syncbn.merge_rank_layer_stats`)."""
+
+    __tablename__ = "layer_stats"
+    __table_args__ = (
+        Index("ix_layer_stats_job_step", "job_id", "step"),
+        Index("ix_layer_stats_job_layer_step", "job_id", "layer", "step"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    layer: Mapped[str] = mapped_column(String(300))
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class LogLineRow(Base):
+    """One log line about a job, from the run (`source="run"`) or from the service (`source="service"`)."""
+
+    __tablename__ = "log_lines"
+    __table_args__ = (Index("ix_log_lines_job_seq", "job_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    level: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class JobEventRow(Base):
+    """One Server-Sent Event of a job; `seq` is the event id, gap-free and increasing per job."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_events_job_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyKeyRow(Base):
+    """An `Idempotency-Key` already used, the job it created and a hash of the body it came with."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,614 @@
+"""The store: every read and write of the service's database goes through `JobStore`.
+
+Responsibilities:
+- open the database named by an SQLAlchemy URL (an SQLite file by default, Postgres by URL) and create the
+  tables on first use;
+- create jobs (honouring `Idempotency-Key`), move them between states (only along the allowed transitions of
+  `JobStatus`, checked atomically in the database), and delete them with everything they own;
+- ingest a batch of run records (steps, epochs, layer statistics, logs, the end record) in ONE transaction,
+  together with the events that Server-Sent-Events clients receive and the recorder cursor, so a crash can
+  neither lose nor duplicate a record;
+- answer the API's queries (listing, metrics, layer statistics, logs, events).
+
+Writes of this process are serialised by a lock (SQLite allows one writer anyway, and the per-job event
+counter must not race); reads run concurrently. Rows are returned detached from their session.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, delete, event, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.jobs.status import JobStatus
+from service.store.models import (
+    Base,
+    EpochPointRow,
+    IdempotencyKeyRow,
+    JobEventRow,
+    JobRow,
+    LayerStatRow,
+    LogLineRow,
+    StepPointRow,
+)
+
+__all__ = ["IdempotencyKeyReusedError", "IngestResult", "JobStore", "json_safe", "utcnow"]
+
+logger = logging.getLogger(__name__)
+
+
+class IdempotencyKeyReusedError(ValueError):
+    """An `Idempotency-Key` came back with a different request body than the one it was first used with."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(
+            f"the Idempotency-Key {key!r} was already used for job {job_id} with a different request body: "
+            "use a new key for a different job, or resend the original body."
+        )
+        self.key = key
+        self.job_id = job_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.job_id))
+
+
+@dataclass
+class IngestResult:
+    """What one batch of run records changed: the new cursors and, if the run ended, its final state."""
+
+    record_seq: int
+    event_seq: int
+    stored: int = 0
+    ended: JobStatus | None = None
+    skipped_kinds: list[str] = field(default_factory=list)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Attach UTC to a naive timestamp read back from SQLite (Postgres keeps the zone)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN/inf float replaced by None, so JSON columns and responses stay valid JSON.
+
+    A diverged run reports NaN losses; Postgres' json type and strict JSON encoders reject them.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for missing / NaN / inf / non-numeric values."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _integer(value: Any, default: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return default
+    return int(value)
+
+
+def layer_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    """A layer's statistics without the per-channel lists (what SSE events and `channels=false` carry)."""
+    return {key: value for key, value in stats.items() if not isinstance(value, list)}
+
+
+class JobStore:
+    """Jobs, metric points, layer statistics, logs, events and idempotency keys in one SQL database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock = threading.Lock()
+        self._latest_event: dict[str, int] = {}
+        self._latest_lock = threading.Lock()
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._sessions() as session:
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._write_lock, self._sessions() as session, session.begin():
+            yield session
+
+    def _lock_job(self, session: Session, job_id: str) -> JobRow | None:
+        return session.scalars(select(JobRow).where(JobRow.id == job_id).with_for_update()).first()
+
+    def _note_event(self, job_id: str, seq: int) -> None:
+        with self._latest_lock:
+            if seq > self._latest_event.get(job_id, 0):
+                self._latest_event[job_id] = seq
+
+    def latest_event_hint(self, job_id: str) -> int:
+        """The newest event id this process has written for `job_id` (0 if none): a cheap change check."""
+        with self._latest_lock:
+            return self._latest_event.get(job_id, 0)
+
+    def ping(self) -> None:
+        """Run `SELECT 1`; raises if the database cannot be reached."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self.engine.dispose()
+
+    @staticmethod
+    def _add_event(session: Session, job: JobRow, kind: str, data: dict[str, Any], now: datetime) -> int:
+        job.event_seq += 1
+        session.add(JobEventRow(job_id=job.id, seq=job.event_seq, kind=kind, data=json_safe(data), created_at=now))
+        return job.event_seq
+
+    @classmethod
+    def _add_log(cls, session: Session, job: JobRow, level: str, message: str, source: str, now: datetime) -> int:
+        data = {"level": level, "source": source, "message": message, "at": now.isoformat()}
+        seq = cls._add_event(session, job, "log", data, now)
+        session.add(LogLineRow(job_id=job.id, seq=seq, created_at=now, level=level, source=source, message=message))
+        return seq
+
+    @staticmethod
+    def _status_data(job: JobRow, previous: str | None, now: datetime) -> dict[str, Any]:
+        return {
+            "status": job.status,
+            "previous": previous,
+            "at": now.isoformat(),
+            "error": job.error,
+            "verdict": job.verdict,
+            "epochs_done": job.epochs_done,
+            "last_val_acc": job.last_val_acc,
+            "best_val_acc": job.best_val_acc,
+            "final_val_acc": job.final_val_acc,
+            "final_train_loss": job.final_train_loss,
+        }
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        job_id: str,
+        spec: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> tuple[JobRow, bool]:
+        """Insert a queued job; with an idempotency key already used for the same body, return that job.
+
+        Returns:
+            (job, created): `created` is False when an earlier job was returned for the key.
+
+        Raises:
+            IdempotencyKeyReusedError: the key was used before with a different body.
+        """
+        if idempotency_key is not None:
+            existing = self.job_for_idempotency_key(idempotency_key, request_hash)
+            if existing is not None:
+                return existing, False
+        now = utcnow()
+        try:
+            with self._write() as session:
+                job = JobRow(
+                    id=job_id,
+                    name=spec.get("name"),
+                    status=JobStatus.QUEUED.value,
+                    spec=json_safe(spec),
+                    created_at=now,
+                    cancel_requested=False,
+                    epochs_done=0,
+                    record_seq=0,
+                    event_seq=0,
+                )
+                session.add(job)
+                session.flush()
+                if idempotency_key is not None:
+                    session.add(
+                        IdempotencyKeyRow(
+                            key=idempotency_key, job_id=job_id, request_hash=request_hash or "", created_at=now
+                        )
+                    )
+                self._add_event(session, job, "status", self._status_data(job, None, now), now)
+                self._add_log(session, job, "info", "job submitted and queued", "service", now)
+                session.flush()
+        except IntegrityError:
+            # Two requests with the same new key raced: the other one won, answer with its job.
+            if idempotency_key is None:
+                raise
+            existing = self.job_for_idempotency_key(idempotency_key, request_hash)
+            if existing is None:
+                raise
+            return existing, False
+        self._note_event(job_id, job.event_seq)
+        return job, True
+
+    def job_for_idempotency_key(self, key: str, request_hash: str | None) -> JobRow | None:
+        """The job created earlier with this `Idempotency-Key`, or None if the key is new.
+
+        Raises:
+            IdempotencyKeyReusedError: the key was used with a different body (`request_hash` differs).
+        """
+        with self._read() as session:
+            row = session.get(IdempotencyKeyRow, key)
+            if row is None:
+                return None
+            if request_hash is not None and row.request_hash != request_hash:
+                raise IdempotencyKeyReusedError(key, row.job_id)
+            return session.scalars(select(JobRow).where(JobRow.id == row.job_id)).first()
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        """The job with this id, or None."""
+        with self._read() as session:
+            return session.scalars(select(JobRow).where(JobRow.id == job_id)).first()
+
+    def list_jobs(
+        self, *, status: JobStatus | None = None, offset: int = 0, limit: int = 50
+    ) -> tuple[list[JobRow], int]:
+        """One page of jobs, newest first, optionally of one status; and how many match in total."""
+        query = select(JobRow)
+        count_query = select(func.count()).select_from(JobRow)
+        if status is not None:
+            query = query.where(JobRow.status == status.value)
+            count_query = count_query.where(JobRow.status == status.value)
+        with self._read() as session:
+            rows = list(session.scalars(query.order_by(JobRow.number.desc()).offset(offset).limit(limit)))
+            count = session.scalar(count_query) or 0
+        return rows, count
+
+    def jobs_with_status(self, status: JobStatus) -> list[JobRow]:
+        """All jobs in `status`, oldest first (for queued jobs: the queue order)."""
+        with self._read() as session:
+            return list(session.scalars(select(JobRow).where(JobRow.status == status.value).order_by(JobRow.number)))
+
+    def queue_positions(self) -> dict[str, int]:
+        """1-based position of every queued job in the queue."""
+        with self._read() as session:
+            ids = session.scalars(
+                select(JobRow.id).where(JobRow.status == JobStatus.QUEUED.value).order_by(JobRow.number)
+            )
+            return {job_id: index for index, job_id in enumerate(ids, start=1)}
+
+    def count_by_status(self) -> dict[JobStatus, int]:
+        """Number of jobs in each state (every state present, zeros included)."""
+        with self._read() as session:
+            rows = session.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
+        counts = dict.fromkeys(JobStatus, 0)
+        for status, count in rows:
+            counts[JobStatus(status)] = count
+        return counts
+
+    def transition(
+        self,
+        job_id: str,
+        target: JobStatus,
+        *,
+        error: str | None = None,
+        message: str | None = None,
+        level: str = "info",
+    ) -> JobRow | None:
+        """Move a job to `target` if its current state allows it; record a status event and a log line.
+
+        Returns:
+            The updated job, or None when the job does not exist or its state does not allow the move.
+        """
+        now = utcnow()
+        with self._write() as session:
+            job = self._lock_job(session, job_id)
+            if job is None or not JobStatus(job.status).can_become(target):
+                return None
+            previous = job.status
+            job.status = target.value
+            if target is JobStatus.RUNNING:
+                job.started_at = now
+            if target.is_terminal:
+                job.finished_at = now
+            if error is not None:
+                job.error = error
+            self._add_event(session, job, "status", self._status_data(job, previous, now), now)
+            self._add_log(session, job, level, message or f"job {target.value}", "service", now)
+        self._note_event(job_id, job.event_seq)
+        return job
+
+    def mark_cancel_requested(self, job_id: str) -> JobRow | None:
+        """Flag a running job as being cancelled (the run's end record finishes the move); None if not running."""
+        now = utcnow()
+        with self._write() as session:
+            job = self._lock_job(session, job_id)
+            if job is None or job.status != JobStatus.RUNNING.value:
+                return None
+            if not job.cancel_requested:
+                job.cancel_requested = True
+                self._add_log(session, job, "info", "cancel requested; stopping the run", "service", now)
+        self._note_event(job_id, job.event_seq)
+        return job
+
+    def add_log(self, job_id: str, level: str, message: str) -> None:
+        """Append a service log line (and its event) to a job."""
+        now = utcnow()
+        with self._write() as session:
+            job = self._lock_job(session, job_id)
+            if job is None:
+                return
+            self._add_log(session, job, level, message, "service", now)
+        self._note_event(job_id, job.event_seq)
+
+    def delete_job(self, job_id: str) -> bool:
+        """Delete a job and every row it owns; False if there was no such job."""
+        with self._write() as session:
+            job = self._lock_job(session, job_id)
+            if job is None:
+                return False
+            for table in (StepPointRow, EpochPointRow, LayerStatRow, LogLineRow, JobEventRow, IdempotencyKeyRow):
+                session.execute(delete(table).where(table.job_id == job_id))
+            session.execute(delete(JobRow).where(JobRow.id == job_id))
+        with self._latest_lock:
+            self._latest_event.pop(job_id, None)
+        return True
+
+    # -- run records ----------------------------------------------------------------------------------------
+
+    def ingest(self, job_id: str, records: Sequence[dict[str, Any]]) -> IngestResult:
+        """Store a batch of run records (see `service.engine.runner.JobRun.poll`) in one transaction.
+
+        Records whose `seq` is not above the job's cursor were stored before and are skipped, so polling
+        again after a crash or a re-attach never duplicates anything. An `end` record moves a running job to
+        its final state (a job whose cancellation was requested ends as cancelled unless it succeeded).
+        """
+        now = utcnow()
+        with self._write() as session:
+            job = self._lock_job(session, job_id)
+            if job is None:
+                return IngestResult(record_seq=0, event_seq=0)
+            result = IngestResult(record_seq=job.record_seq, event_seq=job.event_seq)
+            for record in sorted(records, key=lambda r: _integer(r.get("seq"))):
+                seq = _integer(record.get("seq"))
+                if seq <= job.record_seq:
+                    continue
+                job.record_seq = seq
+                kind = record.get("kind")
+                handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+                if handler is None:
+                    result.skipped_kinds.append(str(kind))
+                    continue
+                ended = handler(self, session, job, record, now)
+                result.stored += 1
+                if ended is not None:
+                    result.ended = ended
+            result.record_seq = job.record_seq
+            result.event_seq = job.event_seq
+        self._note_event(job_id, result.event_seq)
+        return result
+
+    def _ingest_step(self, session: Session, job: JobRow, record: dict[str, Any], now: datetime) -> None:
+        point = StepPointRow(
+            job_id=job.id,
+            step=_integer(record.get("step")),
+            epoch=_integer(record.get("epoch")),
+            train_loss=_number(record.get("train_loss")),
+            lr=_number(record.get("lr")),
+            samples_per_s=_number(record.get("samples_per_s")),
+            step_time_s=_number(record.get("step_time_s")),
+        )
+        session.add(point)
+        job.last_step = point.step
+        self._add_event(session, job, "step", _point_dict(point, StepPointRow), now)
+
+    def _ingest_epoch(self, session: Session, job: JobRow, record: dict[str, Any], now: datetime) -> None:
+        point = EpochPointRow(
+            job_id=job.id,
+            epoch=_integer(record.get("epoch")),
+            step=_integer(record.get("step")),
+            train_loss=_number(record.get("train_loss")),
+            train_acc=_number(record.get("train_acc")),
+            val_loss=_number(record.get("val_loss")),
+            val_acc=_number(record.get("val_acc")),
+            epoch_time_s=_number(record.get("epoch_time_s")),
+        )
+        session.add(point)
+        job.epochs_done = max(job.epochs_done, point.epoch)  # epochs are numbered from 1
+        if point.val_acc is not None:
+            job.last_val_acc = point.val_acc
+            job.best_val_acc = max(job.best_val_acc or point.val_acc, point.val_acc)
+        if point.train_loss is not None:
+            job.final_train_loss = point.train_loss
+        self._add_event(session, job, "epoch", _point_dict(point, EpochPointRow), now)
+
+    def _ingest_layers(self, session: Session, job: JobRow, record: dict[str, Any], now: datetime) -> None:
+        step, epoch = _integer(record.get("step")), _integer(record.get("epoch"))
+        layers = record.get("layers")
+        if not isinstance(layers, dict):
+            return
+        summaries: dict[str, Any] = {}
+        for name, stats in layers.items():
+            if not isinstance(stats, dict):
+                continue
+            safe = json_safe(stats)
+            session.add(LayerStatRow(job_id=job.id, step=step, epoch=epoch, layer=str(name)[:300], stats=safe))
+            summaries[str(name)[:300]] = layer_summary(safe)
+        self._add_event(session, job, "layers", {"step": step, "epoch": epoch, "layers": summaries}, now)
+
+    def _ingest_log(self, session: Session, job: JobRow, record: dict[str, Any], now: datetime) -> None:
+        level = str(record.get("level") or "info").lower()[:16]
+        self._add_log(session, job, level, str(record.get("message", "")), "run", now)
+
+    def _ingest_end(self, session: Session, job: JobRow, record: dict[str, Any], now: datetime) -> JobStatus | None:
+        try:
+            target = JobStatus(record.get("status"))
+        except ValueError:
+            target = JobStatus.FAILED
+            record = {**record, "error": f"the run ended with an unknown status {record.get('status')!r}"}
+        if not target.is_terminal:
+            target = JobStatus.FAILED
+        if job.cancel_requested and target is not JobStatus.SUCCEEDED:
+            target = JobStatus.CANCELLED
+        if not JobStatus(job.status).can_become(target):
+            return None
+        previous = job.status
+        job.status = target.value
+        job.finished_at = now
+        error = record.get("error")
+        if target is JobStatus.FAILED:
+            job.error = str(error) if error else "the run failed without giving a reason"
+        elif target is JobStatus.CANCELLED:
+            job.error = "cancelled on request"
+        verdict = record.get("verdict")
+        job.verdict = str(verdict)[:16] if verdict else None
+        epochs_done = record.get("epochs_done")
+        if isinstance(epochs_done, int) and not isinstance(epochs_done, bool):
+            job.epochs_done = epochs_done
+        for name in ("best_val_acc", "final_val_acc", "final_train_loss"):
+            value = _number(record.get(name))
+            if value is not None:
+                setattr(job, name, value)
+        if job.final_val_acc is not None:
+            job.last_val_acc = job.final_val_acc
+        model_path = record.get("model_path")
+        job.model_path = str(model_path) if model_path else None
+        self._add_event(session, job, "status", self._status_data(job, previous, now), now)
+        summary = f"job {target.value}" + (f": {job.error}" if target is JobStatus.FAILED else "")
+        self._add_log(session, job, "error" if target is JobStatus.FAILED else "info", summary, "service", now)
+        return target
+
+    # -- queries --------------------------------------------------------------------------------------------
+
+    def metrics(
+        self, job_id: str, *, since_step: int | None = None, limit: int = 10_000
+    ) -> tuple[list[StepPointRow], list[EpochPointRow]]:
+        """Step points and epoch points with `step > since_step` (all when None), in step order."""
+        steps = select(StepPointRow).where(StepPointRow.job_id == job_id)
+        epochs = select(EpochPointRow).where(EpochPointRow.job_id == job_id)
+        if since_step is not None:
+            steps = steps.where(StepPointRow.step > since_step)
+            epochs = epochs.where(EpochPointRow.step > since_step)
+        with self._read() as session:
+            step_rows = list(session.scalars(steps.order_by(StepPointRow.step, StepPointRow.id).limit(limit)))
+            epoch_rows = list(session.scalars(epochs.order_by(EpochPointRow.epoch, EpochPointRow.id).limit(limit)))
+        return step_rows, epoch_rows
+
+    def layer_steps(self, job_id: str) -> list[int]:
+        """Steps at which layer statistics were recorded, ascending."""
+        with self._read() as session:
+            query = select(LayerStatRow.step).where(LayerStatRow.job_id == job_id).distinct()
+            return list(session.scalars(query.order_by(LayerStatRow.step)))
+
+    def layers_at(self, job_id: str, step: int | None) -> list[LayerStatRow]:
+        """Every layer's statistics at `step` (the latest recorded step when None), in recording order."""
+        with self._read() as session:
+            if step is None:
+                step = session.scalar(select(func.max(LayerStatRow.step)).where(LayerStatRow.job_id == job_id))
+                if step is None:
+                    return []
+            query = select(LayerStatRow).where(LayerStatRow.job_id == job_id, LayerStatRow.step == step)
+            rows = list(session.scalars(query.order_by(LayerStatRow.id)))
+        # A step re-recorded after a worker restart appears twice: keep the latest row of each layer.
+        latest: dict[str, LayerStatRow] = {}
+        for row in rows:
+            latest[row.layer] = row
+        return list(latest.values())
+
+    def layer_names(self, job_id: str) -> list[str]:
+        """Names (module paths) of the layers with recorded statistics, sorted."""
+        with self._read() as session:
+            query = select(LayerStatRow.layer).where(LayerStatRow.job_id == job_id).distinct()
+            return list(session.scalars(query.order_by(LayerStatRow.layer)))
+
+    def layer_history(
+        self, job_id: str, layer: str, *, since_step: int | None = None, limit: int = 10_000
+    ) -> list[LayerStatRow]:
+        """One layer's statistics at every recorded step (after `since_step`), ascending."""
+        query = select(LayerStatRow).where(LayerStatRow.job_id == job_id, LayerStatRow.layer == layer)
+        if since_step is not None:
+            query = query.where(LayerStatRow.step > since_step)
+        with self._read() as session:
+            return list(session.scalars(query.order_by(LayerStatRow.step, LayerStatRow.id).limit(limit)))
+
+    def logs(self, job_id: str, *, after: int = 0, limit: int = 1000) -> list[LogLineRow]:
+        """Log lines with `seq > after`, oldest first."""
+        query = select(LogLineRow).where(LogLineRow.job_id == job_id, LogLineRow.seq > after)
+        with self._read() as session:
+            return list(session.scalars(query.order_by(LogLineRow.seq).limit(limit)))
+
+    def events(self, job_id: str, *, after: int = 0, limit: int = 500) -> list[JobEventRow]:
+        """Events with `seq > after`, in order (the SSE stream's source)."""
+        query = select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after)
+        with self._read() as session:
+            return list(session.scalars(query.order_by(JobEventRow.seq).limit(limit)))
+
+    def last_event_seq(self, job_id: str) -> int:
+        """The newest event id of a job in the database (0 if none)."""
+        with self._read() as session:
+            return session.scalar(select(JobRow.event_seq).where(JobRow.id == job_id)) or 0
+
+
+_HANDLERS = {
+    "step": JobStore._ingest_step,
+    "epoch": JobStore._ingest_epoch,
+    "layers": JobStore._ingest_layers,
+    "log": JobStore._ingest_log,
+    "end": JobStore._ingest_end,
+}
+
+
+def _point_dict(point: Any, model: Any) -> dict[str, Any]:
+    """The public fields of a metric point (its table's columns minus id and job_id)."""
+    return {
+        column.name: getattr(point, column.name)
+        for column in model.__table__.columns
+        if column.name not in ("id", "job_id")
+    }
+
+
+def _make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout and enforced foreign keys."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    database = parsed.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        pool_size=10,
+        max_overflow=20,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    return engine
