@@ -1,0 +1,95 @@
+"""`syncbn serve`: the REST service with an embedded Ray (or a joined cluster) and an SQLite file, no setup.
+
+Every flag mirrors a field of `service.settings.Settings` (`--data-dir` sets `data_dir`, ...): a flag that is
+not given falls back to its `SYNCBN_*` environment variable, then to the default. The flags are generated from
+the settings class, so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+__all__ = ["add_serve_arguments", "run_serve", "settings_from_args"]
+
+logger = logging.getLogger(__name__)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per `Settings` field (boolean fields become switches)."""
+    for name, info in Settings.model_fields.items():
+        help_text = (info.description or "").replace("%", "%%") + f" [env SYNCBN_{name.upper()}]"
+        if info.annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the given flags, the environment and the defaults (in that order of precedence).
+
+    Raises:
+        ValidationError: a flag or environment variable has a bad value, or the bind is insecure.
+    """
+    given: dict[str, Any] = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    return Settings(**given)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error.get("loc", ()))
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        lines.append(f"{_flag(field)}: {message}" if field else message)
+    return "\n".join(lines)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start the service and block until it is stopped (Ctrl-C / SIGTERM). Returns the exit code."""
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        sys.stderr.write(f"syncbn serve: invalid settings:\n{_describe(exc)}\n")
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import ray
+    import uvicorn
+
+    from service.api import create_app
+    from service.engine.cluster import ensure_ray
+
+    embedded = not settings.ray_address and not ray.is_initialized()
+    try:
+        ensure_ray(settings.ray_address, settings.ray_num_cpus)
+    except Exception as exc:
+        where = settings.ray_address or "an embedded local Ray"
+        sys.stderr.write(f"syncbn serve: could not start or join {where}: {type(exc).__name__}: {exc}\n")
+        return 1
+    try:
+        app = create_app(settings)
+        sys.stdout.write(
+            f"syncbn service on http://{settings.host}:{settings.port} (docs at /docs), data in "
+            f"{settings.data_dir.resolve()}\n"
+        )
+        sys.stdout.flush()
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        if embedded:
+            ray.shutdown()
+    return 0
