@@ -48,6 +48,7 @@ class RecordLog:
         self._info: dict[str, Any] = {}
         self._summary: dict[str, Any] | None = None
         self._end: dict[str, Any] | None = None
+        self._controller: Any = None
 
     # ------------------------------------------------------------ writing
 
@@ -78,6 +79,15 @@ class RecordLog:
                     self._best_val_acc = val_acc
             self._append(dict(record))
         return len(self._records)
+
+    def set_controller(self, handle: Any) -> None:
+        """Keep the Ray Train controller's actor handle (for cancelling) until the run ends."""
+        if self._end is None:
+            self._controller = handle
+
+    def controller(self) -> Any:
+        """The Ray Train controller's actor handle, or None before it starts or after the run ended."""
+        return self._controller
 
     def log(self, level: str, message: str) -> int:
         """Append a `log` record; returns its `seq`."""
@@ -110,6 +120,7 @@ class RecordLog:
             "finished_at": time.time(),
         }
         self._append(self._end)
+        self._controller = None  # a borrowed handle would keep the (finished) controller actor alive
         return self._end
 
     def _append(self, record: dict[str, Any]) -> None:

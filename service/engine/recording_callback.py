@@ -2,7 +2,7 @@
 
 Ray Train V2 calls `UserCallback.after_report` in the controller's process with one metrics dict per rank
 (`metrics[i]` from world rank i) each time all workers have called `ray.train.report`. We merge them there
-(`service.engine.reports.records_from_reports`) and push the records to the recorder. The callback holds only the
+(`service.engine.reports.records_from_reports`) and push the records to the recorder. The callbacks hold only the
 recorder's handle: per-job state lives in the recorder actor, which the service reads (the callback object itself
 lives in another process, and `Result.metrics` is None for reports without a checkpoint).
 """
@@ -16,12 +16,13 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 from ray.train import Checkpoint, UserCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from service.engine.reports import records_from_reports
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RecordingCallback", "describe_worker_error"]
+__all__ = ["ControllerHandleCallback", "RecordingCallback", "describe_worker_error"]
 
 _PUSH_TIMEOUT_S = 60.0
 
@@ -71,3 +72,23 @@ class RecordingCallback(UserCallback):
             logger.debug("worker error on rank %d: %s", rank, "".join(traceback.format_exception(error)))
             records.append({"kind": "log", "level": "error", "message": describe_worker_error(rank, error)})
         ray.get(self._recorder.push.remote(records), timeout=_PUSH_TIMEOUT_S)
+
+
+class ControllerHandleCallback(ControllerCallback):
+    """Hands the Ray Train controller's actor handle to the recorder as soon as the controller starts.
+
+    Cancelling a run then calls the controller's own `abort()`, the path Ray Train takes on Ctrl-C: it tears the
+    worker group down and removes its placement group. Killing the controller instead would leave the placement
+    group reserved until the launching process exits (Ray ties it to the creating job, and Ray Train's own
+    cleaner needs the dashboard's state API, which an embedded Ray without dashboard lacks).
+
+    `ControllerCallback` is Ray Train's internal controller hook; `RunConfig(callbacks=...)` passes such callbacks
+    through to the controller as they are (Ray 2.50-2.60).
+    """
+
+    def __init__(self, recorder: ActorHandle) -> None:
+        self._recorder = recorder
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        handle = ray.get_runtime_context().current_actor
+        ray.get(self._recorder.set_controller.remote(handle), timeout=_PUSH_TIMEOUT_S)

@@ -8,8 +8,8 @@ Each run consists of two detached, named Ray actors in namespace `syncbn` (neith
 - `syncbn-recorder-{job_id}` (`RecordLog`): the records, filled by the controller's `RecordingCallback`.
 
 Both being detached, a service restart does not stop the run: `attach_run(job_id)` finds it again by name.
-Cancelling kills the driver; Ray then kills what the driver owns (the controller, which owns the worker group and
-its placement group), so the run's CPUs and GPUs come back.
+Cancelling asks the Ray Train controller to abort (its worker group and placement group go away, so the run's CPUs
+and GPUs come back), then kills the driver.
 
 Usage::
 
@@ -25,6 +25,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -94,7 +95,7 @@ class JobDriver:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from service.engine.data import load_data
-        from service.engine.recording_callback import RecordingCallback
+        from service.engine.recording_callback import ControllerHandleCallback, RecordingCallback
         from service.engine.train_loop import train_loop_per_worker
         from service.spec import CONV_MODELS
 
@@ -137,7 +138,7 @@ class JobDriver:
                 storage_path=str(self.output_dir / "ray"),
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                callbacks=[RecordingCallback(self.recorder)],
+                callbacks=[RecordingCallback(self.recorder), ControllerHandleCallback(self.recorder)],
                 # Ray Train logs every report at INFO (with its metrics: whole layer statistics); ours go to
                 # the recorder instead.
                 logging_config=LoggingConfig(log_level="WARNING"),
@@ -212,17 +213,25 @@ class JobRun:
     def cancel(self, timeout: float = 30.0) -> None:
         """Stop the run and free its workers; an `end` record with status "cancelled" follows.
 
-        Kills the driver actor. Ray then kills what it owns: the Ray Train controller, and with it the worker
-        group and its placement group. Returns once the driver is gone (or after `timeout` seconds). A run that
-        already ended is left as it is.
+        Asks the Ray Train controller to abort (as Ctrl-C on `fit()` does: the worker group and its placement
+        group go away), then kills the driver actor. Returns once the driver is gone (or after `timeout` seconds).
+        A run that already ended is left as it is.
         """
-        if ray.get(self._recorder.done.remote(), timeout=_RPC_TIMEOUT_S):
+        recorder = self._recorder
+        if ray.get(recorder.done.remote(), timeout=_RPC_TIMEOUT_S):
             return
+        controller = ray.get(recorder.controller.remote(), timeout=_RPC_TIMEOUT_S)
+        ray.get(recorder.log.remote("info", "cancel requested: stopping the workers"), timeout=_RPC_TIMEOUT_S)
+        # The end record comes first, so the driver's view of the aborted fit() ("failed") cannot replace it.
+        ray.get(recorder.finish.remote("cancelled"), timeout=_RPC_TIMEOUT_S)
+        if controller is not None:
+            # abort() ends by exiting the controller actor, so its reply is an actor error; a controller that is
+            # already dead has nothing left to stop.
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.get(controller.abort.remote(), timeout=timeout)
         driver = self._driver()
-        ray.get(self._recorder.log.remote("info", "cancel requested: stopping the workers"), timeout=_RPC_TIMEOUT_S)
         if driver is not None:
             ray.kill(driver, no_restart=True)
-        ray.get(self._recorder.finish.remote("cancelled"), timeout=_RPC_TIMEOUT_S)
         deadline = time.monotonic() + timeout
         while self._driver() is not None and time.monotonic() < deadline:
             time.sleep(0.2)
