@@ -62,7 +62,9 @@ class RecordingCallback(UserCallback):
             logger.exception("could not merge a report round")
             records = [{"kind": "log", "level": "error", "message": f"could not merge a report round: {exc!r}"}]
         if checkpoint is not None:
-            records.append({"kind": "log", "level": "info", "message": f"checkpoint saved: {checkpoint.path}"})
+            epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
+            after = f" after epoch {epochs[0]}" if epochs else ""
+            records.append({"kind": "log", "level": "debug", "message": f"checkpoint{after} saved: {checkpoint.path}"})
         # Waiting here keeps the order: records reach the recorder before the driver writes the end record.
         ray.get(self._recorder.push.remote(records), timeout=_PUSH_TIMEOUT_S)
 

@@ -1,0 +1,52 @@
+"""The `syncbn` command line: one sub-command per module.
+
+- `syncbn train SPEC`: run one job on an embedded Ray (or `RAY_ADDRESS`), with a progress bar (`service.train`);
+- `syncbn serve`: the REST service (`service.serve`);
+- `syncbn submit SPEC`: send a job to a running service (`service.submit`).
+
+Each sub-command lives in its own module exposing `add_<name>_arguments(parser)` and `run_<name>(args) -> int`;
+adding one is one line in `_COMMANDS`. Each module keeps its heavy imports (Ray, torch, uvicorn) inside
+`run_<name>`, so `syncbn --help` stays fast and a command pays only for what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+#: (command, module, one-line help)
+_COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("train", "service.train", "Run one training job on an embedded Ray (or RAY_ADDRESS) and save its results."),
+    ("serve", "service.serve", "Start the REST service (FastAPI + embedded Ray + SQLite by default)."),
+    ("submit", "service.submit", "Submit a job spec to a running service, optionally following it live."),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `syncbn` parser with one sub-parser per command."""
+    parser = argparse.ArgumentParser(
+        prog="syncbn",
+        description="Exact synchronized BatchNorm: train on Ray, serve and inspect training jobs.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name, help_text in _COMMANDS:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        getattr(module, f"add_{name}_arguments")(sub)
+        sub.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `syncbn` script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(getattr(module, f"run_{args.command}")(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

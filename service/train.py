@@ -1,0 +1,193 @@
+"""`syncbn train SPEC`: run one job from a spec file, show its progress, save its metrics and model.
+
+Ray: an embedded local Ray by default; `--address` or `RAY_ADDRESS` joins an existing cluster instead. The embedded
+Ray gets at least as many logical CPUs as the job reserves (`workers x cpus_per_worker`), so a 4-worker job runs
+on a 2-core laptop (oversubscribed, and said so) rather than waiting forever.
+
+Output folder (default `runs/<job id>`):
+  - `metrics.jsonl`: every record of the run (step, epoch, layers, log, end), one JSON object per line;
+  - `model.pt`: the final model, a plain `nn.BatchNorm*d` state dict;
+  - `spec.json`: the validated spec; `summary.json`: the end record plus the wall time.
+
+Exit code: 0 succeeded, 1 failed (including diverged), 2 bad spec or arguments, 130 cancelled (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from service.spec import JobSpec, load_spec_file
+
+__all__ = ["add_train_arguments", "run_train"]
+
+_POLL_S = 0.25
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `syncbn train`."""
+    parser.add_argument("spec", type=Path, help="Job spec file (.json, .yaml or .yml).")
+    parser.add_argument("--output", type=Path, default=None, help="Output folder (default: runs/<job id>).")
+    parser.add_argument("--json", action="store_true", help="No progress bar; print the summary as one JSON object.")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=os.environ.get("SYNCBN_NPZ_ROOT"),
+        help="Folder that npz dataset paths are relative to [env SYNCBN_NPZ_ROOT].",
+    )
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join instead of starting an embedded one [env RAY_ADDRESS].",
+    )
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="Logical CPUs of the embedded Ray (default: enough for the job)."
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run the job of `args.spec` to its end; returns the exit code."""
+    started = time.perf_counter()
+    try:
+        spec = load_spec_file(args.spec)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
+        return 2
+    job_id = f"train-{uuid.uuid4().hex[:10]}"
+    output = (args.output or Path("runs") / job_id).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+    import ray
+
+    from service.engine.cluster import ensure_ray
+    from service.engine.runner import launch_run
+
+    embedded = not args.address and not ray.is_initialized()
+    num_cpus = args.num_cpus
+    if embedded and num_cpus is None:
+        num_cpus = max(os.cpu_count() or 1, math.ceil(spec.resources()["CPU"]))
+    if embedded and num_cpus is not None and num_cpus > (os.cpu_count() or 1):
+        sys.stderr.write(
+            f"syncbn train: the job reserves {spec.resources()['CPU']:g} CPUs and this machine has "
+            f"{os.cpu_count()} cores: Ray counts {num_cpus} logical CPUs (workers share cores).\n"
+        )
+    ensure_ray(args.address, num_cpus, log_to_driver=False)
+    try:
+        run = launch_run(spec, job_id, output, data_root=args.data_root)
+        end = _follow(run, spec, output / "metrics.jsonl", quiet=args.json)
+        run.close()
+    finally:
+        if embedded:
+            ray.shutdown()
+    summary = {"job_id": job_id, **end, "wall_time_s": time.perf_counter() - started, "output_dir": str(output)}
+    summary.pop("kind", None)
+    summary.pop("seq", None)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        _print_summary(summary, spec)
+    return {"succeeded": 0, "cancelled": 130}.get(end["status"], 1)
+
+
+def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[str, Any]:
+    """Write every record to `metrics_path` and drive the progress bar until the `end` record; Ctrl-C cancels."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=quiet, quiet=quiet)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("val acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    task = progress.add_task("starting workers", total=None, loss="-", acc="-")
+    seq = 0
+    end: dict[str, Any] | None = None
+    with metrics_path.open("a", encoding="utf-8") as sink, progress:
+        while end is None:
+            try:
+                records = run.poll(seq)
+                for record in records:
+                    seq = record["seq"]
+                    sink.write(json.dumps(record) + "\n")
+                    end = _show(record, progress, task, run, spec) or end
+                sink.flush()
+                if end is None and not records:
+                    if run.done():
+                        continue  # the end record is there now (or was written for a vanished driver)
+                    time.sleep(_POLL_S)
+            except KeyboardInterrupt:
+                console.print("[yellow]interrupted: cancelling the run")
+                run.cancel()
+    return end
+
+
+def _show(record: dict[str, Any], progress: Any, task: Any, run: Any, spec: JobSpec) -> dict[str, Any] | None:
+    """Reflect one record in the progress bar; returns the record when it is the `end` record."""
+    kind = record["kind"]
+    if kind == "step":
+        if progress.tasks[task].total is None:
+            total = run.info().get("total_steps")
+            progress.update(task, total=total)
+        progress.update(
+            task,
+            completed=record["step"],
+            description=f"epoch {record['epoch']}/{spec.epochs}",
+            loss=f"{record['train_loss']:.4f}",
+        )
+    elif kind == "epoch":
+        progress.update(
+            task,
+            completed=record["step"],
+            description=f"epoch {record['epoch']}/{spec.epochs}",
+            acc=f"{record['val_acc']:.4f}",
+        )
+    elif kind == "log" and record["level"] != "debug":  # debug: checkpoint paths, kept in metrics.jsonl
+        style = {"error": "red", "warning": "yellow"}.get(record["level"], "dim")
+        progress.console.print(f"[{style}]{record['message']}", markup=True, highlight=False)
+    elif kind == "end":
+        return record
+    return None
+
+
+def _print_summary(summary: dict[str, Any], spec: JobSpec) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    table = Table(title=f"syncbn train: {spec.name or summary['job_id']}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    status_style = {"succeeded": "green", "cancelled": "yellow"}.get(summary["status"], "red")
+    table.add_row("status", f"[{status_style}]{summary['status']}")
+    table.add_row("verdict", str(summary.get("verdict")))
+    if summary.get("error"):
+        table.add_row("error", str(summary["error"]))
+    table.add_row(
+        "model / data", f"{spec.model} on {spec.dataset.kind}, {spec.workers} workers, sync_bn={spec.sync_bn}"
+    )
+    table.add_row("epochs done", f"{summary.get('epochs_done')}/{spec.epochs}")
+    table.add_row("best val acc", pct(summary.get("best_val_acc")))
+    table.add_row("final val acc", pct(summary.get("final_val_acc")))
+    loss = summary.get("final_train_loss")
+    table.add_row("final train loss", "-" if loss is None else f"{loss:.4f}")
+    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    table.add_row("model", str(summary.get("model_path") or "-"))
+    table.add_row("metrics", str(Path(summary["output_dir"]) / "metrics.jsonl"))
+    Console().print(table)
