@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from service.api.body_limit import BodySizeLimitMiddleware
 from service.api.deps import require_token
 from service.api.errors import register_error_handlers
 from service.api.prometheus import RequestMetricsMiddleware, ServiceMetrics
@@ -64,16 +65,16 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Distributed training with exact synchronized BatchNorm, as a service.",
         description=DESCRIPTION,
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     register_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     secured = [Depends(require_token)]
     app.include_router(health.router)
     app.include_router(prometheus.router, dependencies=secured)
     for resource in (jobs, job_metrics, layers, logs, events, cluster):
-        app.include_router(resource.router, prefix="/v1", dependencies=secured)
+        app.include_router(resource.router, dependencies=secured)
     return app

@@ -67,11 +67,14 @@ def describe_validation_error(error: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return f"{field} is not a known field: remove it (the known fields are listed at /docs)."
     if kind in ("model_attributes_type", "dict_type", "model_type") and loc == ("body",):
-        return "the request body must be a JSON object with the job spec's fields (see /docs)."
+        return (
+            "the request body must be a JSON object with the job spec's fields, sent with "
+            "Content-Type: application/json (see /docs)."
+        )
     if kind == "value_error":
         # Our validators already write whole sentences that name the field.
         text = message.removeprefix("Value error, ")
-        return text if loc in ((), ("body",)) else f"{field}: {text}"
+        return text if loc in ((), ("body",)) or field in text else f"{field}: {text}"
     shown = _shown_input(error.get("input"))
     got = f" (got {shown})" if shown is not None and kind != "missing" else ""
     sentence = f"{field}: {message[:1].lower() + message[1:]}{got}"
@@ -81,7 +84,7 @@ def describe_validation_error(error: dict[str, Any]) -> str:
 def _error_list(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
-            "field": _field_name(tuple(e.get("loc", ()))),
+            "field": "the body" if e.get("type") == "json_invalid" else _field_name(tuple(e.get("loc", ()))),
             "loc": [str(part) for part in e.get("loc", ())],
             "type": e.get("type"),
             "message": describe_validation_error(e),

@@ -12,7 +12,7 @@ from service.jobs.status import JobStatus
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["cluster"])
+router = APIRouter(prefix="/v1", tags=["cluster"])
 
 
 @router.get("/cluster", response_model=ClusterPublic, summary="Read the cluster's capacity", responses=errors(401))

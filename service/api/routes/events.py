@@ -31,7 +31,7 @@ from service.jobs.status import JobStatus
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["events"])
+router = APIRouter(prefix="/v1", tags=["events"])
 
 #: Events read from the database per query.
 BATCH = 500

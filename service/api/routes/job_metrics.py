@@ -12,7 +12,7 @@ from service.api.routes.responses import errors
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(prefix="/v1", tags=["metrics"])
 
 
 @router.get(

@@ -23,7 +23,7 @@ from service.store.models import JobRow
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"])
 
 IdempotencyKey = Annotated[
     str | None,

@@ -12,7 +12,7 @@ from service.api.routes.responses import errors
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["layers"])
+router = APIRouter(prefix="/v1", tags=["layers"])
 
 Channels = Annotated[
     bool,

@@ -12,7 +12,7 @@ from service.api.routes.responses import errors
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["logs"])
+router = APIRouter(prefix="/v1", tags=["logs"])
 
 
 @router.get(
