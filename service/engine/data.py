@@ -131,6 +131,10 @@ def _npz(
     path: Path, val_fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Read and check a user's npz file: `x`/`y`, optionally `x_val`/`y_val`."""
+    if not zipfile.is_zipfile(path):  # np.load would otherwise try the file as a (refused) pickle or .npy
+        raise ValueError(
+            f"dataset.path {path.name!r} is not a readable .npz file (not a zip archive): save it with np.savez."
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}

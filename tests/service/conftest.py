@@ -1,0 +1,30 @@
+"""Shared fixtures of the service tests: one real local Ray for the whole session.
+
+`ray_cluster` starts an embedded Ray (`address="local"`, 4 logical CPUs, no dashboard) the first time a test asks
+for it and shuts it down at the end of the session. Engine tests (training runs) and REST tests (a live server)
+share it, so Ray starts once per session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+#: Logical CPUs of the test cluster: enough for two 2-worker jobs, or one 4-worker job at 1 CPU each.
+RAY_TEST_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[dict[str, Any]]:
+    """A real local Ray with 4 logical CPUs for the whole session; yields `cluster_capacity()`."""
+    import ray
+
+    from service.engine.cluster import cluster_capacity, ensure_ray
+
+    started_here = not ray.is_initialized()
+    ensure_ray(None, num_cpus=RAY_TEST_CPUS, log_to_driver=False)
+    yield cluster_capacity()
+    if started_here:
+        ray.shutdown()
