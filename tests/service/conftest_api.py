@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import uvicorn
 
 from service.api import create_app
@@ -34,21 +33,12 @@ __all__ = [
     "ServeProcess",
     "free_port",
     "postgres_database",
-    "ray_cluster",
     "read_events",
     "tiny_spec",
     "wait_for",
 ]
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> None:
-    """A real local Ray with 4 logical CPUs for the whole session (reused if already running)."""
-    from service.engine.cluster import ensure_ray
-
-    ensure_ray(None, num_cpus=4)
 
 
 def free_port() -> int:

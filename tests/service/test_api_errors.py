@@ -17,16 +17,14 @@ import numpy as np
 import pytest
 
 from service.settings import Settings
-from tests.service.conftest_api import LiveServer, postgres_database, ray_cluster, read_events, tiny_spec
+from tests.service.conftest_api import LiveServer, postgres_database, read_events, tiny_spec
 
 pytestmark = pytest.mark.timeout(120)
-
-__all__ = ["ray_cluster"]  # the session fixture, imported from conftest_api
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def server(
-    request: pytest.FixtureRequest, ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     data_dir = tmp_path_factory.mktemp(f"errors-{request.param}")
     npz_root = data_dir / "npz"
