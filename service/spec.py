@@ -149,9 +149,7 @@ class EarlyStopSpec(_Strict):
     @model_validator(mode="after")
     def _check_has_criterion(self) -> EarlyStopSpec:
         if self.target_val_acc is None and self.patience is None:
-            raise ValueError(
-                "early_stop needs target_val_acc and/or patience: set one of them, or remove early_stop."
-            )
+            raise ValueError("early_stop needs target_val_acc and/or patience: set one of them, or remove early_stop.")
         return self
 
 
@@ -164,9 +162,7 @@ class DatasetSpec(_Strict):
       labels, optionally `x_val`/`y_val` (otherwise `val_fraction` of `x` is held out).
     """
 
-    kind: Literal["digits", "synthetic", "npz"] = Field(
-        "digits", description="Data source: digits, synthetic or npz."
-    )
+    kind: Literal["digits", "synthetic", "npz"] = Field("digits", description="Data source: digits, synthetic or npz.")
     val_fraction: float = Field(
         0.2,
         ge=0.05,
@@ -214,8 +210,7 @@ class DatasetSpec(_Strict):
                 )
             if any(not 1 <= d <= 4096 for d in self.input_shape):
                 raise ValueError(
-                    f"dataset.input_shape entries must lie in 1-4096 (got {self.input_shape}): "
-                    "use smaller sizes."
+                    f"dataset.input_shape entries must lie in 1-4096 (got {self.input_shape}): use smaller sizes."
                 )
         if self.kind == "npz":
             if self.path is None:
@@ -250,9 +245,7 @@ class DatasetSpec(_Strict):
 def _check_relative_path(path: str) -> None:
     """Refuse absolute paths, `..` components and odd characters in a user-supplied data path."""
     if not path or path.strip() != path:
-        raise ValueError(
-            f"dataset.path must be a non-empty relative path without surrounding spaces (got {path!r})."
-        )
+        raise ValueError(f"dataset.path must be a non-empty relative path without surrounding spaces (got {path!r}).")
     if "\\" in path or "\x00" in path:
         raise ValueError(f"dataset.path must use '/' separators and no NUL bytes (got {path!r}).")
     pure = PurePosixPath(path)
@@ -291,9 +284,7 @@ def resolve_npz_path(path: str, data_root: Path | str) -> Path:
             "place the file itself under the data root."
         )
     if not resolved.is_file():
-        raise ValueError(
-            f"dataset.path {path!r} does not exist under the data root {root}: upload it there first."
-        )
+        raise ValueError(f"dataset.path {path!r} does not exist under the data root {root}: upload it there first.")
     return resolved
 
 
@@ -342,16 +333,13 @@ class JobSpec(_Strict):
     )
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="Data source and validation split.")
     workers: int = Field(2, ge=1, le=512, description="Number of Ray Train workers (data-parallel ranks).")
-    use_gpu: bool = Field(
-        False, description="One GPU per worker, NCCL backend; false: CPU workers with gloo."
-    )
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; false: CPU workers with gloo.")
     cpus_per_worker: float = Field(
         1.0,
         gt=0.0,
         le=256.0,
         multiple_of=0.25,
-        description="Logical CPUs reserved per worker (multiple of 0.25); torch uses max(1, floor(value)) "
-        "threads.",
+        description="Logical CPUs reserved per worker (multiple of 0.25); torch uses max(1, floor(value)) threads.",
     )
     epochs: int = Field(5, ge=1, le=10_000, description="Number of passes over the training data.")
     batch_size: int = Field(
@@ -367,9 +355,7 @@ class JobSpec(_Strict):
         description="Cap on steps per epoch (smoke tests, quick looks); null: one full pass over the data.",
     )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and its settings.")
-    lr_schedule: LrScheduleSpec = Field(
-        default_factory=LrScheduleSpec, description="Learning-rate warm-up and decay."
-    )
+    lr_schedule: LrScheduleSpec = Field(default_factory=LrScheduleSpec, description="Learning-rate warm-up and decay.")
     sync_bn: bool = Field(
         True,
         description="true: syncbn.SyncBatchNorm (batch statistics over all ranks); false: local "
@@ -382,9 +368,7 @@ class JobSpec(_Strict):
         description="Synchronise BatchNorm within groups of this many consecutive ranks instead of all ranks "
         "(must divide workers; needs sync_bn).",
     )
-    seed: int = Field(
-        0, ge=0, le=2**31 - 1, description="Seed for weights, data split, shuffling and synthetic data."
-    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for weights, data split, shuffling and synthetic data.")
     stats_every: int = Field(
         10,
         ge=1,
@@ -399,8 +383,7 @@ class JobSpec(_Strict):
         0,
         ge=0,
         le=100,
-        description="Worker-group failures tolerated; each one restarts the workers from the last "
-        "checkpoint.",
+        description="Worker-group failures tolerated; each one restarts the workers from the last checkpoint.",
     )
     checkpoint_every: int = Field(
         1,
@@ -474,7 +457,5 @@ def load_spec_file(path: Path | str) -> JobSpec:
     else:
         raise ValueError(f"spec file must end in .json, .yaml or .yml (got {path.name!r}).")
     if not isinstance(data, dict):
-        raise ValueError(
-            f"spec file {path.name!r} must hold a mapping of fields (got {type(data).__name__})."
-        )
+        raise ValueError(f"spec file {path.name!r} must hold a mapping of fields (got {type(data).__name__}).")
     return JobSpec.model_validate(data)
