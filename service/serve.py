@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -54,6 +55,11 @@ def _describe(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _stopped(signum: int, _frame: object) -> None:
+    """Handler left in place after uvicorn's graceful shutdown: the stop already happened."""
+    logger.info("stopped by signal %d", signum)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start the service and block until it is stopped (Ctrl-C / SIGTERM). Returns the exit code."""
     try:
@@ -70,7 +76,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     embedded = not settings.ray_address and not ray.is_initialized()
     try:
-        ensure_ray(settings.ray_address, settings.ray_num_cpus)
+        # Worker output is not forwarded: it would flood the service's log with Ray Train's per-report lines,
+        # and what matters (progress, worker errors with their rank) reaches the job's records and log anyway.
+        ensure_ray(settings.ray_address, settings.ray_num_cpus, log_to_driver=False)
     except Exception as exc:
         where = settings.ray_address or "an embedded local Ray"
         sys.stderr.write(f"syncbn serve: could not start or join {where}: {type(exc).__name__}: {exc}\n")
@@ -82,6 +90,10 @@ def run_serve(args: argparse.Namespace) -> int:
             f"{settings.data_dir.resolve()}\n"
         )
         sys.stdout.flush()
+        # uvicorn handles SIGINT/SIGTERM with a graceful shutdown, then re-raises the signal to the handler that
+        # was installed before it (Ray's driver handler exits with status 15). A stop on request is a success.
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop_signal, _stopped)
         uvicorn.run(
             app,
             host=settings.host,

@@ -195,7 +195,8 @@ class ServeProcess:
         return httpx.Client(base_url=self.url, timeout=60.0)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def kill(self) -> None:
@@ -216,6 +217,10 @@ class ServeProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self._log.close()
         return code
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.process.returncode
 
 
 @contextlib.contextmanager
