@@ -7,10 +7,13 @@ the manager holds nothing that a restart could not rebuild from the database and
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,6 +224,30 @@ class JobManager:
         return max(1, int(float(self.cluster_capacity().get("cpus", 1.0))))
 
     # -- requests from the API ------------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[JobRow, bool]:
+        """Queue a job, or return the one created earlier with the same `idempotency_key` and spec.
+
+        Returns:
+            (job, created): `created` is False when an earlier job was returned for the key.
+
+        Raises:
+            JobCannotFitError: the spec can never run on this cluster (checked only for new jobs).
+            IdempotencyKeyReusedError: the key was used before with a different spec.
+        """
+        spec_json = spec.model_dump(mode="json")
+        request_hash = hashlib.sha256(json.dumps(spec_json, sort_keys=True).encode()).hexdigest()
+        if idempotency_key is not None:
+            earlier = self.store.job_for_idempotency_key(idempotency_key, request_hash)
+            if earlier is not None:
+                return earlier, False
+        self.submit_check(spec)
+        job, created = self.store.create_job(
+            uuid.uuid4().hex, spec_json, idempotency_key=idempotency_key, request_hash=request_hash
+        )
+        if created:
+            self.wake()
+        return job, created
 
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a queued job at once, or start stopping a running one.

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
-import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
@@ -62,7 +59,6 @@ def submit_job(
     body: JobCreate,
     response: Response,
     manager: ManagerDep,
-    store: StoreDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Queue a job. It starts when a slot and its CPUs/GPUs are free; jobs start in submission order.
@@ -70,21 +66,8 @@ def submit_job(
     A spec that can never fit the cluster (more workers, CPUs or GPUs than it has) is refused with 422.
     """
     spec = JobSpec.model_validate(body.model_dump())
-    spec_json = spec.model_dump(mode="json")
-    request_hash = hashlib.sha256(json.dumps(spec_json, sort_keys=True).encode()).hexdigest()
-    if idempotency_key is not None:
-        earlier = store.job_for_idempotency_key(idempotency_key, request_hash)
-        if earlier is not None:
-            response.status_code = status.HTTP_200_OK
-            response.headers["Idempotent-Replayed"] = "true"
-            return job_public(earlier, manager, _position(earlier, manager))
-    manager.submit_check(spec)
-    job, created = store.create_job(
-        uuid.uuid4().hex, spec_json, idempotency_key=idempotency_key, request_hash=request_hash
-    )
-    if created:
-        manager.wake()
-    else:
+    job, created = manager.submit(spec, idempotency_key=idempotency_key)
+    if not created:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
