@@ -27,6 +27,9 @@ __all__ = ["describe_validation_error", "register_error_handlers"]
 
 logger = logging.getLogger(__name__)
 
+#: FastAPI's detail for a body it could not decode at all.
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
 _PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "cookie": "cookie"}
 
 
@@ -127,6 +130,12 @@ def _http_detail(request: Request, exc: StarletteHTTPException) -> str:
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == status.HTTP_400_BAD_REQUEST and exc.detail == _UNPARSABLE_BODY:
+        # FastAPI's answer to a body that is not UTF-8 JSON at all: a malformed body, like bad JSON, is a 422.
+        return JSONResponse(
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+            content={"detail": "the request body is not UTF-8 JSON: send the job spec as a JSON object."},
+        )
     return JSONResponse(
         status_code=exc.status_code, content={"detail": _http_detail(request, exc)}, headers=exc.headers
     )

@@ -47,7 +47,7 @@ RETRY_MS = 2000
     "/jobs/{job_id}/events",
     response_class=EventSourceResponse,
     summary="Follow a job live (Server-Sent Events)",
-    responses=errors(401, 404, 422),
+    responses=errors(401, 404, 422, non_json_route=True),
 )
 async def stream_events(
     job: JobDep,

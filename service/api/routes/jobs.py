@@ -145,7 +145,7 @@ def delete_job(job: JobDep, manager: ManagerDep) -> Response:
             "description": "The final state dict (torch.save), with plain BatchNorm layers.",
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
-        **errors(401, 404, 409),
+        **errors(401, 404, 409, non_json_route=True),
     },
 )
 def download_model(job: JobDep, manager: ManagerDep) -> FileResponse:

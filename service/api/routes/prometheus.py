@@ -18,7 +18,7 @@ router = APIRouter(tags=["monitoring"])
     summary="Prometheus metrics",
     responses={
         200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}},
-        **errors(401),
+        **errors(401, non_json_route=True),
     },
 )
 def prometheus_metrics(request: Request) -> Response:

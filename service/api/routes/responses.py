@@ -1,4 +1,4 @@
-"""The error answers each route documents in OpenAPI (all share the `ErrorPublic` body)."""
+"""The error answers each route documents in OpenAPI (all share the `ErrorPublic` JSON body)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,16 @@ _DESCRIPTIONS = {
 }
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` entries for these status codes, each with the `ErrorPublic` body."""
-    return {code: {"model": ErrorPublic, "description": _DESCRIPTIONS[code]} for code in codes}
+def errors(*codes: int, non_json_route: bool = False) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for these status codes, each with the `ErrorPublic` body.
+
+    FastAPI documents a `model` under the route's own media type; routes that answer something else on
+    success (an event stream, a file, Prometheus text) set `non_json_route` so errors stay `application/json`.
+    """
+    if not non_json_route:
+        return {code: {"model": ErrorPublic, "description": _DESCRIPTIONS[code]} for code in codes}
+    schema = {"$ref": "#/components/schemas/ErrorPublic"}
+    return {
+        code: {"description": _DESCRIPTIONS[code], "content": {"application/json": {"schema": schema}}}
+        for code in codes
+    }
