@@ -26,11 +26,14 @@ __all__ = [
     "LrScheduleSpec",
     "ModelName",
     "OptimizerSpec",
+    "PlacementStrategy",
     "load_spec_file",
     "resolve_npz_path",
 ]
 
 ModelName = Literal["resnet18", "small_resnet", "cnn", "mlp"]
+#: Ray placement-group strategies for the workers (ScalingConfig.placement_strategy).
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD"]
 #: Models made of 2-D convolutions: they need image-shaped inputs (channels, height, width).
 CONV_MODELS: frozenset[str] = frozenset({"resnet18", "small_resnet", "cnn"})
 
@@ -334,6 +337,12 @@ class JobSpec(_Strict):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="Data source and validation split.")
     workers: int = Field(2, ge=1, le=512, description="Number of Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; false: CPU workers with gloo.")
+    placement_strategy: PlacementStrategy = Field(
+        "PACK",
+        description="How Ray places the workers on the cluster's nodes: PACK (as few nodes as possible), SPREAD "
+        "(over as many nodes as possible, best effort) or STRICT_SPREAD (every worker on a different node; needs "
+        "at least `workers` nodes).",
+    )
     cpus_per_worker: float = Field(
         1.0,
         gt=0.0,

@@ -131,6 +131,7 @@ class JobDriver:
             scaling_config=ScalingConfig(
                 num_workers=spec.workers,
                 use_gpu=spec.use_gpu,
+                placement_strategy=spec.placement_strategy,
                 resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
             ),
             run_config=RunConfig(
