@@ -181,8 +181,9 @@ class JobManager:
         """Refuse a spec that could never run here (`fresh`: read the cluster now, not a cached reading).
 
         Raises:
-            JobCannotFitError: more CPUs/GPUs in total, or per worker, than the cluster has; or an npz path
-                that escapes the data root or does not exist.
+            JobCannotFitError: more CPUs/GPUs in total, or per worker, than the cluster has; fewer nodes able
+                to host a worker than `workers` under STRICT_SPREAD; or an npz path that escapes the data root
+                or does not exist.
         """
         if spec.dataset.kind == "npz" and spec.dataset.path is not None:
             try:
@@ -216,6 +217,18 @@ class JobManager:
             )
         if spec.use_gpu and node_gpus < 1:
             raise JobCannotFitError(f"use_gpu=true needs a node with a GPU but {has}: set use_gpu to false.")
+        if spec.placement_strategy == "STRICT_SPREAD":
+            hosts = [
+                n
+                for n in nodes
+                if float(n.get("cpus", 0.0)) + 1e-9 >= spec.cpus_per_worker
+                and (not spec.use_gpu or float(n.get("gpus", 0.0)) >= 1)
+            ]
+            if len(hosts) < spec.workers:
+                raise JobCannotFitError(
+                    f"placement_strategy STRICT_SPREAD puts each of the {spec.workers} workers on its own node, but "
+                    f"only {len(hosts)} node(s) can host one ({has}): lower workers or use SPREAD or PACK."
+                )
 
     def concurrency_limit(self) -> int:
         """How many jobs may run at once: the setting, or the cluster's CPU count (at least 1)."""
