@@ -46,10 +46,9 @@ class _JobsCollector(Collector):
         yield jobs
         yield GaugeMetricFamily("syncbn_queue_length", "Jobs waiting to start.", value=counts[JobStatus.QUEUED])
         yield GaugeMetricFamily("syncbn_running_jobs", "Runs being followed.", value=manager.running_count())
-        if manager.settings.max_concurrent_jobs is not None:
-            yield GaugeMetricFamily(
-                "syncbn_max_concurrent_jobs", "Jobs allowed to run at once.", value=manager.concurrency_limit()
-            )
+        yield GaugeMetricFamily(
+            "syncbn_max_concurrent_jobs", "Jobs allowed to run at once.", value=manager.concurrency_limit()
+        )
         yield CounterMetricFamily("syncbn_records_ingested", "Run records stored.", value=manager.records_ingested)
         yield CounterMetricFamily(
             "syncbn_scheduler_errors", "Failed scheduler passes (each retried).", value=manager.loop_errors

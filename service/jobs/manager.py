@@ -157,9 +157,13 @@ class JobManager:
                     level="error",
                 )
                 continue
+            try:
+                need = Admission.of(JobSpec.model_validate(job.spec))
+            except ValueError:
+                need = Admission(cpus=0.0, gpus=0.0)  # a spec this version no longer reads: follow it anyway
             with self._lock:
                 self._runs[job.id] = run
-                self._reserved[job.id] = Admission.of(JobSpec.model_validate(job.spec))
+                self._reserved[job.id] = need
             self.store.add_log(job.id, "info", "service restarted; re-attached to the surviving run")
             logger.info("re-attached job %s", job.id)
             if job.cancel_requested:
@@ -419,6 +423,7 @@ class JobManager:
                     level="error",
                 )
                 self._forget(job_id)
+                self._cancel_run(job_id, run)  # best effort: do not leave workers training for nobody
             return
         self._poll_failures.pop(job_id, None)
         if ended is not None:

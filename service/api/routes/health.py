@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import ray
 from fastapi import APIRouter, Response, status
@@ -32,9 +33,10 @@ def _ray_check() -> None:
         raise RuntimeError("the Ray cluster reports no resources")
 
 
-async def _check(function, *args) -> str:
+async def _check(function: Callable[[], object]) -> str:
+    """'ok', or why `function` raised or did not return within CHECK_TIMEOUT_S (it runs in a worker thread)."""
     try:
-        await asyncio.wait_for(run_in_threadpool(function, *args), CHECK_TIMEOUT_S)
+        await asyncio.wait_for(run_in_threadpool(function), CHECK_TIMEOUT_S)
     except TimeoutError:
         return f"no answer within {CHECK_TIMEOUT_S:g} s"
     except Exception as exc:
