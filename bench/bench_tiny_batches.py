@@ -5,11 +5,12 @@ BatchNorm each rank normalises a single sample by its own statistics (and trains
 samples); with syncbn every layer sees the 4-sample global batch. The script prints, per seed and variant, the final
 validation accuracy and loss, the final training loss, the training time (sum of epoch times) and the wall time
 (launch to end record, including the worker group's start-up), then the means and the time ratio. It writes the
-raw numbers to JSON and, when matplotlib is installed, the curves (training loss per step, validation accuracy per
-epoch) to a PNG.
+raw numbers to JSON and, when matplotlib is installed, the curves (training loss per step, validation loss and
+accuracy per epoch) to a PNG.
 
     .venv/bin/python bench/bench_tiny_batches.py                   # seeds 0 1 2
     .venv/bin/python bench/bench_tiny_batches.py --seeds 0 --model cnn
+    .venv/bin/python bench/bench_tiny_batches.py --replot          # redraw bench/results/tiny_batches.png
 
 The embedded Ray gets as many logical CPUs as workers (the machine may have fewer cores: workers then share them,
 as they would on a busy node).
@@ -106,7 +107,7 @@ def report(results: list[dict[str, Any]]) -> None:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> bool:
-    """Training loss per step and validation accuracy per epoch, sync vs local (mean over seeds)."""
+    """Training loss per step, validation loss and accuracy per epoch, sync vs local (means; dots: seeds)."""
     try:
         import matplotlib
 
@@ -114,23 +115,25 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_val_loss, ax_acc) = plt.subplots(1, 3, figsize=(15, 4))
     for flag, color, label in ((True, "tab:blue", "syncbn (global batch 4)"), (False, "tab:red", "local BN (batch 1)")):
         runs = [r for r in results if r["sync_bn"] is flag]
         steps = [s for s, _ in runs[0]["steps"]]
         losses = [statistics.mean(r["steps"][i][1] for r in runs) for i in range(len(steps))]
         ax_loss.plot(steps, losses, color=color, label=label)
         epochs = [e for e, *_ in runs[0]["epochs"]]
-        accs = [statistics.mean(r["epochs"][i][1] for r in runs) for i in range(len(epochs))]
-        ax_acc.plot(epochs, accs, "o-", color=color, label=label)
-        for r in runs:
-            ax_acc.plot(epochs, [e[1] for e in r["epochs"]], ".", color=color, alpha=0.4)
+        for ax, column in ((ax_acc, 1), (ax_val_loss, 2)):
+            means = [statistics.mean(r["epochs"][i][column] for r in runs) for i in range(len(epochs))]
+            ax.plot(epochs, means, "o-", color=color, label=label)
+            for r in runs:  # each seed
+                ax.plot(epochs, [e[column] for e in r["epochs"]], ".", color=color, alpha=0.4)
     ax_loss.set(xlabel="step", ylabel="training loss (mean over reporting window)", yscale="log")
     epochs_run = sorted({e for r in results for e, *_ in r["epochs"]})
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy", xticks=epochs_run)
+    ax_val_loss.set(xlabel="epoch", ylabel="validation loss", xticks=epochs_run)
     seeds = sorted({r["seed"] for r in results})
     fig.suptitle(f"digits, 4 workers x 1 sample, seeds {seeds}: synchronized vs local BatchNorm")
-    for ax in (ax_loss, ax_acc):
+    for ax in (ax_loss, ax_val_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -147,7 +150,12 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--stats-every", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--replot", action="store_true", help="Only redraw the PNG from the saved JSON.")
     args = parser.parse_args()
+    if args.replot:
+        results = json.loads((args.out / "tiny_batches.json").read_text())
+        report(results)
+        return 0 if plot(results, args.out / "tiny_batches.png") else 1
 
     ensure_ray(None, num_cpus=max(os.cpu_count() or 1, args.workers), log_to_driver=False)
     args.out.mkdir(parents=True, exist_ok=True)

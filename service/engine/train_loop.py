@@ -131,6 +131,9 @@ class _WorkerRun:
         self.step = 0
         self.final_val_acc: float | None = None
         self.final_train_loss: float | None = None
+        # The current epoch's start time and global sums [loss * n, n, correct], filled by _train_epoch.
+        self._epoch_start = 0.0
+        self._epoch_sums = torch.zeros(3, dtype=torch.float64)
         self._restore()
 
         # With synchronized BatchNorm every rank computes its running statistics from the same global moments,
@@ -232,7 +235,6 @@ class _WorkerRun:
         self.ddp.train()
         self.sampler.set_epoch(epoch)
         self._epoch_start = time.perf_counter()
-        # Global sums over the epoch and over the current reporting window: [loss * n, n, correct].
         self._epoch_sums = torch.zeros(3, dtype=torch.float64)
         window = torch.zeros(3, dtype=torch.float64)
         window_compute_s = 0.0

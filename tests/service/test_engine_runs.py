@@ -212,6 +212,23 @@ def test_npz_job_with_a_bad_file_fails_with_the_reason(ray_cluster: dict, tmp_pa
     run.close()
 
 
+def test_worker_exception_fails_the_job_with_rank_and_message(ray_cluster: dict, tmp_path: Path) -> None:
+    # One sample per rank through plain BatchNorm1d: torch refuses to normalise a single value per channel.
+    spec = JobSpec(
+        model="mlp",
+        dataset={"kind": "synthetic", "num_samples": 64, "input_shape": [12]},
+        workers=2,
+        batch_size=1,
+        sync_bn=False,
+    )
+    run = launch_run(spec, _job_id(), tmp_path)
+    records = _follow(run, timeout=120)
+    end = records[-1]
+    assert end["status"] == "failed" and end["verdict"] is None and end["model_path"] is None
+    assert "rank 0: ValueError: Expected more than 1 value per channel when training" in end["error"], end
+    run.close()
+
+
 def test_cli_train_writes_metrics_model_and_summary(ray_cluster: dict, tmp_path: Path, capsys: Any) -> None:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(
