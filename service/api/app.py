@@ -18,6 +18,7 @@ from service.api.deps import require_token
 from service.api.errors import register_error_handlers
 from service.api.prometheus import RequestMetricsMiddleware, ServiceMetrics
 from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, prometheus
+from service.dashboard import mount_dashboard
 from service.jobs.manager import JobManager
 from service.settings import Settings
 from service.store import JobStore
@@ -77,4 +78,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(prometheus.router, dependencies=secured)
     for resource in (jobs, job_metrics, layers, logs, events, cluster):
         app.include_router(resource.router, dependencies=secured)
+    mount_dashboard(app)  # the web page at / and its files under /ui/static (public; its data comes from /v1)
     return app

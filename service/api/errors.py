@@ -5,6 +5,7 @@ RequestValidationError ───────────────────
 JobCannotFitError, IdempotencyKeyReusedError 422  the sentence of the exception
 JobNotFoundError ───────────────────────── 404
 JobStateError ──────────────────────────── 409
+ClusterUnavailableError ────────────────── 503  Ray does not answer; retry later
 HTTPException (404 route, 405, 401, 413) ── its status, a sentence
 anything else ──────────────────────────── 500  logged with its traceback; the client gets no internals
 ```
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.jobs.manager import JobCannotFitError, JobNotFoundError, JobStateError
+from service.jobs.manager import ClusterUnavailableError, JobCannotFitError, JobNotFoundError, JobStateError
 from service.store import IdempotencyKeyReusedError
 
 __all__ = ["describe_validation_error", "register_error_handlers"]
@@ -113,6 +114,12 @@ async def _not_found(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_404_NOT_FOUND, content={"detail": str(exc)})
 
 
+async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": str(exc)}, headers={"Retry-After": "5"}
+    )
+
+
 async def _conflict(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": str(exc)})
 
@@ -156,5 +163,6 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyKeyReusedError, _unprocessable)
     app.add_exception_handler(JobNotFoundError, _not_found)
     app.add_exception_handler(JobStateError, _conflict)
+    app.add_exception_handler(ClusterUnavailableError, _unavailable)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

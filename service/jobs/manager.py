@@ -27,7 +27,14 @@ from service.store.models import JobRow
 if TYPE_CHECKING:
     from service.engine.runner import JobRun
 
-__all__ = ["Admission", "JobCannotFitError", "JobManager", "JobNotFoundError", "JobStateError"]
+__all__ = [
+    "Admission",
+    "ClusterUnavailableError",
+    "JobCannotFitError",
+    "JobManager",
+    "JobNotFoundError",
+    "JobStateError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +52,8 @@ CAPACITY_TTL_S = 5.0
 #
 #   LookupError ── JobNotFoundError          (404)
 #   ValueError  ── JobCannotFitError         (422: the spec can never run on this cluster)
-#   RuntimeError ─ JobStateError             (409: the job's state does not allow the request)
+#   RuntimeError ┬ JobStateError             (409: the job's state does not allow the request)
+#                └ ClusterUnavailableError   (503: Ray does not answer, so nothing can be admitted now)
 
 
 class JobNotFoundError(LookupError):
@@ -61,6 +69,10 @@ class JobNotFoundError(LookupError):
 
 class JobStateError(RuntimeError):
     """The job exists but its current state does not allow the request."""
+
+
+class ClusterUnavailableError(RuntimeError):
+    """The Ray cluster could not be asked for its resources."""
 
 
 class JobCannotFitError(ValueError):
@@ -172,12 +184,22 @@ class JobManager:
     # -- admission ------------------------------------------------------------------------------------------
 
     def cluster_capacity(self, *, fresh: bool = False) -> dict[str, Any]:
-        """The cluster's total resources (`cpus`, `gpus`, `nodes`), cached for a few seconds."""
+        """The cluster's total resources (`cpus`, `gpus`, `nodes`), cached for a few seconds.
+
+        Raises:
+            ClusterUnavailableError: Ray did not answer.
+        """
         from service.engine.cluster import cluster_capacity
 
         now = time.monotonic()
         if fresh or self._capacity is None or now - self._capacity_at > CAPACITY_TTL_S:
-            self._capacity = cluster_capacity()
+            try:
+                self._capacity = cluster_capacity()
+            except Exception as exc:
+                raise ClusterUnavailableError(
+                    f"the Ray cluster did not report its resources ({type(exc).__name__}: {exc}): "
+                    "check /readyz and the cluster, then retry."
+                ) from exc
             self._capacity_at = now
         return self._capacity
 
@@ -373,6 +395,9 @@ class JobManager:
             try:
                 self._drain()
                 self._start_queued()
+            except ClusterUnavailableError as exc:
+                self.loop_errors += 1
+                logger.warning("scheduling paused: %s", exc)
             except Exception:
                 # A database hiccup must not kill scheduling; the next tick tries again.
                 self.loop_errors += 1

@@ -52,7 +52,7 @@ def _position(job: JobRow, manager: JobManager) -> int | None:
     summary="Submit a training job",
     responses={
         200: {"model": JobPublic, "description": "Replayed: the job created earlier with this Idempotency-Key."},
-        **errors(401, 413, 422),
+        **errors(401, 413, 422, 503),
     },
 )
 def submit_job(

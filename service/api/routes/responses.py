@@ -14,6 +14,7 @@ _DESCRIPTIONS = {
     409: "The job's state does not allow this request.",
     413: "The request body is larger than max_body_bytes.",
     422: "Invalid input: the detail names each field and how to fix it.",
+    503: "The Ray cluster does not answer; retry after a few seconds.",
 }
 
 
