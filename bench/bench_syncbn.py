@@ -50,7 +50,7 @@ class _CollectivesOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        dist.all_reduce(torch.zeros(2 * ctx.channels, dtype=torch.float64))
+        dist.all_reduce(torch.zeros(2 * ctx.channels, dtype=grad.dtype))
         return grad, None
 
 
