@@ -392,6 +392,7 @@ class JobManager:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # before the pass: a wake() during the pass triggers the next one at once
             try:
                 self._drain()
                 self._start_queued()
@@ -403,7 +404,6 @@ class JobManager:
                 self.loop_errors += 1
                 logger.exception("job manager pass failed")
             self._wake.wait(self.settings.poll_interval_s)
-            self._wake.clear()
 
     def _drain(self) -> None:
         with self._lock:
