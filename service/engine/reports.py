@@ -11,6 +11,10 @@ Every rank calls `ray.train.report` at the same points (it is a barrier), with a
 - `final` (once, at the end): `verdict, reason, epochs_done, best_val_acc, final_val_acc, final_train_loss,
   model_path`.
 
+Layer statistics are merged over all ranks: with `sync_group_size`, `ranks_agree` is False by design (each group
+normalises with its own global statistics) while `count`, `mean`, `var` and the skew measures describe the whole
+world batch.
+
 `records_from_reports` merges one such dict per rank into the records of the engine's contract (`step`, `layers`,
 `epoch`, `log`) plus two internal kinds that the recorder keeps as state: `info` (the attempt's workers) and
 `summary` (the final report).

@@ -174,13 +174,19 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_clus
 
 def test_cancel_stops_the_run_and_frees_its_cpus(ray_cluster: dict, tmp_path: Path) -> None:
     total = ray_cluster["cpus"]
-    spec = JobSpec(model="cnn", workers=2, epochs=200, batch_size=16, stats_every=5)
+    # Four half-CPU workers synchronising BatchNorm in two groups of two (ranks 0-1 and 2-3).
+    spec = JobSpec(model="cnn", workers=4, cpus_per_worker=0.5, sync_group_size=2, epochs=200, stats_every=5)
     run = launch_run(spec, _job_id(), tmp_path)
     deadline = time.monotonic() + 120
-    while not any(r["kind"] == "step" for r in run.poll(0)):
+    while not any(r["kind"] == "layers" for r in run.poll(0)):
         assert time.monotonic() < deadline, run.poll(0)
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0.0) <= total - 2
+    layers = next(r for r in run.poll(0) if r["kind"] == "layers")["layers"]
+    for layer in layers.values():
+        # each group normalises with its own global statistics, so the four ranks do not all agree
+        assert layer["synchronized"] is True and layer["ranks_agree"] is False
+        assert layer["per_rank_count"] == [layer["count"] / 4] * 4
 
     with pytest.raises(ValueError, match="still exists"):
         launch_run(spec, run.job_id, tmp_path)
