@@ -238,13 +238,15 @@ def test_worker_exception_fails_the_job_with_rank_and_message(ray_cluster: dict,
 def test_cli_train_writes_metrics_model_and_summary(ray_cluster: dict, tmp_path: Path, capsys: Any) -> None:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(
-        "model: cnn\nworkers: 2\nepochs: 1\nbatch_size: 8\nsteps_per_epoch: 4\nstats_every: 2\nsync_bn: false\n"
+        "model: cnn\nworkers: 2\nepochs: 3\nbatch_size: 8\nsteps_per_epoch: 4\nstats_every: 2\nsync_bn: false\n"
+        "early_stop: {target_val_acc: 0.01}\n"  # reached after the first epoch: every rank stops there
     )
     out = tmp_path / "out"
     code = main(["train", str(spec_path), "--output", str(out), "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0, summary
-    assert summary["status"] == "succeeded" and summary["epochs_done"] == 1 and summary["wall_time_s"] > 0
+    assert summary["status"] == "succeeded" and summary["wall_time_s"] > 0
+    assert summary["verdict"] == "converged" and summary["epochs_done"] == 1
     assert json.loads((out / "summary.json").read_text())["job_id"] == summary["job_id"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["kind"] == "end" and [r["seq"] for r in records] == list(range(1, len(records) + 1))
