@@ -1,4 +1,4 @@
-"""Shared fixtures of the service tests: one real local Ray for the whole session.
+"""Shared fixtures of the service tests: one real local Ray for the whole session, and a PostgreSQL database.
 
 `ray_cluster` starts an embedded Ray (`address="local"`, 4 logical CPUs, no dashboard) the first time a test asks
 for it and shuts it down at the end of the session. Engine tests (training runs) and REST tests (a live server)
@@ -28,3 +28,14 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     yield cluster_capacity()
     if started_here:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the machine's real PostgreSQL for one test module, dropped afterwards."""
+    from tests.service.conftest_api import postgres_database
+
+    with postgres_database() as url:
+        if url is None:
+            pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres, database test)")
+        yield url

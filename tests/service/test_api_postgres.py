@@ -7,23 +7,14 @@ reachable at 127.0.0.1:5432.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from service.settings import Settings
-from tests.service.conftest_api import LiveServer, postgres_database, read_events, tiny_spec
+from tests.service.conftest_api import LiveServer, read_events, tiny_spec
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with postgres_database() as url:
-        if url is None:
-            pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres, database test)")
-        yield url
 
 
 def test_a_job_on_postgres_is_fully_readable_after_a_restart(

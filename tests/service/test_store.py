@@ -17,17 +17,8 @@ import pytest
 
 from service.jobs.status import JobStatus
 from service.store import IdempotencyKeyReusedError, JobStore
-from tests.service.conftest_api import postgres_database
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with postgres_database() as url:
-        if url is None:
-            pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres, database test)")
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
