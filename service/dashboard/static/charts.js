@@ -36,6 +36,9 @@ export function align(seriesList) {
   return [sorted, ...maps.map((map) => sorted.map((x) => (map.has(x) ? map.get(x) : null)))];
 }
 
+/** Tick spacings of the x axes: whole steps, epochs and channel indices, never 0.5. */
+const WHOLE_NUMBER_TICKS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 2500, 5000, 10_000, 20_000, 50_000, 100_000];
+
 function axisValues(_, values) {
   return values.map((v) => num(v, 3));
 }
@@ -75,7 +78,7 @@ export class Chart {
         y: yRange ? { range: yRange } : {},
       },
       axes: [
-        { label: xLabel, values: axisValues, grid: { stroke: "#eeeeee" } },
+        { label: xLabel, values: axisValues, incrs: WHOLE_NUMBER_TICKS, grid: { stroke: "#eeeeee" } },
         { label: yLabel, values: axisValues, size: 64, grid: { stroke: "#eeeeee" } },
       ],
       cursor: { drag: { x: true, y: false } },

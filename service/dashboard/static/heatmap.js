@@ -45,6 +45,7 @@ export class Heatmap {
     this.selectedRow = -1;
     this.selectedColumn = -1;
     this.logScale = false;
+    this.fixedRange = null;
 
     this.canvas = h("canvas", { class: "heatmap-canvas", role: "img", "aria-label": "heatmap" });
     this.tooltip = h("div", { class: "heatmap-tooltip", role: "tooltip", hidden: true });
@@ -124,8 +125,15 @@ export class Heatmap {
     this.rowList.style.paddingBottom = `${AXIS_HEIGHT}px`;
   }
 
+  /** Use [low, high] as the colour scale (e.g. shared by two heatmaps side by side); null: span the values. */
+  setFixedRange(range) {
+    this.fixedRange = range;
+    this.draw();
+  }
+
   /** The scale: [low, high] over the finite values (positive ones on a log scale), or null if none. */
   range() {
+    if (this.fixedRange && !this.logScale) return this.fixedRange;
     let low = Infinity;
     let high = -Infinity;
     for (const row of this.values) {

@@ -76,6 +76,10 @@ export class LayerHeatmap {
     this.heatmap.setLogScale(on);
   }
 
+  setFixedRange(range) {
+    this.heatmap.setFixedRange(range);
+  }
+
   update() {
     this.heatmap.setData(this.feed.layerNames, this.feed.layerSteps, this.feed.layerMatrix(this.statistic));
   }

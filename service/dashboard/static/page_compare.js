@@ -143,6 +143,7 @@ export class ComparePage {
               this.statistic = key;
               help.textContent = statisticHelp(key);
               for (const heatmap of this.heatmaps) heatmap.setStatistic(key);
+              this.shareColourScale();
             }, "compare-stat"),
           ),
         ),
@@ -180,8 +181,26 @@ export class ComparePage {
       }),
     };
     this.heatmaps = this.feeds.map((feed, i) => new LayerHeatmap(heatmapBoxes[i], feed, { statistic: this.statistic }));
+    this.shareColourScale();
     this.renderSummary();
     this.updateCharts();
+  }
+
+  /** One colour scale over both jobs' values, so equal colours mean equal values on both sides. */
+  shareColourScale() {
+    let low = Infinity;
+    let high = -Infinity;
+    for (const feed of this.feeds) {
+      for (const row of feed.layerMatrix(this.statistic)) {
+        for (const v of row) {
+          if (v === null) continue;
+          low = Math.min(low, v);
+          high = Math.max(high, v);
+        }
+      }
+    }
+    const range = low <= high ? [low, high] : null;
+    for (const heatmap of this.heatmaps) heatmap.setFixedRange(range);
   }
 
   renderDiff(box) {
@@ -237,7 +256,10 @@ export class ComparePage {
   onChange(changed) {
     if (changed.has("job") || changed.has("steps") || changed.has("epochs")) this.renderSummary();
     if (changed.has("steps") || changed.has("epochs")) this.updateCharts();
-    if (changed.has("layers")) for (const heatmap of this.heatmaps) heatmap.update();
+    if (changed.has("layers")) {
+      for (const heatmap of this.heatmaps) heatmap.update();
+      this.shareColourScale();
+    }
   }
 
   unmount() {

@@ -104,7 +104,8 @@ export class JobsPage {
       const c = await this.ctx.api.get("v1/cluster");
       this.cluster.textContent =
         `Cluster: ${num(c.cpus, 4)} CPUs (${num(c.available_cpus, 4)} free), ${num(c.gpus, 4)} GPUs · `
-        + `${c.running_jobs} running, ${c.queued_jobs} queued · at most ${c.max_concurrent_jobs} at once`;
+        + `${c.running_jobs} running, ${c.queued_jobs} queued · `
+        + (c.max_concurrent_jobs > 0 ? `at most ${c.max_concurrent_jobs} at once` : "scheduling paused (max_concurrent_jobs=0)");
     } catch {
       this.cluster.textContent = "";
     }

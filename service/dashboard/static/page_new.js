@@ -37,8 +37,9 @@ export class NewJobPage {
         h(
           "div",
           { class: "controls" },
-          h("button", { type: "button", id: "preset-quick", onclick: () => this.preset(QUICK_LOOK) }, "Quick look preset"),
-          h("button", { type: "button", id: "preset-defaults", onclick: () => this.preset(null) }, "Defaults"),
+          // Enabled once the form exists (it is built from the schema the service sends).
+          h("button", { type: "button", id: "preset-quick", disabled: true, onclick: () => this.preset(QUICK_LOOK) }, "Quick look preset"),
+          h("button", { type: "button", id: "preset-defaults", disabled: true, onclick: () => this.preset(null) }, "Defaults"),
         ),
       ),
       h(
@@ -59,6 +60,7 @@ export class NewJobPage {
     }
     this.form = new SpecForm(schema, (body) => this.submit(body));
     replace(formBox, this.form.element);
+    for (const button of root.querySelectorAll("#preset-quick, #preset-defaults")) button.disabled = false;
     if (this.from) await this.clone();
   }
 
