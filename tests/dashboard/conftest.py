@@ -23,9 +23,9 @@ CHROMIUM = Path(os.environ.get("SYNCBN_CHROMIUM", "/usr/bin/chromium"))
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the whole session."""
+    """One headless Chromium for the dashboard tests (closed after the last of them)."""
     if not CHROMIUM.exists():
         pytest.skip(
             f"no chromium at {CHROMIUM}: install Debian's package with `apt-get install -y chromium` "

@@ -264,8 +264,12 @@ def test_the_layer_view_shows_every_layer_and_a_clicked_layers_channels(story: S
     expect(detail).to_have_attribute("data-step", str(steps[0]))
 
     # Clicking a heatmap cell opens that layer at that step: the top-left cell is the first layer, first step.
-    box = p.locator("#layer-heatmap canvas.heatmap-canvas").bounding_box()
-    p.mouse.click(box["x"] + 2, box["y"] + 5)
+    canvas = p.locator("#layer-heatmap canvas.heatmap-canvas")
+    canvas.hover(position={"x": 2, "y": 5})
+    tooltip = p.locator("#layer-heatmap .heatmap-tooltip")
+    expect(tooltip).to_contain_text(f"layer {names[0]}")
+    expect(tooltip).to_contain_text(f"step {steps[0]}:")
+    canvas.click(position={"x": 2, "y": 5})
     expect(p.locator("#layer-name")).to_have_text(names[0])
     expect(detail).to_have_attribute("data-step", str(steps[0]))
     page.shot("layers", full_page=True)

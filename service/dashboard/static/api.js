@@ -82,9 +82,7 @@ export class Api {
       throw error;
     }
     if (response.status === 204) return null;
-    const data = await response.json();
-    // 202 (a cancel still stopping) is a success whose body is the job, like 200.
-    return data;
+    return response.json(); // 202 (a cancel still stopping) carries the job, like 200
   }
 
   get(path, query, options = {}) {

@@ -100,9 +100,11 @@ export class JobCurves {
   /** x values of the step points and the epoch points on the chosen axis. */
   xValues() {
     const { steps, epochs } = this.feed;
-    const perEpoch = this.feed.stepsPerEpoch();
-    if (this.axis === "epoch" && perEpoch) {
-      return { stepX: steps.step.map((s) => s / perEpoch), epochX: epochs.map((e) => e.epoch) };
+    if (this.axis === "epoch") {
+      // Step points sit at fractional epochs once the epoch length is known (the first epoch's end, or the
+      // spec's cap); before that only the epoch points can be placed.
+      const perEpoch = this.feed.stepsPerEpoch();
+      return { stepX: perEpoch ? steps.step.map((s) => s / perEpoch) : [], epochX: epochs.map((e) => e.epoch) };
     }
     return { stepX: steps.step, epochX: epochs.map((e) => e.step) };
   }

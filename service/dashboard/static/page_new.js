@@ -78,7 +78,8 @@ export class NewJobPage {
       if (this.flip === "sync_bn") {
         spec.sync_bn = !spec.sync_bn;
         if (!spec.sync_bn) spec.sync_group_size = null;
-        spec.name = `${job.name || job.id.slice(0, 8)} sync_bn ${spec.sync_bn ? "on" : "off"}`.slice(0, 100);
+        const base = (job.name || job.id.slice(0, 8)).replace(/ sync_bn (on|off)$/, "");
+        spec.name = `${base} sync_bn ${spec.sync_bn ? "on" : "off"}`.slice(0, 100);
         note = `Cloned from ${jobLabel(job)} with sync_bn ${spec.sync_bn ? "on" : "off"} (same seed), to compare.`;
       }
       this.form.setValues(spec);
