@@ -1,6 +1,7 @@
 """Launching, following, re-attaching to and cancelling one training run on Ray.
 
-Each run consists of two detached, named Ray actors in namespace `syncbn` (neither reserves a CPU):
+Each run consists of two detached, named Ray actors in namespace `syncbn` (neither reserves a CPU; both are placed
+on the node of the process that launches them, so losing another node does not take the run down with it):
 
 - `syncbn-job-{job_id}` (`JobDriver`): loads and checks the data, runs `TorchTrainer.fit()` (which blocks, and
   whose Ray Train controller is pinned to this actor's node and owned by it), then writes the `end` record and
@@ -34,6 +35,7 @@ from typing import Any
 
 import ray
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from service.engine.recorder import RECORDER_NAMESPACE, RecordLog, recorder_name
 from service.spec import JobSpec
@@ -277,6 +279,11 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
         raise ValueError(f"a run with job_id {job_id!r} still exists in the cluster: close it or use another id")
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    # Left to Ray, these zero-CPU actors may land on any node (on a multi-node cluster they often do), and a worker
+    # node that dies or is scaled away would take the run's record log or driver, and so the whole run, with it.
+    # On the launching node (the head, for the service) they live as long as the cluster. The affinity is hard:
+    # Ray places a zero-resource request with a soft affinity on a random node.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     recorder = (
         ray.remote(RecordLog)
         .options(
@@ -285,6 +292,7 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
             lifetime="detached",
             num_cpus=0,
             max_restarts=0,
+            scheduling_strategy=here,
         )
         .remote(job_id)
     )
@@ -292,6 +300,7 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
         name=driver_name(job_id),
         namespace=RECORDER_NAMESPACE,
         lifetime="detached",
+        scheduling_strategy=here,
         runtime_env={
             "env_vars": {
                 "RAY_TRAIN_V2_ENABLED": "1",
