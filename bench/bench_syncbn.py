@@ -5,8 +5,10 @@ Variants, alternating round by round in one run so machine noise hits all of the
 - ``plain``: local BatchNorm, no synchronisation (the speed we start from);
 - ``floor``: plain BatchNorm plus exactly syncbn's collectives (one all-reduce of 2C+1 float64 forward, one of
   2C backward, per layer) and no math: the unavoidable cost of synchronising;
-- ``allgather``: torch's SyncBatchNorm design ported to CPU: all_gather of every rank's [mean, invstd, count]
-  forward, all-reduce of [sum_dy, sum_dy_xmu] backward, same native element-wise kernels as ours;
+- ``allgather``: torch.nn.SyncBatchNorm's algorithm ported to CPU with torch's public ops: local ``var_mean``
+  (for the CUDA-only ``batch_norm_stats``), all_gather of every rank's [mean, invstd, count], combination as in
+  ``batch_norm_gather_stats_with_counts``, ``F.batch_norm`` to normalise; backward aten's reductions, an
+  all-reduce of [sum_dy, sum_dy_xmu] and the ``batch_norm_backward_elemt`` formula as tensor ops;
 - ``syncbn``: ours.
 
 Prints median step times, the ratios the README quotes (syncbn/floor, syncbn/allgather, floor/plain), and the
@@ -34,7 +36,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import syncbn
-from syncbn._functions import local_moments
 
 VARIANTS = ("plain", "floor", "allgather", "syncbn")
 
@@ -62,14 +63,19 @@ class FloorBatchNorm(nn.BatchNorm2d):
 
 
 class _AllGatherFunction(torch.autograd.Function):
-    """torch.nn.SyncBatchNorm's algorithm on CPU: gather per-rank statistics, combine them locally."""
+    """torch.nn.SyncBatchNorm's algorithm on CPU: gather per-rank statistics, combine them locally.
+
+    Where torch calls CUDA-only kernels, this uses the public CPU op that computes the same thing.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
         c = x.shape[1]
-        count, mean_l, var_l = local_moments(x)
-        invstd_l = torch.rsqrt(var_l + eps)
-        mine = torch.cat([mean_l, invstd_l, torch.full((1,), float(count), dtype=torch.float64)])
+        # torch.batch_norm_stats (CUDA only) -> its CPU equivalent, torch.var_mean.
+        var_l, mean_l = torch.var_mean(x, dim=[0, 2, 3], correction=0)
+        invstd_l = torch.rsqrt(var_l.double() + eps)
+        count = x.numel() // c
+        mine = torch.cat([mean_l.double(), invstd_l, torch.full((1,), float(count), dtype=torch.float64)])
         gathered = torch.empty(dist.get_world_size() * mine.numel(), dtype=torch.float64)
         dist.all_gather_into_tensor(gathered, mine)
         per_rank = gathered.view(dist.get_world_size(), -1)
@@ -91,12 +97,12 @@ class _AllGatherFunction(torch.autograd.Function):
         )
         packed = torch.cat([gb, gw])
         dist.all_reduce(packed)
-        sum_dy, sum_dy_xhat = packed[:c], packed[c:]
-        scale = weight * invstd
-        k_x = -scale * invstd * sum_dy_xhat / ctx.total
-        k_0 = -scale * sum_dy / ctx.total
-        dx = F.batch_norm(x, mean, torch.ones_like(mean), k_x.float(), k_0.float(), False, 0.0, 0.0)
-        dx.addcmul_(dy, scale.view(1, -1, 1, 1))
+        # torch.batch_norm_backward_elemt (CUDA only) -> the same formula in tensor ops.
+        shape = (1, c, 1, 1)
+        mean_dy = (packed[:c] / ctx.total).float().view(shape)
+        mean_dy_xhat = (packed[c:] / ctx.total).float().view(shape)
+        inv = invstd.view(shape)
+        dx = (dy - mean_dy - (x - mean.view(shape)) * inv * mean_dy_xhat) * inv * weight.view(shape)
         return dx, gw, gb, None
 
 
@@ -159,6 +165,18 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, results: 
         F.cross_entropy(models[v](x), y).backward()
         opts[v].step()
 
+    # The two synchronized variants must compute the same thing: compare one forward/backward before timing.
+    outputs = {}
+    for v in ("allgather", "syncbn"):
+        out = models[v](x)
+        F.cross_entropy(out, y).backward()
+        outputs[v] = (out.detach(), next(models[v].parameters()).grad.clone())
+        opts[v].zero_grad(set_to_none=True)
+    agree = max(
+        ((a - b).abs().max() / b.abs().max()).item()
+        for a, b in zip(outputs["allgather"], outputs["syncbn"], strict=True)
+    )
+
     for v in VARIANTS:  # warm-up
         for _ in range(3):
             step(v)
@@ -172,7 +190,7 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, results: 
                 step(v)
             times[v].append((time.perf_counter() - start) / args.steps)
     if rank == 0:
-        results.put(times)
+        results.put((times, agree))
     dist.destroy_process_group()
 
 
@@ -209,7 +227,7 @@ def main() -> None:
         times = None
         while times is None:
             try:
-                times = results.get(timeout=5)
+                times, agree = results.get(timeout=5)
             except queue.Empty:
                 if any(p.exitcode not in (None, 0) for p in procs):
                     raise SystemExit("a rank failed (see its traceback above)") from None
@@ -230,6 +248,7 @@ def main() -> None:
         ("syncbn / plain", "syncbn", "plain", ""),
     ):
         print(f"{label:<20} {best[a] / best[b]:7.3f} {med[a] / med[b]:7.3f}  {note}")
+    print(f"allgather vs syncbn, relative difference of output and first gradient: {agree:.1e}")
     print()
     print(bytes_table())
 

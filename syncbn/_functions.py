@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -122,6 +121,10 @@ def kernel_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
     return torch.float32 if x.dtype in _REDUCED_PRECISION else x.dtype
 
 
+# The resolved overload: calling it skips torch.ops' per-call overload lookup on the hot path.
+_BATCH_NORM_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Synchronized batch normalisation: one all-reduce forward, one backward. Private; use the module."""
 
@@ -147,15 +150,24 @@ class SyncBatchNormFunction(torch.autograd.Function):
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
 
         total = packed[0:1]
-        moments = packed[1 : 2 * channels + 1].view(2, channels) / total.clamp(min=1.0)  # E[x], E[x^2]
-        mean = moments[0]
-        var = torch.addcmul(moments[1], mean, mean, value=-1.0).clamp_(min=0.0)
+        safe_total = total.clamp(min=1.0)
+        moments = packed[1 : 2 * channels + 1].view(2, channels) / safe_total  # E[x], E[x^2], float64
+        mean, var = moments[0], moments[1]  # indexing, not tuple unpacking: Tensor.__iter__ is slow
+        var.addcmul_(mean, mean, value=-1.0).clamp_(min=0.0)  # moments now holds [mean, biased variance]
 
-        if running_mean is not None and running_var is not None:
-            _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, total)
+        stat_dtype = kernel_dtype(x, weight)
+        tracking = running_mean is not None and running_var is not None
+        if tracking:
+            # One conversion to the kernels' dtype for mean, variance and unbiased variance together.
+            unbiased = var * (total / (total - 1.0).clamp(min=1.0))
+            stats_k = torch.cat((moments, unbiased[None])).to(stat_dtype)
+            mean_k, var_k, unbiased_k = stats_k[0], stats_k[1], stats_k[2]
+            _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean_k, unbiased_k, total)
+        else:
+            stats_k = moments.to(stat_dtype)
+            mean_k, var_k = stats_k[0], stats_k[1]
 
         if record is not None:
-            safe = total.clamp(min=1.0)
             record.append(
                 BatchMoments(
                     count_local=torch.tensor(float(count), dtype=torch.float64),
@@ -164,20 +176,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     count_global=total[0].clone(),
                     mean_global=mean,
                     var_global=var,
-                    between_var=(packed[2 * channels + 1 :] / safe - mean * mean).clamp_(min=0.0),
+                    between_var=(packed[2 * channels + 1 :] / safe_total - mean * mean).clamp_(min=0.0),
                 )
             )
 
-        stat_dtype = kernel_dtype(x, weight)
-        mean_k = mean.to(stat_dtype)
-        var_k = var.to(stat_dtype)
         ctx.save_for_backward(x, weight, mean_k, var_k)
         ctx.eps = eps
         ctx.total = total
         ctx.process_group = process_group
         if count == 0:
             return torch.empty_like(x)
-        return F.batch_norm(x, mean_k, var_k, weight, bias, False, 0.0, eps)
+        return torch.batch_norm(x, weight, bias, mean_k, var_k, False, 0.0, eps, torch.backends.cudnn.enabled)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -189,35 +198,37 @@ class SyncBatchNormFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var_k + ctx.eps)
 
         if x.numel() == 0:
-            packed = torch.zeros(2 * channels, dtype=var_k.dtype, device=x.device)
+            grad_weight = torch.zeros_like(var_k)
+            grad_bias = torch.zeros_like(var_k)
         else:
             # Reduction outputs only, with the *global* mean and invstd: this rank's sum(dy * x_hat) (its weight
             # gradient) and sum(dy) (its bias gradient).
-            _, grad_weight_local, grad_bias_local = torch.ops.aten.native_batch_norm_backward(
+            _, grad_weight, grad_bias = _BATCH_NORM_BACKWARD(
                 dy, x_c, weight, None, None, mean_k, invstd, True, ctx.eps, [False, True, True]
             )
-            packed = torch.cat((grad_bias_local, grad_weight_local))
-        local = packed.clone() if weight is not None else None
+        packed = torch.cat((grad_bias, grad_weight))
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.process_group)
 
         grad_input = None
         if ctx.needs_input_grad[0] and x.numel() > 0:
-            sums = packed.view(2, channels) / ctx.total.to(packed.dtype)  # mean(dy), mean(dy * x_hat)
+            means = packed.view(2, channels) / ctx.total.to(packed.dtype)
+            mean_dy, mean_dy_xhat = means[0], means[1]
             scale = invstd if weight is None else invstd * weight
             # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)): the x part as one native inference
-            # batch-norm pass, then one fused multiply-add with dy.
-            k_x = (scale * invstd * sums[1]).neg_()
-            k_0 = (scale * sums[0]).neg_()
-            affine_part = F.batch_norm(x_c, mean_k, torch.ones_like(mean_k), k_x, k_0, False, 0.0, 0.0)
+            # batch-norm pass ((x - mean) * k_x + k_0), then one fused multiply-add with dy.
+            k_x = (scale * invstd).mul_(mean_dy_xhat).neg_()
+            k_0 = (scale * mean_dy).neg_()
+            affine_part = torch.batch_norm(
+                x_c, k_x, k_0, mean_k, torch.ones_like(mean_k), False, 0.0, 0.0, torch.backends.cudnn.enabled
+            )
             grad_input = affine_part.addcmul_(dy, scale.view(channel_view_shape(x.dim(), channels)))
             if upcast:
                 grad_input = grad_input.to(x.dtype)
         elif ctx.needs_input_grad[0]:
             grad_input = torch.empty_like(x)
 
-        grad_weight = grad_bias = None
-        if local is not None:
-            grad_bias, grad_weight = local.view(2, channels)
+        if weight is None:
+            grad_weight = grad_bias = None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
@@ -227,7 +238,7 @@ def _update_running_stats(
     num_batches_tracked: torch.Tensor | None,
     momentum: float | None,
     mean: torch.Tensor,
-    var: torch.Tensor,
+    unbiased_var: torch.Tensor,
     total: torch.Tensor,
 ) -> None:
     """Exponential (or, with ``momentum=None``, cumulative) running averages of the global statistics.
@@ -238,13 +249,12 @@ def _update_running_stats(
     has_data = total > 0
     if num_batches_tracked is not None:
         num_batches_tracked.add_(has_data[0])
-    dtype = running_mean.dtype
+    factor = has_data.to(running_mean.dtype)
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked (got None)")
-        factor = has_data.to(dtype) / num_batches_tracked.clamp(min=1)
+        factor.div_(num_batches_tracked.clamp(min=1))
     else:
-        factor = has_data.to(dtype) * momentum
-    unbiased = var * (total / (total - 1.0).clamp(min=1.0))
-    running_mean.lerp_(mean.to(dtype), factor)
-    running_var.lerp_(unbiased.to(dtype), factor)
+        factor.mul_(momentum)
+    running_mean.lerp_(mean, factor)
+    running_var.lerp_(unbiased_var, factor)
