@@ -221,12 +221,17 @@ class JobRun:
         A run that already ended is left as it is.
         """
         recorder = self._recorder
-        if ray.get(recorder.done.remote(), timeout=_RPC_TIMEOUT_S):
-            return
-        controller = ray.get(recorder.controller.remote(), timeout=_RPC_TIMEOUT_S)
-        ray.get(recorder.log.remote("info", "cancel requested: stopping the workers"), timeout=_RPC_TIMEOUT_S)
-        # The end record comes first, so the driver's view of the aborted fit() ("failed") cannot replace it.
-        ray.get(recorder.finish.remote("cancelled"), timeout=_RPC_TIMEOUT_S)
+        try:
+            if ray.get(recorder.done.remote(), timeout=_RPC_TIMEOUT_S):
+                return
+            controller = ray.get(recorder.controller.remote(), timeout=_RPC_TIMEOUT_S)
+            ray.get(recorder.log.remote("info", "cancel requested: stopping the workers"), timeout=_RPC_TIMEOUT_S)
+            # The end record comes first, so the driver's view of the aborted fit() ("failed") cannot replace it.
+            ray.get(recorder.finish.remote("cancelled"), timeout=_RPC_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            # The record log is unreachable (its node is gone): still stop the driver, which owns the workers.
+            logger.warning("job %s: record log unreachable while cancelling; stopping the driver anyway", self.job_id)
+            controller = None
         if controller is not None:
             # abort() ends by exiting the controller actor, so its reply is an actor error; a controller that is
             # already dead has nothing left to stop.
