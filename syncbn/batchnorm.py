@@ -46,12 +46,13 @@ class SyncBatchNorm(_BatchNorm):
           collective. A rank with an empty batch still takes part and the others stay exact.
         - Weight and bias gradients on each rank are that rank's contribution; their sum over ranks is the global
           gradient, so DDP's gradient averaging gives the same update as :class:`torch.nn.SyncBatchNorm`.
-        - With DDP, pass ``broadcast_buffers=False``: the running stats are already identical on every rank.
+        - With DDP, turn off the per-forward buffer broadcast (``forward_sync_buffers=False``, or
+          ``broadcast_buffers=False`` before torch 2.13): the running stats are already identical on every rank.
 
     Example::
 
         >>> model = syncbn.convert_sync_batchnorm(model)
-        >>> ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        >>> ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
     """
 
     def __init__(
