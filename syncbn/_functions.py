@@ -2,19 +2,20 @@
 
 Forward, per rank with ``n`` local elements per channel:
 
-1. local, numerically stable moments ``mean_l`` and ``M2_l = sum((x - mean_l)^2)`` (shifted sums);
-2. one ``all_reduce`` (SUM, float64) of the packed vector ``[n, n*mean_l, M2_l + n*mean_l^2]`` (``2C + 1``
-   values; ``3C + 1`` on recording steps, where ``n*mean_l^2`` rides along separately so the between-rank share of
-   the variance is known without another collective);
-3. global ``mean = S1 / N`` and ``M2 = S2 - N * mean^2`` in float64. Pooling the locally centred moments in float64
-   keeps the variance exact where float32 ``E[x^2] - E[x]^2`` loses it (``x = 1e4 + N(0, 1)``);
+1. shifted local sums ``sum(x - K)`` and ``sum((x - K)^2)`` with ``K`` one value of the data per channel (stable
+   for large offsets, and cheap: torch's cascade-summing reductions);
+2. one ``all_reduce`` (SUM, float64) of the packed vector ``[n, sum(x), sum(x^2)]`` rebuilt from them (``2C + 1``
+   values; ``3C + 1`` on recording steps, where ``n * mean_l^2`` rides along so the between-rank share of the
+   variance is known without another collective);
+3. global ``mean = S1 / N`` and ``var = S2 / N - mean^2`` in float64: the shift cancels exactly, so the variance
+   keeps the accuracy of the local shifted sums where float32 ``E[x^2] - E[x]^2`` loses it (``x = 1e4 + N(0, 1)``);
 4. the element-wise normalisation through aten's native inference kernel with the global statistics.
 
 Backward:
 
 1. local per-channel ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` from aten's native batch-norm backward
    (reduction outputs only); these are also this rank's weight/bias gradients;
-2. one ``all_reduce`` (SUM, float64) of those ``2C`` values;
+2. one ``all_reduce`` (SUM, in the parameters' dtype) of those ``2C`` values;
 3. ``dx = w * invstd * (dy - sum_dy / N - (x - mean) * invstd * sum_dy_xhat / N)``, as one native inference
    batch-norm pass over ``x`` plus one fused ``addcmul`` with ``dy``.
 
