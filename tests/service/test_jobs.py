@@ -61,6 +61,11 @@ def test_admission_says_what_the_cluster_has(manager: JobManager) -> None:
         manager.submit_check(JobSpec.model_validate(tiny_spec(workers=1, cpus_per_worker=4.5)))
     manager.submit_check(JobSpec.model_validate(tiny_spec(workers=4)))
     assert manager.concurrency_limit() == 4, "default limit: the cluster's CPU count"
+    # One node: STRICT_SPREAD can place a single worker, never two (Ray would retry placement forever).
+    manager.submit_check(JobSpec.model_validate(tiny_spec(workers=1, placement_strategy="STRICT_SPREAD")))
+    with pytest.raises(JobCannotFitError, match=r"STRICT_SPREAD .* only 1 node\(s\) can host one"):
+        manager.submit_check(JobSpec.model_validate(tiny_spec(workers=2, placement_strategy="STRICT_SPREAD")))
+    manager.submit_check(JobSpec.model_validate(tiny_spec(workers=2, placement_strategy="SPREAD")))
 
 
 def test_requests_about_unknown_or_finished_jobs(manager: JobManager) -> None:

@@ -59,6 +59,7 @@ def test_unknown_field_is_refused() -> None:
         ({"model": "vgg"}, "model"),
         ({"dataset": {"kind": "imagenet"}}, "kind"),
         ({"sync_group_size": 1}, "sync_group_size"),
+        ({"placement_strategy": "STRICT_PACK"}, "placement_strategy"),
     ],
 )
 def test_bounds(data: dict, field: str) -> None:
