@@ -77,7 +77,7 @@ class RecordingCallback(UserCallback):
 
 
 class ControllerHandleCallback(ControllerCallback):
-    """Hands the Ray Train controller's actor handle to the recorder as soon as the controller starts.
+    """Hands the Ray Train controller's actor handle to the recorder (and the driver) as soon as it starts.
 
     Cancelling a run then calls the controller's own `abort()`, the path Ray Train takes on Ctrl-C: it tears the
     worker group down and removes its placement group. Killing the controller instead would leave the placement
@@ -88,9 +88,9 @@ class ControllerHandleCallback(ControllerCallback):
     through to the controller as they are (Ray 2.50-2.60).
     """
 
-    def __init__(self, recorder: ActorHandle) -> None:
-        self._recorder = recorder
+    def __init__(self, holders: list[ActorHandle]) -> None:
+        self._holders = holders  # actors with a `set_controller(handle)` method: the record log and the driver
 
     def after_controller_start(self, train_run_context: Any) -> None:
         handle = ray.get_runtime_context().current_actor
-        ray.get(self._recorder.set_controller.remote(handle), timeout=_PUSH_TIMEOUT_S)
+        ray.get([holder.set_controller.remote(handle) for holder in self._holders], timeout=_PUSH_TIMEOUT_S)

@@ -63,7 +63,10 @@ class JobDriver:
     Responsibilities:
       - load the data set (a bad npz fails here, before any worker starts) and share it via the object store;
       - configure Ray Train: scaling, gloo/NCCL, failure and checkpoint policy, the recording callback;
-      - translate the outcome into the `end` record: status, verdict, error (rank and message), model path.
+      - translate the outcome into the `end` record: status, verdict, error (rank and message), model path;
+      - keep a second copy of the Ray Train controller's handle, so a cancel can still abort the controller (and
+        free the placement group) when the record log is gone. `run()` blocks in `fit()`, so the actor is
+        started with a second thread for these small calls.
     """
 
     def __init__(self, job_id: str, spec: dict[str, Any], output_dir: str, data_root: str | None) -> None:
@@ -72,6 +75,15 @@ class JobDriver:
         self.output_dir = Path(output_dir)
         self.data_root = data_root
         self.recorder = ray.get_actor(recorder_name(job_id), namespace=RECORDER_NAMESPACE)
+        self._controller: ActorHandle | None = None
+
+    def set_controller(self, handle: ActorHandle) -> None:
+        """Keep the Ray Train controller's handle (pushed by the controller itself when it starts)."""
+        self._controller = handle
+
+    def controller(self) -> ActorHandle | None:
+        """The Ray Train controller's handle, or None before it started."""
+        return self._controller
 
     def run(self) -> None:
         """Train, write the `end` record, then exit this actor."""
@@ -141,7 +153,10 @@ class JobDriver:
                 storage_path=str(self.output_dir / "ray"),
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                callbacks=[RecordingCallback(self.recorder), ControllerHandleCallback(self.recorder)],
+                callbacks=[
+                    RecordingCallback(self.recorder),
+                    ControllerHandleCallback([self.recorder, ray.get_runtime_context().current_actor]),
+                ],
                 # Ray Train logs every report at INFO (with its metrics: whole layer statistics); ours go to
                 # the recorder instead.
                 logging_config=LoggingConfig(log_level="WARNING"),
@@ -229,9 +244,10 @@ class JobRun:
             # The end record comes first, so the driver's view of the aborted fit() ("failed") cannot replace it.
             ray.get(recorder.finish.remote("cancelled"), timeout=_RPC_TIMEOUT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            # The record log is unreachable (its node is gone): still stop the driver, which owns the workers.
+            # The record log is unreachable (its node is gone): abort through the driver's copy of the controller
+            # handle, then stop the driver, which owns the workers.
             logger.warning("job %s: record log unreachable while cancelling; stopping the driver anyway", self.job_id)
-            controller = None
+            controller = self._controller_from_driver()
         if controller is not None:
             # abort() ends by exiting the controller actor, so its reply is an actor error; a controller that is
             # already dead has nothing left to stop.
@@ -252,6 +268,15 @@ class JobRun:
         if not self.done():
             self.cancel()
         ray.kill(self._recorder, no_restart=True)
+
+    def _controller_from_driver(self) -> ActorHandle | None:
+        driver = self._driver()
+        if driver is None:
+            return None
+        try:
+            return ray.get(driver.controller.remote(), timeout=_RPC_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return None
 
     def _driver(self) -> ActorHandle | None:
         try:
@@ -305,6 +330,7 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
         name=driver_name(job_id),
         namespace=RECORDER_NAMESPACE,
         lifetime="detached",
+        max_concurrency=2,  # run() blocks in fit(); set_controller/controller are served beside it
         scheduling_strategy=here,
         runtime_env={
             "env_vars": {

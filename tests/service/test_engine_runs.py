@@ -204,6 +204,20 @@ def test_cancel_stops_the_run_and_frees_its_cpus(ray_cluster: dict, tmp_path: Pa
     run.close()
 
 
+def test_cancel_without_the_record_log_still_frees_the_cpus(ray_cluster: dict, tmp_path: Path) -> None:
+    total = ray_cluster["cpus"]
+    run = launch_run(JobSpec(model="mlp", workers=2, epochs=200, stats_every=5), _job_id(), tmp_path)
+    deadline = time.monotonic() + 120
+    while not any(r["kind"] == "step" for r in run.poll(0)):
+        assert time.monotonic() < deadline, run.poll(0)
+        time.sleep(0.2)
+    ray.kill(run._recorder, no_restart=True)  # as when the record log's node is lost
+    run.cancel(timeout=30)  # aborts through the driver's copy of the controller handle
+    with pytest.raises(ValueError):
+        ray.get_actor(driver_name(run.job_id), namespace="syncbn")
+    assert _wait_for_cpus(total) == total, "the run's placement group must be removed"
+
+
 def test_launch_refuses_a_malformed_job_id(ray_cluster: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="job_id must be"):
         launch_run(JobSpec(), "../escape", tmp_path)
