@@ -62,6 +62,17 @@ def _follow(run: JobRun, timeout: float = 180.0, on_record: Any = None) -> list[
         time.sleep(0.1)
 
 
+def _wait_for_record(run: JobRun, kind: str, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """The run's records once one of `kind` has arrived (fails the test after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = run.poll(0)
+        if any(r["kind"] == kind for r in records):
+            return records
+        assert time.monotonic() < deadline, f"no {kind} record in {timeout} s: {records[-3:]}"
+        time.sleep(0.2)
+
+
 def _wait_for_cpus(expected: float, timeout: float = 30.0) -> float:
     deadline = time.monotonic() + timeout
     while True:
@@ -177,10 +188,7 @@ def test_cancel_stops_the_run_and_frees_its_cpus(ray_cluster: dict, tmp_path: Pa
     # Four half-CPU workers synchronising BatchNorm in two groups of two (ranks 0-1 and 2-3).
     spec = JobSpec(model="cnn", workers=4, cpus_per_worker=0.5, sync_group_size=2, epochs=200, stats_every=5)
     run = launch_run(spec, _job_id(), tmp_path)
-    deadline = time.monotonic() + 120
-    while not any(r["kind"] == "layers" for r in run.poll(0)):
-        assert time.monotonic() < deadline, run.poll(0)
-        time.sleep(0.2)
+    _wait_for_record(run, "layers")
     assert ray.available_resources().get("CPU", 0.0) <= total - 2
     layers = next(r for r in run.poll(0) if r["kind"] == "layers")["layers"]
     for layer in layers.values():
@@ -207,10 +215,7 @@ def test_cancel_stops_the_run_and_frees_its_cpus(ray_cluster: dict, tmp_path: Pa
 def test_cancel_without_the_record_log_still_frees_the_cpus(ray_cluster: dict, tmp_path: Path) -> None:
     total = ray_cluster["cpus"]
     run = launch_run(JobSpec(model="mlp", workers=2, epochs=200, stats_every=5), _job_id(), tmp_path)
-    deadline = time.monotonic() + 120
-    while not any(r["kind"] == "step" for r in run.poll(0)):
-        assert time.monotonic() < deadline, run.poll(0)
-        time.sleep(0.2)
+    _wait_for_record(run, "step")
     ray.kill(run._recorder, no_restart=True)  # as when the record log's node is lost
     run.cancel(timeout=30)  # aborts through the driver's copy of the controller handle
     with pytest.raises(ValueError):
