@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.jobs.status import JobStatus
 from service.spec import JobSpec
+from service.status import JobStatus
 from service.store.models import EpochPointRow, JobRow, LayerStatRow, LogLineRow, StepPointRow
 from service.store.repository import as_utc, layer_summary
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from service.api.deps import ManagerDep
 from service.api.models import ClusterPublic
 from service.api.routes.responses import errors
-from service.jobs.status import JobStatus
+from service.status import JobStatus
 
 __all__ = ["router"]
 

@@ -27,7 +27,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from service.api.deps import JobDep, ManagerDep, StoreDep
 from service.api.routes.responses import errors
-from service.jobs.status import JobStatus
+from service.status import JobStatus
 
 __all__ = ["router"]
 

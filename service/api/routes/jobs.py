@@ -14,8 +14,8 @@ from service.api.deps import JobDep, ManagerDep, SettingsDep, StoreDep
 from service.api.models import JobCreate, JobPublic, JobsPublic
 from service.api.routes.responses import errors
 from service.jobs.manager import JobManager, JobNotFoundError, JobStateError
-from service.jobs.status import JobStatus
 from service.spec import JobSpec
+from service.status import JobStatus
 from service.store.models import JobRow
 
 __all__ = ["router"]
