@@ -34,6 +34,7 @@ from sqlalchemy import (
     text,
 )
 
+from service.api.models import JobPublic
 from service.cli import main
 from service.status import JobStatus
 from service.store import JobStore
@@ -327,6 +328,7 @@ def test_a_010_database_with_rows_is_upgraded_and_every_job_reads_back(database_
                 if isinstance(value, datetime):
                     got = got if got.tzinfo else got.replace(tzinfo=timezone.utc)
                 assert got == value, (expected["id"], column, got, value)
+            assert JobPublic.from_row(job).spec.seed == expected["spec"]["seed"], "the API reads the 0.1.0 spec"
             steps, epochs = store.metrics(job.id)
             assert [(p.step, p.train_loss) for p in steps] == [
                 (r["step"], r["train_loss"]) for r in rows["step_points"] if r["job_id"] == job.id
