@@ -405,3 +405,35 @@ def test_db_upgrade_adopts_a_010_sqlite_database_in_the_data_dir(
         assert store.list_jobs()[1] == len(JobStatus)
     finally:
         store.close()
+
+
+def test_services_starting_together_on_postgres_upgrade_once(postgres_url: str) -> None:
+    """The advisory lock serialises concurrent upgrades: without it, all but one would fail on existing tables."""
+    import threading
+
+    import psycopg
+
+    schema = f"c_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as connection:
+        connection.execute(f'CREATE SCHEMA "{schema}"')
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    engines = [make_engine(url) for _ in range(4)]
+    results: list[Any] = []
+    start = threading.Barrier(len(engines))
+
+    def upgrade(engine: Any) -> None:
+        start.wait()
+        try:
+            results.append(upgrade_database(engine))
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=upgrade, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for engine in engines:
+        engine.dispose()
+    assert all(not isinstance(result, Exception) for result in results), results
+    assert sorted(result.before or "" for result in results) == ["", *[head_revision()] * 3]
