@@ -127,12 +127,12 @@ def test_a_job_through_every_verb(story: Story, tmp_path: Path) -> None:
     from service.engine.models import build_model
 
     spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(tiny_spec(name="every-verb", **ONE_EPOCH)))
+    spec_file.write_text(yaml.safe_dump(tiny_spec(name="every-verb", workers=1, **ONE_EPOCH)))
     with Client(story.server.url) as client, story.server.client() as raw:
         submitted = client.submit(spec_file, idempotency_key="every-verb-1")
         assert isinstance(submitted, JobPublic) and submitted.name == "every-verb"
         assert submitted.status in (JobStatus.QUEUED, JobStatus.RUNNING)
-        again = client.submit(tiny_spec(name="every-verb", **ONE_EPOCH), idempotency_key="every-verb-1")
+        again = client.submit(tiny_spec(name="every-verb", workers=1, **ONE_EPOCH), idempotency_key="every-verb-1")
         assert again.id == submitted.id, "the same Idempotency-Key returns the first job"
 
         events = list(client.events(submitted.id))
