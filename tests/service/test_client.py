@@ -135,6 +135,7 @@ def test_a_job_through_every_verb(story: Story, tmp_path: Path) -> None:
         again = client.submit(tiny_spec(name="every-verb", workers=1, **ONE_EPOCH), idempotency_key="every-verb-1")
         assert again.id == submitted.id, "the same Idempotency-Key returns the first job"
 
+        live_lines = list(client.logs(submitted.id, follow=True))  # follows the run live until it ends
         events = list(client.events(submitted.id))
         truth = read_events(raw, submitted.id)
         assert [(e.id, e.type, e.data) for e in events] == [(e["id"], e["event"], e["data"]) for e in truth]
@@ -173,6 +174,7 @@ def test_a_job_through_every_verb(story: Story, tmp_path: Path) -> None:
         lines = list(client.logs(job.id))
         assert lines and all(isinstance(line, LogLine) for line in lines)
         assert [line.model_dump(mode="json") for line in lines] == raw.get(f"/v1/jobs/{job.id}/logs").json()["data"]
+        assert live_lines == lines, "the lines followed live are the stored lines"
         assert list(client.logs(job.id, follow=True)) == lines, "a finished job: follow ends with the last line"
         log_events = [(e.id, e.data["message"]) for e in events if e.type == "log"]
         assert [(line.seq, line.message) for line in lines] == log_events
