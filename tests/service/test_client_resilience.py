@@ -5,15 +5,16 @@ resumes with Last-Event-ID and yields exactly the stored events, once each). Onl
 retried: a 404 or a 500 is sent once.
 
 The faults come from `FaultyProxy`, a real HTTP server of our own (uvicorn on loopback) in front of a real
-service (`LiveServer`): it forwards each request and injects the fault a test asks for.
+service (`LiveServer`): it forwards each request and injects the fault a test asks for. The late start is a real
+`syncbn serve` process (`ServeProcess`, with its own embedded Ray) that the client calls the moment it is launched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ from service.client import (
     ServiceUnavailableError,
     UnexpectedResponseError,
 )
+from service.jobs.status import JobStatus
 from service.settings import Settings
-from tests.service.conftest_api import LiveServer, free_port, read_events, tiny_spec, wait_for
+from tests.service.conftest_api import LiveServer, ServeProcess, free_port, read_events, tiny_spec, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -210,18 +212,18 @@ def test_503_is_retried_and_other_errors_are_not(setup: Setup) -> None:
             client.get(setup.job_id)
 
 
-def test_a_service_that_starts_late_is_waited_for(ray_cluster: dict, tmp_path: Path) -> None:
-    late = LiveServer(Settings(data_dir=tmp_path, max_concurrent_jobs=0))
-    starter = threading.Timer(1.0, late.start)
-    began = time.monotonic()
-    starter.start()
+def test_a_syncbn_serve_that_is_still_starting_is_waited_for(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    serve = ServeProcess(tmp_path, "--max-concurrent-jobs", "0", "--ray-num-cpus", "2")  # starting from now on
+    patient = RetryPolicy(retries=300, backoff_s=0.2, max_backoff_s=1.0)
     try:
-        with Client(late.url, retry=RetryPolicy(retries=60, backoff_s=0.1, max_backoff_s=0.5)) as client:
-            assert list(client.list()) == []
-        assert time.monotonic() - began >= 1.0, "the first attempts were refused"
+        with caplog.at_level(logging.WARNING, logger="service.client"), Client(serve.url, retry=patient) as client:
+            job = client.submit(tiny_spec(name="early"))
+            refused = [r.getMessage() for r in caplog.records if "ConnectError" in r.getMessage()]
+            assert refused and refused[0].startswith("POST /v1/jobs: ConnectError"), "sent before the port was open"
+            assert job.status is JobStatus.QUEUED and [j.id for j in client.list()] == [job.id]
+            assert client.cancel(job.id).status is JobStatus.CANCELLED
     finally:
-        starter.join()
-        late.stop()
+        assert serve.terminate() == 0, serve.log()
 
 
 def test_a_port_nothing_listens_on_fails_with_a_sentence() -> None:
