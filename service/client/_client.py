@@ -80,7 +80,7 @@ class Client:
         token: bearer token, when the service has api_tokens. Default: none.
         timeout: seconds per request (a number, or an `httpx.Timeout`). Default 30. The event stream and
             cancel use longer read timeouts (see `events` and `cancel`).
-        retry: the retry policy. Default `RetryPolicy()`: 5 retries over about 10-15 s.
+        retry: the retry policy. Default `RetryPolicy()`: 5 retries over 8-16 s.
 
     Example:
         with Client("http://127.0.0.1:8000") as client:

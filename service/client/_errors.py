@@ -68,6 +68,21 @@ class ClientError(Exception):
         reason = self.response.reason_phrase if self.response is not None else ""
         return f"{self.status_code}{' ' + reason if reason else ''}: {self.detail}"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross processes (multiprocessing, Ray tasks): everything travels but the response, whose
+        # connection and stream belong to this process.
+        state = {key: value for key, value in self.__dict__.items() if key != "response"}
+        return (_rebuild, (type(self), state))
+
+
+def _rebuild(kind: type[ClientError], state: dict[str, Any]) -> ClientError:
+    """An error unpickled from `ClientError.__reduce__`'s state (its response left behind)."""
+    error = kind.__new__(kind)
+    Exception.__init__(error, state["detail"])
+    error.__dict__.update(state)
+    error.response = None
+    return error
+
 
 class SpecError(ClientError, ValueError):
     """The spec given to `submit` could not be read or is not a valid JobSpec (nothing was sent)."""

@@ -41,7 +41,7 @@ class RetryPolicy:
         jitter: waits are drawn between (1 - jitter) and 1 times the computed wait, so many clients that failed
             together do not come back together. Default 0.5.
 
-    With the defaults a request is tried 6 times over about 10-15 s.
+    With the defaults a request is tried 6 times over 8-16 s.
     """
 
     retries: int = 5

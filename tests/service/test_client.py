@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 import yaml
 
 import service.client
-from service.api.models import JobPublic, LayerHistoryPublic, LayersPublic, LogLine, MetricsPublic
+from service.api.models import JobPublic, JobSummary, LayerHistoryPublic, LayersPublic, LogLine, MetricsPublic
 from service.client import (
     APIError,
     AsyncClient,
@@ -34,6 +36,7 @@ from service.client import (
     SpecError,
     WaitTimeoutError,
 )
+from service.client._errors import error_from_response
 from service.client._sse import parse_events
 from service.jobs.status import JobStatus
 from service.settings import Settings
@@ -72,6 +75,21 @@ def test_all_is_the_public_surface() -> None:
     assert set(service.client.__all__) == public
     errors = [getattr(service.client, name) for name in service.client.__all__ if name.endswith("Error")]
     assert all(issubclass(kind, ClientError) for kind in errors), "one hierarchy"
+
+
+def test_errors_cross_processes_without_their_response() -> None:
+    response = httpx.Response(422, json={"detail": "workers: too many.", "errors": [{"field": "workers"}]})
+    error = pickle.loads(pickle.dumps(error_from_response(response)))
+    assert isinstance(error, InvalidRequestError) and error.response is None
+    assert (error.status_code, error.detail, error.errors) == (422, "workers: too many.", [{"field": "workers"}])
+    summary = dict.fromkeys(JobSummary.model_fields, None) | {"epochs_done": 0}
+    job = JobPublic.model_validate(
+        {"id": "a" * 32, "name": None, "status": "queued", "spec": tiny_spec(), "created_at": "2026-01-01T00:00:00Z"}
+        | dict.fromkeys(("started_at", "finished_at", "error", "queue_position"), None)
+        | {"cancel_requested": False, "has_model": False, "summary": summary}
+    )
+    late = pickle.loads(pickle.dumps(WaitTimeoutError("still queued.", job=job)))
+    assert late.job == job and late.status_code is None and str(late) == "still queued."
 
 
 def test_sse_decoder_handles_comments_multiline_data_and_ids() -> None:
