@@ -17,10 +17,11 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from service.api.models import JobPublic
-from service.client import APIError, Client, ClientError, ConnectionFailedError, Event, SpecError
+if TYPE_CHECKING:  # the client (and the API models it loads) is imported in run_submit: `syncbn --help` stays fast
+    from service.api.models import JobPublic
+    from service.client import Client, Event
 
 __all__ = ["add_submit_arguments", "event_line", "run_submit"]
 
@@ -103,6 +104,8 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from service.client import APIError, Client, ClientError, ConnectionFailedError, SpecError
+
     with Client(args.url, args.token, timeout=args.timeout) as client:
         try:
             job = client.submit(args.spec, idempotency_key=args.idempotency_key)
