@@ -144,7 +144,8 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("client-faults"), max_concurrent_jobs=1)
+    # max_concurrent_jobs=0: jobs stay queued, nothing trains
+    settings = Settings(data_dir=tmp_path_factory.mktemp("client-faults"), max_concurrent_jobs=0)
     with LiveServer(settings) as server, FaultyProxy(server.url) as proxy:
         yield Setup(server, proxy)
         with server.client() as raw:  # leave no run behind in the session's Ray
@@ -156,7 +157,7 @@ def setup(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def test_a_submit_whose_answer_is_cut_is_retried_into_the_same_job(setup: Setup) -> None:
     setup.proxy.cut_answers = 1
     with Client(setup.proxy.url, retry=QUICK) as client:
-        job = client.submit(tiny_spec(name="cut-answer", workers=1, epochs=1, steps_per_epoch=6, stats_every=1))
+        job = client.submit(tiny_spec(name="cut-answer"))
     posts = [headers for method, _, headers in setup.proxy.seen if method == "POST"]
     assert len(posts) == 2, "the cut answer was retried once"
     assert posts[0]["idempotency-key"] == posts[1]["idempotency-key"], "with the key generated for this submit"
@@ -167,22 +168,39 @@ def test_a_submit_whose_answer_is_cut_is_retried_into_the_same_job(setup: Setup)
 
 
 def test_the_event_stream_resumes_after_every_cut(setup: Setup) -> None:
-    assert setup.job_id, "needs the job of the previous test"
-    setup.proxy.cut_streams_after = 3
-    start = len(setup.proxy.seen)
+    assert setup.job_id, "needs the queued job of the previous test"
+    proxy = setup.proxy
+    proxy.cut_streams_after = 1  # every stream is cut after one event, in the middle of the next
+    start = len(proxy.seen)
+
+    def cancel() -> None:  # new events arrive while the client is following (and being cut)
+        with setup.server.client() as raw:
+            raw.post(f"/v1/jobs/{setup.job_id}/cancel")
+
+    canceller = threading.Timer(1.0, cancel)
+    canceller.start()
     try:
-        with Client(setup.proxy.url, retry=QUICK) as client:
+        with Client(proxy.url, retry=QUICK) as client:
             events = list(client.events(setup.job_id))
     finally:
-        setup.proxy.cut_streams_after = None
+        canceller.join()
+        proxy.cut_streams_after = None
     with setup.server.client() as raw:
         stored = read_events(raw, setup.job_id)
     assert [(e.id, e.type, e.data) for e in events] == [(e["id"], e["event"], e["data"]) for e in stored]
-    assert stored[-2]["data"]["status"] == "succeeded"
-    streams = [headers for _, path, headers in setup.proxy.seen[start:] if path.endswith("/events")]
-    assert len(streams) >= len(stored) // 3, "the stream was cut every 3 events"
+    assert [e.data["status"] for e in events if e.type == "status"] == ["queued", "cancelled"]
+    streams = [headers for _, path, headers in proxy.seen[start:] if path.endswith("/events")]
+    assert "last-event-id" not in streams[0] and len(streams) >= len(stored)
     resumed = [int(headers["last-event-id"]) for headers in streams[1:]]
-    assert resumed == [events[3 * n - 1].id for n in range(1, len(streams))], "each resumes after the last event"
+    assert resumed == [event.id for event in events][: len(resumed)], "each resumes after the last whole event"
+
+    proxy.cut_streams_after = 0  # now no event ever gets through: the client gives up with a sentence
+    try:
+        quitter = Client(proxy.url, retry=RetryPolicy(retries=3, backoff_s=0.01))
+        with quitter, pytest.raises(ConnectionFailedError, match="cut 4 times in a row without an event"):
+            list(quitter.events(setup.job_id))
+    finally:
+        proxy.cut_streams_after = None
 
 
 def test_503_is_retried_and_other_errors_are_not(setup: Setup) -> None:
