@@ -107,7 +107,8 @@ def request(call: Call, retry: RetryPolicy) -> Plan[httpx.Response]:
             continue
         if response.status_code == httpx.codes.SERVICE_UNAVAILABLE and attempt <= retry.retries:
             delay = retry.delay(attempt, response.headers.get("Retry-After"))
-            logger.warning("%s: 503 service unavailable; retrying in %.1f s", _describe(call), delay)
+            detail = error_from_response(response).detail
+            logger.warning("%s: 503 (%s); retrying in %.1f s", _describe(call), detail, delay)
             yield Sleep(delay)
             continue
         if response.is_error:
