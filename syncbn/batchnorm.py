@@ -91,9 +91,7 @@ class SyncBatchNorm(_BatchNorm):
         self._group_name: str | None = DEFAULT_GROUP if group is None else getattr(group, "group_name", None)
 
     @classmethod
-    def convert_sync_batchnorm(
-        cls, module: nn.Module, process_group: dist.ProcessGroup | None = None
-    ) -> nn.Module:
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
         """Every BatchNorm layer of ``module`` replaced by :class:`SyncBatchNorm`, like torch's classmethod.
 
         Same as :func:`syncbn.convert_sync_batchnorm`, which documents the details.

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import syncbn
-from tests.syncbn.scenarios import make_global_batch, rank_slice, small_cnn
+from tests.syncbn.scenarios import make_affine, make_global_batch, rank_slice, small_cnn
 
 
 def mixed_model() -> nn.Module:
@@ -40,10 +40,10 @@ def _step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torc
         p.grad = None
     y = model(x)
     y.backward(dy)
-    out = {"y": y.detach(), "dx": x.grad}
+    out = {"y": y.detach().cpu(), "dx": x.grad.cpu()}
     model = getattr(model, "_orig_mod", model)  # names without torch.compile's wrapper prefix
-    out.update({f"grad.{n}": p.grad.clone() for n, p in model.named_parameters()})
-    out.update({f"buffer.{n}": b.clone() for n, b in model.named_buffers()})
+    out.update({f"grad.{n}": p.grad.cpu().clone() for n, p in model.named_parameters()})
+    out.update({f"buffer.{n}": b.cpu().clone() for n, b in model.named_buffers()})
     return out
 
 
@@ -52,14 +52,15 @@ def compiled_matches_eager(rank: int, world_size: int, cfg: dict[str, Any]) -> d
 
     Returns both steps' tensors and, when ``cfg['explain']``, dynamo's graph-break count for the model.
     """
-    eager = mixed_model()
+    device = cfg.get("device", "cpu")
+    eager = mixed_model().to(device)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, backend=cfg["backend"], fullgraph=True)
     out: dict[str, Any] = {"eager": [], "compiled": []}
     gen = torch.Generator().manual_seed(100 + rank)
     for _ in range(cfg["steps"]):
-        x = torch.randn(cfg["sizes"][rank], 4, dtype=torch.float64, generator=gen) * 2.0 + 1.0
-        dy = torch.randn(x.shape[0], 6, dtype=torch.float64, generator=gen)
+        x = (torch.randn(cfg["sizes"][rank], 4, dtype=torch.float64, generator=gen) * 2.0 + 1.0).to(device)
+        dy = torch.randn(x.shape[0], 6, dtype=torch.float64, generator=gen).to(device)
         out["eager"].append(_step(eager, x, dy))
         out["compiled"].append(_step(compiled, x, dy))
     if cfg.get("explain"):
@@ -122,7 +123,16 @@ def compiled_ddp_training(rank: int, world_size: int, cfg: dict[str, Any]) -> di
 def deepcopy_and_pickle(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """deepcopy of a model converted with an explicit group, and torch.save of whole models with/without one."""
     group = dist.new_group(list(range(world_size)))
-    model = syncbn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)).double(), group)
+
+    def plain() -> nn.Module:
+        layer = nn.BatchNorm1d(cfg["channels"], dtype=torch.float64)
+        weight, bias = make_affine(cfg)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        return nn.Sequential(layer)
+
+    model = syncbn.SyncBatchNorm.convert_sync_batchnorm(plain(), group)
     copied = copy.deepcopy(model)
     x_all, _ = make_global_batch(cfg)
     x = x_all[rank_slice(cfg, rank)]
@@ -139,7 +149,7 @@ def deepcopy_and_pickle(rank: int, world_size: int, cfg: dict[str, Any]) -> dict
     except TypeError as error:
         out["save_with_group"] = str(error)
     buffer = io.BytesIO()
-    default = syncbn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)).double())
+    default = syncbn.convert_sync_batchnorm(plain())
     default(x)
     torch.save(default, buffer)
     buffer.seek(0)
