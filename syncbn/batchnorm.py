@@ -53,6 +53,13 @@ class SyncBatchNorm(_BatchNorm):
           gradient, so DDP's gradient averaging gives the same update as :class:`torch.nn.SyncBatchNorm`.
         - With DDP, turn off the per-forward buffer broadcast (``forward_sync_buffers=False``, or
           ``broadcast_buffers=False`` before torch 2.13): the running stats are already identical on every rank.
+        - ``torch.compile`` traces the layer with no graph break (``fullgraph=True`` works): it becomes two custom
+          ops (forward, backward) that run the eager code. Steps recorded by :class:`~syncbn.BatchStatsRecorder`
+          run eagerly (a graph break on those steps only).
+        - ``copy.deepcopy`` gives a layer that shares ``process_group``. Pickling (``torch.save(model)``) works
+          when ``process_group`` is None and refuses with the remedy (save the state_dict) otherwise.
+        - On CUDA tensors, ``SYNCBN_CUDA_KERNELS=1`` selects torch's single-pass CUDA kernels for the local work
+          (off by default until they have passed the GPU tests; see :mod:`syncbn._cuda_kernels`).
 
     Example::
 
