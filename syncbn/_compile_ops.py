@@ -27,7 +27,7 @@ def resolve_group(group_name: str) -> dist.ProcessGroup | None:
     """The process group named ``group_name`` (``""``: None, which collectives read as the default group)."""
     if group_name == DEFAULT_GROUP:
         return None
-    # Private but stable since torch 2.2: the registry functional collectives resolve group names with.
+    # A private torch function: the registry that functional collectives resolve group names with.
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(group_name)
@@ -75,7 +75,8 @@ def _backward_op(
         resolve_group(group_name),
         True,
     )
-    assert grad_input is not None  # need_input_grad=True above
+    if grad_input is None:  # not reached: need_input_grad=True above; keeps the output a tensor for the schema
+        grad_input = torch.zeros_like(x)
     if grad_input.stride() != x.stride():
         grad_input = torch.empty_like(x).copy_(grad_input)
     return grad_input, grad_weight.clone(), grad_bias.clone()
@@ -95,6 +96,7 @@ def _backward_fake(
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """x's memory format (channels_last only where it differs from contiguous), to lay out grad_out like x."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
