@@ -34,3 +34,13 @@ def test_deepcopy_shares_the_group_and_pickling_needs_no_live_group(pool2: Proce
         assert r["loaded_group"] is None
         torch.testing.assert_close(r["loaded_running_mean"], r["default_running_mean"], atol=0.0, rtol=0.0)
     torch.testing.assert_close(torch.cat([r["loaded_y"] for r in results]), ref["y"], atol=TIGHT, rtol=0.0)
+
+
+def test_cuda_kernels_switch_never_sends_cpu_tensors_to_cuda_only_kernels(monkeypatch) -> None:
+    from syncbn._cuda_kernels import CUDA_KERNELS_ENV, use_cuda_kernels
+
+    monkeypatch.setenv(CUDA_KERNELS_ENV, "1")
+    assert not use_cuda_kernels(torch.zeros(2, 3))  # torch.batch_norm_stats & co. have no CPU kernels
+    monkeypatch.setenv(CUDA_KERNELS_ENV, "0")
+    if torch.cuda.is_available():
+        assert not use_cuda_kernels(torch.zeros(2, 3, device="cuda"))
