@@ -105,3 +105,49 @@ def test_nccl_world_size_one_is_plain_batchnorm(tmp_path) -> None:
         assert torch.equal(ours.running_var, plain.running_var)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_training_step_captures_in_a_cuda_graph(tmp_path, monkeypatch) -> None:
+    """No host synchronisation means the synchronising path (NCCL, forced at world size 1) can be graph-captured."""
+    import torch.distributed as dist
+
+    from syncbn._functions import SyncBatchNormFunction
+
+    monkeypatch.setenv("SYNCBN_CUDA_KERNELS", "1")
+    dist.init_process_group(
+        "nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        layer = syncbn.SyncBatchNorm(4).cuda()
+        x = torch.randn(8, 4, 5, 5, device="cuda", requires_grad=True)
+        dy = torch.randn_like(x)
+
+        def step() -> torch.Tensor:
+            y = SyncBatchNormFunction.apply(
+                x, layer.weight, layer.bias, layer.running_mean, layer.running_var, layer.num_batches_tracked,
+                0.1, layer.eps, dist.group.WORLD, None,
+            )  # fmt: skip
+            y.backward(dy)
+            return y
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph requires
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        x.grad = layer.weight.grad = layer.bias.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = step()
+        graph.replay()
+        torch.cuda.synchronize()
+
+        x_ref = x.detach().clone().requires_grad_(True)
+        plain = torch.nn.BatchNorm2d(4).cuda()
+        y_ref = plain(x_ref)
+        y_ref.backward(dy)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
