@@ -161,6 +161,10 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, results: 
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
+    # Compile-then-DDP compiles each BasicBlock's forward as its own frame, once per block instance (guards on the
+    # block's shapes): 12 instances in the two compiled models, above dynamo's default limit of 8 recompiles, after
+    # which the rest would silently run eagerly.
+    torch._dynamo.config.recompile_limit = 64
     variants = variants_of(args)
     models = {v: DistributedDataParallel(build(v, args.compile_backend), broadcast_buffers=False) for v in variants}
     opts = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
