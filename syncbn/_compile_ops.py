@@ -64,16 +64,9 @@ def _backward_op(
     group_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(grad_input, grad_weight, grad_bias)``; the weight/bias ones are zeros for a layer without them."""
+    # grad_out may come in any layout from the compiled graph: both paths accept mixed layouts (no copy here).
     grad_input, grad_weight, grad_bias = sync_backward(
-        grad_out.contiguous(memory_format=_memory_format(x)),
-        x,
-        weight,
-        stats[0],
-        stats[1],
-        total,
-        eps,
-        resolve_group(group_name),
-        True,
+        grad_out, x, weight, stats[0], stats[1], total, eps, resolve_group(group_name), True
     )
     if grad_input is None:  # not reached: need_input_grad=True above; keeps the output a tensor for the schema
         grad_input = torch.zeros_like(x)
@@ -93,15 +86,6 @@ def _backward_fake(
     group_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), torch.empty_like(stats[0]), torch.empty_like(stats[0])
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """x's memory format (channels_last only where it differs from contiguous), to lay out grad_out like x."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
