@@ -20,6 +20,11 @@ Backward:
    batch-norm pass over ``x`` plus one fused ``addcmul`` with ``dy``.
 
 Neither pass gathers per-rank tensors: the volume per layer is independent of the number of ranks.
+
+On CUDA tensors with ``SYNCBN_CUDA_KERNELS=1`` the local steps (forward 1 and 4, backward 1 and 3) use torch's
+single-pass CUDA kernels instead (:mod:`syncbn._cuda_kernels`); the packet layout and everything between is shared.
+:func:`sync_forward` and :func:`sync_backward` are the two passes; the eager autograd Function below and the
+custom ops ``torch.compile`` traces (:mod:`syncbn._compile_ops`) both call them.
 """
 
 from __future__ import annotations
