@@ -23,6 +23,7 @@ from service.dashboard import mount_dashboard
 from service.jobs.manager import JobManager
 from service.settings import Settings
 from service.store import JobStore
+from syncbn import __version__
 
 __all__ = ["create_app"]
 
@@ -63,7 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(
         title="syncbn",
-        version="0.1.0",
+        version=__version__,
         summary="Distributed training with exact synchronized BatchNorm, as a service.",
         description=DESCRIPTION,
         lifespan=lifespan,
