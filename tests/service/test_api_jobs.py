@@ -157,7 +157,7 @@ def test_layer_statistics_latest_by_step_and_history(story: Story) -> None:
 
 
 def test_the_final_model_is_a_plain_batchnorm_state_dict(story: Story, tmp_path: Path) -> None:
-    from service.engine.models import build_model
+    from service.engine.model_registry import build_model
 
     with story.client() as client:
         response = client.get(f"/v1/jobs/{story.first['id']}/model")
