@@ -207,6 +207,10 @@ def _print_summary(summary: dict[str, Any], spec: JobSpec) -> None:
     table.add_row(
         "model / data", f"{spec.model} on {spec.dataset.kind}, {spec.workers} workers, sync_bn={spec.sync_bn}"
     )
+    table.add_row(
+        "precision",
+        f"{spec.precision}, channels_last={spec.channels_last}, compile={spec.compile}",
+    )
     table.add_row("epochs done", f"{summary.get('epochs_done')}/{spec.epochs}")
     table.add_row("best val acc", pct(summary.get("best_val_acc")))
     table.add_row("final val acc", pct(summary.get("final_val_acc")))

@@ -536,7 +536,9 @@ class JobManager:
         started = self.store.transition(
             job_id,
             JobStatus.RUNNING,
-            message=f"job started: {spec.workers} worker(s), {spec.model} on {spec.dataset.kind}",
+            message=f"job started: {spec.workers} worker(s), {spec.model} on {spec.dataset.kind}, {spec.precision}"
+            + (", channels_last" if spec.channels_last else "")
+            + (", compiled" if spec.compile else ""),
         )
         if started is None:
             return  # cancelled between the listing and now
