@@ -19,6 +19,7 @@ from service.api.errors import register_error_handlers
 from service.api.prometheus import RequestMetricsMiddleware, ServiceMetrics
 from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, models, prometheus
 from service.dashboard import mount_dashboard
+from service.engine.model_registry import list_models
 from service.jobs.manager import JobManager
 from service.settings import Settings
 from service.store import JobStore
@@ -49,6 +50,10 @@ def create_app(settings: Settings) -> FastAPI:
         except BaseException:
             store.close()
             raise
+        # Read the model registry once now: it imports torch and the installed plugins, which would otherwise
+        # make the first GET /v1/models (the dashboard's form) wait for them.
+        models = await run_in_threadpool(list_models)
+        logger.info("models: %s", ", ".join(entry.name for entry in models))
         app.state.store = store
         app.state.manager = manager
         metrics.bind(manager)
