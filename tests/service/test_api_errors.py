@@ -83,7 +83,7 @@ def test_submit_returns_201_with_the_queued_job(client: httpx.Client) -> None:
         (tiny_spec(colour="red"), ["colour", "not a known field"]),
         (tiny_spec(workers=0), ["workers", "greater than or equal to 1", "(got 0)"]),
         (tiny_spec(optimizer={"name": "sgd", "lr": -1}), ["optimizer.lr", "greater than 0"]),
-        (tiny_spec(model="vgg"), ["model", "(got 'vgg')"]),
+        (tiny_spec(model="vgg"), ["model 'vgg' is not a model this service can build", "GET /v1/models"]),
         (tiny_spec(sync_group_size=3), ["sync_group_size must divide workers"]),
         (tiny_spec(dataset={"kind": "npz", "path": "../up.npz"}), ["dataset.path", ".."]),
         (tiny_spec(dataset={"kind": "npz", "path": "/etc/x.npz"}), ["dataset.path", "absolute"]),
