@@ -16,9 +16,10 @@ from service.api.models import JobCreate, JobPublic, JobsPublic
 from service.api.routes.responses import errors
 from service.engine.model_registry import check_model_name
 from service.jobs.manager import JobManager, JobNotFoundError, JobStateError
-from service.jobs.status import JobStatus
 from service.spec import JobSpec
-from service.store.models import JobRow
+from service.status import JobStatus
+from service.store.limits import string_length
+from service.store.models import IdempotencyKeyRow, JobRow
 
 __all__ = ["router"]
 
@@ -29,7 +30,7 @@ IdempotencyKey = Annotated[
     Header(
         alias="Idempotency-Key",
         min_length=1,
-        max_length=255,
+        max_length=string_length(IdempotencyKeyRow.key),
         pattern=r"^[\x21-\x7e]+$",
         description="Any unique string (e.g. a UUID, printable ASCII without spaces): retrying the same "
         "submission with the same key returns the job created the first time instead of a second job.",
@@ -92,7 +93,7 @@ def list_jobs(
     return JobsPublic(data=[job_public(row, manager, positions.get(row.id)) for row in rows], count=count)
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic, summary="Read a job", responses=errors(401, 404))
+@router.get("/jobs/{job_id}", response_model=JobPublic, summary="Read a job", responses=errors(401, 404, 422))
 def read_job(job: JobDep, manager: ManagerDep) -> JobPublic:
     """Status, timestamps, error reason and summary (epochs done, last/best validation accuracy, verdict)."""
     return job_public(job, manager, _position(job, manager))
@@ -104,7 +105,7 @@ def read_job(job: JobDep, manager: ManagerDep) -> JobPublic:
     summary="Cancel a job",
     responses={
         202: {"model": JobPublic, "description": "The run is still stopping; the job will end as cancelled."},
-        **errors(401, 404, 409),
+        **errors(401, 404, 409, 422),
     },
 )
 async def cancel_job(job: JobDep, manager: ManagerDep, settings: SettingsDep, response: Response) -> JobPublic:
@@ -132,7 +133,7 @@ async def cancel_job(job: JobDep, manager: ManagerDep, settings: SettingsDep, re
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     summary="Delete a finished job",
-    responses=errors(401, 404, 409),
+    responses=errors(401, 404, 409, 422),
 )
 def delete_job(job: JobDep, manager: ManagerDep) -> Response:
     """Remove a finished job with its metrics, statistics, logs and files. Queued or running jobs: 409."""
@@ -149,7 +150,7 @@ def delete_job(job: JobDep, manager: ManagerDep) -> Response:
             "description": "The final state dict (torch.save), with plain BatchNorm layers.",
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
-        **errors(401, 404, 409, non_json_route=True),
+        **errors(401, 404, 409, 422, non_json_route=True),
     },
 )
 def download_model(job: JobDep, manager: ManagerDep) -> Response:
