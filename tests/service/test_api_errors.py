@@ -272,6 +272,7 @@ def test_openapi_documents_every_route_and_field(client: httpx.Client) -> None:
         "/v1/jobs/{job_id}/events",
         "/v1/jobs/{job_id}/logs",
         "/v1/jobs/{job_id}/model",
+        "/v1/models",
         "/healthz",
         "/readyz",
         "/metrics",
