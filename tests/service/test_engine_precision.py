@@ -49,6 +49,7 @@ def test_bf16_channels_last_lands_in_the_fp32_accuracy_band(ray_cluster: dict, t
     for key, (end, _) in ends.items():
         assert end["status"] == "succeeded", (key, end)
     acc = {key: end["final_val_acc"] for key, (end, _) in ends.items()}
+    print(f"validation accuracy: fp32 {acc['fp32']:.4f}, bf16 + channels_last {acc['bf16']:.4f}")  # with -s
     assert acc["fp32"] >= 0.85 and acc["bf16"] >= 0.85, acc
     assert abs(acc["bf16"] - acc["fp32"]) <= 0.05, acc
 
