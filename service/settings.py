@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         description="Folder that npz data sets are read from; a spec's dataset.path is resolved under it. "
         "Default: data_dir/npz.",
     )
+    storage_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="Where Ray Train keeps each run's checkpoints and final model, so they outlive the node that "
+        "wrote them: a folder every node reaches (an NFS mount on a cluster), or s3://bucket/prefix or "
+        "gs://bucket/prefix (pyarrow filesystems, credentials from the environment). Default: data_dir/storage.",
+    )
     max_body_bytes: int = Field(
         1_048_576, ge=1024, le=1 << 30, description="Largest accepted request body in bytes (413 above)."
     )
@@ -110,6 +117,19 @@ class Settings(BaseSettings):
                 )
         return tokens
 
+    @field_validator("storage_uri")
+    @classmethod
+    def _check_storage_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        scheme, sep, _ = value.partition("://")
+        if sep and scheme.lower() not in ("file", "s3", "gs"):
+            raise ValueError(
+                f"storage_uri must be a folder, file://, s3:// or gs:// (got the scheme {scheme!r}): "
+                "mount the storage as a folder on every node, or use a bucket URI."
+            )
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -137,6 +157,12 @@ class Settings(BaseSettings):
     def jobs_dir(self) -> Path:
         """Folder holding one sub-folder of files (model, checkpoints) per job."""
         return (self.data_dir / "jobs").resolve()
+
+    def resolved_storage_uri(self) -> str:
+        """Where runs keep checkpoints and final models: `storage_uri`, or the folder data_dir/storage."""
+        if self.storage_uri:
+            return self.storage_uri
+        return str((self.data_dir / "storage").resolve())
 
     def resolved_npz_root(self) -> Path:
         """Folder that npz data sets are confined to."""

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 __all__ = [
+    "BUILTIN_MODELS",
     "CONV_MODELS",
     "DatasetSpec",
     "EarlyStopSpec",
@@ -27,13 +28,23 @@ __all__ = [
     "ModelName",
     "OptimizerSpec",
     "PlacementStrategy",
+    "Precision",
     "load_spec_file",
     "resolve_npz_path",
 ]
 
-ModelName = Literal["resnet18", "small_resnet", "cnn", "mlp"]
+#: A model's name as the registry lists it (GET /v1/models): a built-in, a plugin's entry point, or
+#: `torchvision/<name>`. Only the syntax is checked here; the service checks that it can build the name at submit.
+ModelName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?$"),
+]
+#: The built-in models (service.engine.models); the registry may offer more.
+BUILTIN_MODELS: tuple[str, ...] = ("resnet18", "small_resnet", "cnn", "mlp")
 #: Ray placement-group strategies for the workers (ScalingConfig.placement_strategy).
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD"]
+#: Arithmetic of a training step: float32, bfloat16 autocast, or float16 autocast with gradient scaling.
+Precision = Literal["fp32", "bf16", "fp16"]
 #: Models made of 2-D convolutions: they need image-shaped inputs (channels, height, width).
 CONV_MODELS: frozenset[str] = frozenset({"resnet18", "small_resnet", "cnn"})
 
@@ -330,9 +341,12 @@ class JobSpec(_Strict):
     )
     model: ModelName = Field(
         "small_resnet",
-        description="Built-in architecture: resnet18 (CIFAR-style ResNet-18), small_resnet (3 stages, 16-64 "
-        "channels), cnn (plain conv net) or mlp (BatchNorm1d multi-layer perceptron). Built with "
-        "nn.BatchNorm*d and converted to syncbn.SyncBatchNorm when sync_bn is true.",
+        description="A model the service can build, by name (GET /v1/models lists them): a built-in "
+        "(resnet18: CIFAR-style ResNet-18, small_resnet: 3 stages of 16-64 channels, cnn: plain conv net, mlp: "
+        "BatchNorm1d multi-layer perceptron), a model of an installed plugin package (entry point group "
+        "syncbn.models) or torchvision/<name> where torchvision is installed. Built with nn.BatchNorm*d and "
+        "converted to syncbn.SyncBatchNorm when sync_bn is true.",
+        json_schema_extra={"x-options-from": "/v1/models"},
     )
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="Data source and validation split.")
     workers: int = Field(2, ge=1, le=512, description="Number of Ray Train workers (data-parallel ranks).")
@@ -377,6 +391,22 @@ class JobSpec(_Strict):
         description="Synchronise BatchNorm within groups of this many consecutive ranks instead of all ranks "
         "(must divide workers; needs sync_bn).",
     )
+    precision: Precision = Field(
+        "fp32",
+        description="Arithmetic of the forward and backward passes: fp32; bf16 (torch.autocast to bfloat16, CPU "
+        "and GPU); fp16 (autocast to float16 with a GradScaler, GPU only). Weights, optimizer state and "
+        "BatchNorm statistics stay float32.",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Keep image tensors and conv weights in channels_last (NHWC) memory format, the fast layout "
+        "for convolutions on GPUs with tensor cores and on recent CPUs; image data only.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (after wrapping it in DDP, as torch recommends); the first steps "
+        "pay the compilation time.",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for weights, data split, shuffling and synthetic data.")
     stats_every: int = Field(
         10,
@@ -414,7 +444,17 @@ class JobSpec(_Strict):
                     f"sync_group_size must divide workers (got sync_group_size={self.sync_group_size}, "
                     f"workers={self.workers}): pick a divisor of {self.workers} or change workers."
                 )
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError(
+                "precision 'fp16' needs use_gpu=true (float16 training with a GradScaler runs on GPUs only): "
+                "use precision 'bf16' on CPU workers, or set use_gpu to true."
+            )
         shape = self.dataset.sample_shape()
+        if self.channels_last and shape is not None and len(shape) != 3:
+            raise ValueError(
+                f"channels_last applies to image samples [channels, height, width], but dataset.input_shape is "
+                f"{list(shape)}: set channels_last to false or use image data."
+            )
         if self.model in CONV_MODELS and shape is not None and len(shape) != 3:
             raise ValueError(
                 f"model {self.model!r} needs image samples [channels, height, width], but "

@@ -6,7 +6,8 @@ on a 2-core laptop (oversubscribed, and said so) rather than waiting forever.
 
 Output folder (default `runs/<job id>`):
   - `metrics.jsonl`: every record of the run (step, epoch, layers, log, end), one JSON object per line;
-  - `model.pt`: the final model, a plain `nn.BatchNorm*d` state dict;
+  - `model.pt`: the final model, a plain `nn.BatchNorm*d` state dict (copied from the run storage, where Ray Train
+    keeps the run's checkpoints: `--storage-uri`, default `<output>/ray`);
   - `spec.json`: the validated spec; `summary.json`: the end record plus the wall time.
 
 Exit code: 0 succeeded, 1 failed (including diverged), 2 bad spec or arguments, 130 cancelled (Ctrl-C).
@@ -43,6 +44,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="Folder that npz dataset paths are relative to [env SYNCBN_NPZ_ROOT].",
     )
     parser.add_argument(
+        "--storage-uri",
+        default=os.environ.get("SYNCBN_STORAGE_URI"),
+        help="Where Ray Train keeps checkpoints and the final model: a folder every node reaches, or s3:// / gs:// "
+        "(default: <output>/ray) [env SYNCBN_STORAGE_URI].",
+    )
+    parser.add_argument(
         "--address",
         default=os.environ.get("RAY_ADDRESS"),
         help="Ray cluster to join instead of starting an embedded one [env RAY_ADDRESS].",
@@ -60,9 +67,22 @@ def run_train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
         return 2
+    from service.engine.model_registry import check_model_name
+    from service.engine.storage import RunStorage
+
+    try:
+        check_model_name(spec.model)
+    except ValueError as exc:
+        sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
+        return 2
     job_id = f"train-{uuid.uuid4().hex[:10]}"
     output = (args.output or Path("runs") / job_id).resolve()
     output.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = RunStorage(args.storage_uri or str(output / "ray"))
+    except ValueError as exc:
+        sys.stderr.write(f"syncbn train: {exc}\n")
+        return 2
     (output / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
     import ray
@@ -81,13 +101,18 @@ def run_train(args: argparse.Namespace) -> int:
         )
     ensure_ray(args.address, num_cpus, log_to_driver=False)
     try:
-        run = launch_run(spec, job_id, output, data_root=args.data_root)
+        run = launch_run(spec, job_id, output, data_root=args.data_root, storage_uri=storage.uri)
         end = _follow(run, spec, output / "metrics.jsonl", quiet=args.json)
         run.close()
     finally:
         if embedded:
             ray.shutdown()
     summary = {"job_id": job_id, **end, "wall_time_s": time.perf_counter() - started, "output_dir": str(output)}
+    stored = storage.find_model(job_id, end.get("model_path"))
+    if stored is not None:
+        # The run storage may be a bucket: the output folder gets its own copy, next to the metrics.
+        summary["model_uri"] = end["model_path"]
+        summary["model_path"] = str(storage.copy_to(stored, output / "model.pt"))
     summary.pop("kind", None)
     summary.pop("seq", None)
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -181,6 +206,10 @@ def _print_summary(summary: dict[str, Any], spec: JobSpec) -> None:
         table.add_row("error", str(summary["error"]))
     table.add_row(
         "model / data", f"{spec.model} on {spec.dataset.kind}, {spec.workers} workers, sync_bn={spec.sync_bn}"
+    )
+    table.add_row(
+        "precision",
+        f"{spec.precision}, channels_last={spec.channels_last}, compile={spec.compile}",
     )
     table.add_row("epochs done", f"{summary.get('epochs_done')}/{spec.epochs}")
     table.add_row("best val acc", pct(summary.get("best_val_acc")))

@@ -17,9 +17,10 @@ from service.api.body_limit import BodySizeLimitMiddleware
 from service.api.deps import require_token
 from service.api.errors import register_error_handlers
 from service.api.prometheus import RequestMetricsMiddleware, ServiceMetrics
-from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, prometheus
+from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, models, prometheus
 from service.api.storable_text import reject_unstorable_parameters
 from service.dashboard import mount_dashboard
+from service.engine.model_registry import list_models
 from service.jobs.manager import JobManager
 from service.settings import Settings
 from service.store import JobStore
@@ -51,6 +52,10 @@ def create_app(settings: Settings) -> FastAPI:
         except BaseException:
             store.close()
             raise
+        # Read the model registry once now: it imports torch and the installed plugins, which would otherwise
+        # make the first GET /v1/models (the dashboard's form) wait for them.
+        entries = await run_in_threadpool(list_models)
+        logger.info("models: %s", ", ".join(entry.name for entry in entries))
         app.state.store = store
         app.state.manager = manager
         metrics.bind(manager)
@@ -80,7 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(prometheus.router, dependencies=secured)
     # Parameters the database cannot store are refused before any route reads it (422 naming the parameter).
     guarded = [*secured, Depends(reject_unstorable_parameters)]
-    for resource in (jobs, job_metrics, layers, logs, events, cluster):
+    for resource in (jobs, job_metrics, layers, logs, events, cluster, models):
         app.include_router(resource.router, dependencies=guarded)
     mount_dashboard(app)  # the web page at / and its files under /ui/static (public; its data comes from /v1)
     return app

@@ -31,6 +31,8 @@ __all__ = [
     "LogLine",
     "LogsPublic",
     "MetricsPublic",
+    "ModelPublic",
+    "ModelsPublic",
     "ReadinessPublic",
     "StepPoint",
 ]
@@ -264,3 +266,18 @@ class ReadinessPublic(BaseModel):
     ready: bool = Field(description="Both checks passed.")
     database: str = Field(description="'ok' or the error.")
     ray: str = Field(description="'ok' or the error.")
+
+
+class ModelPublic(BaseModel):
+    """One model the service can build, by the name a job spec gives in `model`."""
+
+    name: str = Field(description="The name to put in a job spec's `model` field.")
+    package: str = Field(description="The installed package that provides it (syncbn for the built-ins).")
+    summary: str = Field(description="One line about the architecture.")
+
+
+class ModelsPublic(BaseModel):
+    """Every model the service can build: built-ins, installed plugins (entry points), torchvision's."""
+
+    data: list[ModelPublic] = Field(description="The models, built-ins first.")
+    count: int = Field(description="Number of models.")

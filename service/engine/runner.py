@@ -38,6 +38,7 @@ from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from service.engine.recorder import RECORDER_NAMESPACE, RecordLog, recorder_name
+from service.engine.storage import RunStorage, run_name
 from service.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,14 @@ class JobDriver:
         started with a second thread for these small calls.
     """
 
-    def __init__(self, job_id: str, spec: dict[str, Any], output_dir: str, data_root: str | None) -> None:
+    def __init__(
+        self, job_id: str, spec: dict[str, Any], output_dir: str, data_root: str | None, storage_uri: str
+    ) -> None:
         self.job_id = job_id
         self.spec = JobSpec.model_validate(spec)
         self.output_dir = Path(output_dir)
         self.data_root = data_root
+        self.storage = RunStorage(storage_uri)
         self.recorder = ray.get_actor(recorder_name(job_id), namespace=RECORDER_NAMESPACE)
         self._controller: ActorHandle | None = None
 
@@ -89,13 +93,15 @@ class JobDriver:
         """Train, write the `end` record, then exit this actor."""
         status, error, model_path = "failed", None, None
         try:
-            summary = self._fit()
+            summary, model_path = self._fit()
             if summary is None:
                 error = "training ended without a final report (see the log records)"
             elif summary.get("verdict") == "diverged":
-                error = summary.get("reason") or "diverged"
+                error, model_path = summary.get("reason") or "diverged", None
+            elif model_path is None:
+                error = f"training ended but its final model is missing from the storage {self.storage.uri}"
             else:
-                status, model_path = "succeeded", summary.get("model_path")
+                status = "succeeded"
         except Exception as exc:  # every failure must end as a record, never as a silent dead actor
             error = _describe_failure(exc)
             logger.warning("job %s failed: %s", self.job_id, error)
@@ -104,16 +110,19 @@ class JobDriver:
         ray.get(self.recorder.finish.remote(status, error, model_path), timeout=_RPC_TIMEOUT_S)
         ray.actor.exit_actor()
 
-    def _fit(self) -> dict[str, Any] | None:
+    def _fit(self) -> tuple[dict[str, Any] | None, str | None]:
+        """Run `TorchTrainer.fit()`; returns the final report and the final model's location in the storage."""
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from service.engine.data import load_data
+        from service.engine.model_registry import check_model_name
         from service.engine.recording_callback import ControllerHandleCallback, RecordingCallback
         from service.engine.train_loop import train_loop_per_worker
         from service.spec import CONV_MODELS
 
         spec = self.spec
+        check_model_name(spec.model)  # a clear failure here rather than one per worker
         data = load_data(spec.dataset, spec.seed, self.data_root)
         if spec.model in CONV_MODELS and len(data.sample_shape) != 3:
             raise ValueError(
@@ -139,7 +148,6 @@ class JobDriver:
             train_loop_config={
                 "spec": spec.model_dump(mode="json"),
                 "data": ray.put(data),
-                "output_dir": str(self.output_dir),
             },
             torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
@@ -149,8 +157,8 @@ class JobDriver:
                 resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=f"syncbn-{self.job_id}",
-                storage_path=str(self.output_dir / "ray"),
+                name=run_name(self.job_id),
+                storage_path=self.storage.storage_path(),
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=[
@@ -162,8 +170,15 @@ class JobDriver:
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
-        trainer.fit()
-        return ray.get(self.recorder.summary.remote(), timeout=_RPC_TIMEOUT_S)
+        result = trainer.fit()
+        summary = ray.get(self.recorder.summary.remote(), timeout=_RPC_TIMEOUT_S)
+        model_path = None
+        if result.checkpoint is not None:
+            # The last checkpoint is the final report's, with the model in it (none when the run diverged).
+            location = self.storage.model_location(result.checkpoint.path)
+            model_path = self.storage.find_model(self.job_id, location)
+            model_path = location if model_path is not None else None
+        return summary, model_path
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -285,18 +300,27 @@ class JobRun:
             return None
 
 
-def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path | str | None = None) -> JobRun:
+def launch_run(
+    spec: JobSpec,
+    job_id: str,
+    output_dir: Path,
+    *,
+    data_root: Path | str | None = None,
+    storage_uri: str | None = None,
+) -> JobRun:
     """Start a run without waiting for it (Ray must already be initialised, see `cluster.ensure_ray`).
 
     Args:
         spec: the job.
         job_id: a unique id (letters, digits, `_.-`, at most 64 characters); names the actors.
-        output_dir: where the final model (`model.pt`) and Ray Train's checkpoints go; must be reachable from the
-            driver's and rank 0's nodes (always true on a single machine).
+        output_dir: the job's local folder (on the launching node).
         data_root: directory `npz` paths are resolved against (required for `npz` data sets).
+        storage_uri: where Ray Train keeps the run's checkpoints and final model (`service.engine.storage`): a
+            folder every node reaches (local disk on one machine, an NFS mount on a cluster) or `s3://`/`gs://`.
+            Default: `output_dir/ray`. The end record's `model_path` points into it.
 
     Raises:
-        ValueError: a malformed job id, or a run with this id still exists in the cluster.
+        ValueError: a malformed job id, an unusable storage URI, or a run with this id still exists in the cluster.
         RuntimeError: Ray is not initialised.
     """
     if not ray.is_initialized():
@@ -309,6 +333,7 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
         raise ValueError(f"a run with job_id {job_id!r} still exists in the cluster: close it or use another id")
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    storage = RunStorage(storage_uri if storage_uri is not None else str(output_dir / "ray"))
     # Left to Ray, these zero-CPU actors may land on any node (on a multi-node cluster they often do), and a worker
     # node that dies or is scaled away would take the run's record log or driver, and so the whole run, with it.
     # On the launching node (the head, for the service) they live as long as the cluster. The affinity is hard:
@@ -338,7 +363,13 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _REPORT_POLL_INTERVAL_S,
             }
         },
-    ).remote(job_id, spec.model_dump(mode="json"), str(output_dir), None if data_root is None else str(data_root))
+    ).remote(
+        job_id,
+        spec.model_dump(mode="json"),
+        str(output_dir),
+        None if data_root is None else str(data_root),
+        storage.uri,
+    )
     driver.run.remote()
     logger.info("launched job %s (%d workers, output %s)", job_id, spec.workers, output_dir)
     return JobRun(job_id, recorder)

@@ -10,8 +10,9 @@ starts. One rank's life:
    BatchNorm statistics of that step's forward pass and report them; validate, report and checkpoint every epoch;
 4. stop together: divergence and early-stop decisions use only all-reduced values, so every rank leaves the loop
    at the same step and no collective is left waiting;
-5. rank 0 saves the final model with `syncbn.revert_sync_batchnorm` applied, then every rank sends the final
-   report.
+5. every rank sends the final report; rank 0 attaches a last checkpoint holding the final model
+   (`syncbn.revert_sync_batchnorm` applied), which Ray Train uploads to the run's storage
+   (`service.engine.storage`), so the model outlives the node that trained it.
 
 See `service.engine.reports` for what each report holds.
 """
@@ -42,16 +43,16 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import syncbn
 from service.engine.convergence import ConvergenceTracker, divergence_reason
 from service.engine.data import DataSplits
-from service.engine.models import build_model
+from service.engine.model_registry import build_model
 from service.engine.optimization import LearningRate, build_optimizer, set_lr
+from service.engine.step_precision import StepPrecision
+from service.engine.storage import MODEL_FILE
 from service.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_FILE", "train_loop_per_worker"]
+__all__ = ["train_loop_per_worker"]
 
-#: Name of the final model file in the job's output directory.
-MODEL_FILE = "model.pt"
 _STATE_FILE = "state.pt"
 _EVAL_BATCH = 512
 
@@ -60,12 +61,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker.
 
     Args:
-        config: `spec` (the JobSpec as JSON-ready dict), `data` (an ObjectRef to `DataSplits`) and `output_dir`
-            (where rank 0 writes the final model).
+        config: `spec` (the JobSpec as JSON-ready dict) and `data` (an ObjectRef to `DataSplits`).
     """
     spec = JobSpec.model_validate(config["spec"])
     data: DataSplits = ray.get(config["data"])
-    _WorkerRun(spec, data, Path(config["output_dir"])).run()
+    _WorkerRun(spec, data).run()
 
 
 def _buffer_sync(enabled: bool) -> dict[str, bool]:
@@ -84,10 +84,9 @@ class _WorkerRun:
       - decide when to stop from globally agreed values only.
     """
 
-    def __init__(self, spec: JobSpec, data: DataSplits, output_dir: Path) -> None:
+    def __init__(self, spec: JobSpec, data: DataSplits) -> None:
         self.spec = spec
         self.data = data
-        self.output_dir = output_dir
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world = context.get_world_size()
@@ -103,7 +102,8 @@ class _WorkerRun:
                 # Every rank must take part in creating every subgroup; we keep the one holding this rank.
                 self.sync_group, _ = dist.new_subgroups(group_size=spec.sync_group_size)
             model = syncbn.convert_sync_batchnorm(model, process_group=self.sync_group)
-        self.model = model.to(self.device)
+        self.precision = StepPrecision(spec.precision, spec.channels_last, spec.compile, self.device)
+        self.model = self.precision.prepare_model(model.to(self.device))
         self.recorder = syncbn.BatchStatsRecorder(self.model)
 
         sampler_data = TensorDataset(data.x_train, data.y_train)
@@ -131,6 +131,7 @@ class _WorkerRun:
         self.step = 0
         self.final_val_acc: float | None = None
         self.final_train_loss: float | None = None
+        self.verdict: str | None = None  # set when restored from the final checkpoint: the run is already over
         # The current epoch's start time and global sums [loss * n, n, correct], filled by _train_epoch.
         self._epoch_start = 0.0
         self._epoch_sums = torch.zeros(3, dtype=torch.float64)
@@ -142,6 +143,8 @@ class _WorkerRun:
         # group 0's). With local BatchNorm we keep DDP's default, the usual baseline users compare against.
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, **_buffer_sync(not spec.sync_bn))
+        # What each training step calls: the DDP model, compiled when the job asks (DDP first, then compile).
+        self.step_model = self.precision.wrap(self.ddp)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -155,10 +158,12 @@ class _WorkerRun:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
+        self.precision.load_state_dict(state.get("precision", {}))
         self.start_epoch = int(state["epoch"]) + 1
         self.step = int(state["step"])
         self.final_val_acc = state["final_val_acc"]
         self.final_train_loss = state["final_train_loss"]
+        self.verdict = state.get("verdict")
         logger.info("rank %d resumed after epoch %d (step %d)", self.rank, self.start_epoch - 1, self.step)
 
     def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
@@ -166,19 +171,24 @@ class _WorkerRun:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "tracker": self.tracker.state_dict(),
+            "precision": self.precision.state_dict(),
             "epoch": epoch,
             "step": self.step,
             "final_val_acc": self.final_val_acc,
             "final_train_loss": self.final_train_loss,
+            "verdict": self.verdict,
         }
 
-    def _report(self, metrics: dict[str, Any], checkpoint_epoch: int | None = None) -> None:
-        """`ray.train.report` on every rank; rank 0 attaches a checkpoint when `checkpoint_epoch` is given."""
+    def _report(self, metrics: dict[str, Any], checkpoint_epoch: int | None = None, final_model: bool = False) -> None:
+        """`ray.train.report` on every rank; rank 0 attaches a checkpoint when `checkpoint_epoch` is given, with the
+        final model in it when `final_model` is set."""
         if checkpoint_epoch is None or self.rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="syncbn-ckpt-") as directory:
             torch.save(self._checkpoint_state(checkpoint_epoch), Path(directory) / _STATE_FILE)
+            if final_model:
+                self._save_final_model(Path(directory) / MODEL_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     # ---------------------------------------------------------------- the run
@@ -197,10 +207,12 @@ class _WorkerRun:
                 "resumed_from_epoch": self.start_epoch - 1,
             }
         )
-        verdict: str | None = None
+        verdict: str | None = self.verdict
         reason: str | None = None
         epochs_done = self.start_epoch - 1
-        for epoch in range(self.start_epoch, self.spec.epochs + 1):
+        # A run restored from its final checkpoint (a failure after the last report) only reports again.
+        epochs = range(self.start_epoch, self.spec.epochs + 1) if verdict is None else range(0)
+        for epoch in epochs:
             reason = self._train_epoch(epoch)
             if reason is not None:
                 verdict = "diverged"
@@ -212,9 +224,7 @@ class _WorkerRun:
         if verdict is None:
             verdict = "completed"
 
-        model_path = None
-        if verdict != "diverged" and self.rank == 0:
-            model_path = str(self._save_final_model())
+        self.verdict = verdict
         self._report(
             {
                 "kind": "final",
@@ -224,8 +234,10 @@ class _WorkerRun:
                 "best_val_acc": self.tracker.best_val_acc if self.tracker.best_epoch else None,
                 "final_val_acc": self.final_val_acc,
                 "final_train_loss": self.final_train_loss,
-                "model_path": model_path,
-            }
+            },
+            # The final model travels in a last checkpoint, which Ray Train uploads to the run's storage.
+            checkpoint_epoch=None if verdict == "diverged" else epochs_done,
+            final_model=True,
         )
         self.recorder.close()
 
@@ -248,15 +260,16 @@ class _WorkerRun:
             self.step += 1
             recording = self.step % spec.stats_every == 0
             started = time.perf_counter()
-            x = x.to(self.device, non_blocking=True)
+            x = self.precision.prepare_batch(x.to(self.device, non_blocking=True))
             y = y.to(self.device, non_blocking=True)
-            with self.recorder.recording() if recording else contextlib.nullcontext():
-                logits = self.ddp(x)
-            loss = F.cross_entropy(logits, y)
+            with self.recorder.recording() if recording else contextlib.nullcontext(), self.precision.autocast():
+                logits = self.step_model(x)
+                logits = logits.float()  # the loss and the accuracy in float32 whatever the step's precision
+                loss = F.cross_entropy(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.precision.backward(loss, self.optimizer)
             layers = self.recorder.snapshot() if recording else None  # after backward: gradient norms
-            self.optimizer.step()
+            self.precision.step(self.optimizer)
 
             # One tiny all-reduce per step gives the global loss, so every rank sees the same number and a
             # divergence on any rank stops all of them at this very step.
@@ -325,9 +338,10 @@ class _WorkerRun:
         sums = torch.zeros(3, dtype=torch.float64)
         with self._rank0_buffers():
             for start in range(0, len(y_val), _EVAL_BATCH):
-                x = x_val[start : start + _EVAL_BATCH].to(self.device)
+                x = self.precision.prepare_batch(x_val[start : start + _EVAL_BATCH].to(self.device))
                 y = y_val[start : start + _EVAL_BATCH].to(self.device)
-                logits = self.model(x)
+                with self.precision.autocast():
+                    logits = self.model(x).float()
                 sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
                 sums[1] += y.numel()
                 sums[2] += float((logits.argmax(1) == y).sum())
@@ -362,13 +376,8 @@ class _WorkerRun:
             for b, saved in zip(buffers, own, strict=True):
                 b.copy_(saved)
 
-    def _save_final_model(self) -> Path:
-        """Write the plain-BatchNorm state dict to `output_dir/model.pt` atomically (rank 0 only)."""
+    def _save_final_model(self, path: Path) -> None:
+        """Write the plain-BatchNorm state dict (float32, contiguous layout) to `path` (rank 0 only)."""
         plain: nn.Module = syncbn.revert_sync_batchnorm(self.model)
-        state = {key: value.detach().cpu() for key, value in plain.state_dict().items()}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / MODEL_FILE
-        partial = path.with_suffix(".pt.partial")
-        torch.save(state, partial)
-        partial.replace(path)
-        return path
+        state = {key: value.detach().cpu().contiguous() for key, value in plain.state_dict().items()}
+        torch.save(state, path)

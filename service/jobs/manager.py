@@ -26,6 +26,7 @@ from service.store.models import JobRow
 
 if TYPE_CHECKING:
     from service.engine.runner import JobRun
+    from service.engine.storage import RunStorage
 
 __all__ = [
     "Admission",
@@ -117,6 +118,7 @@ class JobManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._capacity: dict[str, Any] | None = None
+        self._storage: RunStorage | None = None
         self._capacity_at = 0.0
         self.records_ingested = 0
         self.loop_errors = 0
@@ -129,6 +131,7 @@ class JobManager:
 
         ensure_ray(self.settings.ray_address, self.settings.ray_num_cpus)
         self.settings.jobs_dir().mkdir(parents=True, exist_ok=True)
+        self.run_storage()  # an unusable storage_uri stops the start here, with its reason
         self._recover()
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="syncbn-job-manager", daemon=True)
@@ -352,6 +355,10 @@ class JobManager:
         folder = self.job_dir(job_id)
         if folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
+        try:
+            self.run_storage().delete_run(job_id)
+        except Exception as exc:  # the rows are gone; a storage hiccup leaves files behind, said in the log
+            logger.warning("removing the stored checkpoints of job %s failed: %s", job_id, exc)
 
     def _remove_leftover_run(self, job_id: str) -> None:
         """Remove a finished job's actors if a crash left them in the cluster."""
@@ -368,19 +375,30 @@ class JobManager:
         """The folder of a job's files (model, checkpoints), under the data folder."""
         return self.settings.jobs_dir() / job_id
 
-    def model_file(self, job: JobRow) -> Path | None:
-        """The final state-dict file of a job if it exists inside the job's folder, else None.
+    def run_storage(self) -> RunStorage:
+        """Where runs keep checkpoints and final models (`Settings.storage_uri`)."""
+        from service.engine.storage import RunStorage
 
-        The path reported by the run is used only when it lies in the job's folder: nothing outside the data
-        folder is ever served.
+        if self._storage is None:
+            self._storage = RunStorage(self.settings.resolved_storage_uri())
+        return self._storage
+
+    def model_file(self, job: JobRow) -> tuple[RunStorage, str] | None:
+        """The storage and path of a job's final model when it exists inside the job's run folder, else None.
+
+        The location the run recorded is used only when it lies in this job's run folder of the storage: nothing
+        else is ever served. Jobs finished before storage_uri existed keep their model in the job's folder.
         """
+        from service.engine.storage import RunStorage
+
+        storage = self.run_storage()
+        found = storage.find_model(job.id, job.model_path)
+        if found is not None:
+            return storage, found
         folder = self.job_dir(job.id).resolve()
-        candidates = [Path(job.model_path)] if job.model_path else []
-        candidates.append(folder / "model.pt")
-        for candidate in candidates:
-            resolved = candidate.resolve()
-            if resolved.is_relative_to(folder) and resolved.is_file():
-                return resolved
+        legacy = (folder / "model.pt").resolve()
+        if legacy.is_relative_to(folder) and legacy.is_file():
+            return RunStorage(str(folder.parent)), str(legacy)
         return None
 
     def running_count(self) -> int:
@@ -518,14 +536,22 @@ class JobManager:
         started = self.store.transition(
             job_id,
             JobStatus.RUNNING,
-            message=f"job started: {spec.workers} worker(s), {spec.model} on {spec.dataset.kind}",
+            message=f"job started: {spec.workers} worker(s), {spec.model} on {spec.dataset.kind}, {spec.precision}"
+            + (", channels_last" if spec.channels_last else "")
+            + (", compiled" if spec.compile else ""),
         )
         if started is None:
             return  # cancelled between the listing and now
         output_dir = self.job_dir(job_id)
         output_dir.mkdir(parents=True, exist_ok=True)
         try:
-            run = launch_run(spec, job_id, output_dir, data_root=self.settings.resolved_npz_root())
+            run = launch_run(
+                spec,
+                job_id,
+                output_dir,
+                data_root=self.settings.resolved_npz_root(),
+                storage_uri=self.run_storage().uri,
+            )
         except Exception as exc:
             logger.exception("launching job %s failed", job_id)
             self.store.transition(

@@ -21,7 +21,7 @@ import torch
 
 from service.cli import main
 from service.engine.data import load_data
-from service.engine.models import build_model
+from service.engine.model_registry import build_model
 from service.engine.runner import JobRun, attach_run, driver_name, launch_run
 from service.spec import JobSpec
 
@@ -128,7 +128,9 @@ def test_two_worker_sync_bn_run_records_stats_and_saves_a_plain_model(ray_cluste
     end = records[-1]
     assert end["status"] == "succeeded" and end["verdict"] == "completed" and end["error"] is None
     assert end["epochs_done"] == 2 and end["final_val_acc"] == epochs[-1]["val_acc"]
-    assert end["model_path"] == str(tmp_path.resolve() / "model.pt")
+    # The final model lives in the run storage (default: output_dir/ray), in the run's last checkpoint.
+    run_folder = tmp_path.resolve() / "ray" / f"syncbn-{run.job_id}"
+    assert Path(end["model_path"]).name == "model.pt" and Path(end["model_path"]).is_relative_to(run_folder)
 
     # The saved model is a plain BatchNorm state dict for the architecture as build_model makes it, and it is
     # the model the reported validation accuracy describes.

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from service.api.deps import JobDep, ManagerDep, SettingsDep, StoreDep
 from service.api.models import JobCreate, JobPublic, JobsPublic
 from service.api.routes.responses import errors
+from service.engine.model_registry import check_model_name
 from service.jobs.manager import JobManager, JobNotFoundError, JobStateError
 from service.spec import JobSpec
 from service.status import JobStatus
@@ -64,9 +66,11 @@ def submit_job(
 ) -> JobPublic:
     """Queue a job. It starts when a slot and its CPUs/GPUs are free; jobs start in submission order.
 
-    A spec that can never fit the cluster (more workers, CPUs or GPUs than it has) is refused with 422.
+    A spec that can never fit the cluster (more workers, CPUs or GPUs than it has), or that names a model the
+    service cannot build (see GET /v1/models), is refused with 422.
     """
     spec = JobSpec.model_validate(body.model_dump())
+    check_model_name(spec.model)  # only names the registry lists can be built (422 with close matches)
     job, created = manager.submit(spec, idempotency_key=idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -149,16 +153,33 @@ def delete_job(job: JobDep, manager: ManagerDep) -> Response:
         **errors(401, 404, 409, 422, non_json_route=True),
     },
 )
-def download_model(job: JobDep, manager: ManagerDep) -> FileResponse:
+def download_model(job: JobDep, manager: ManagerDep) -> Response:
     """The final model of a succeeded job: a plain torch state dict (SyncBatchNorm reverted to BatchNorm),
     loadable with `torch.load(path, weights_only=True)` into the same architecture built with nn.BatchNorm*d.
+    Read from the run storage (`storage_uri`), where Ray Train put it.
     """
     if job.status != JobStatus.SUCCEEDED.value:
         raise JobStateError(f"job {job.id} is {job.status}: a model is available only once a job has succeeded.")
-    path = manager.model_file(job)
-    if path is None:
+    found = manager.model_file(job)
+    if found is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
-            f"job {job.id} succeeded but its model file is missing from the data folder.",
+            f"job {job.id} succeeded but its model file is missing from the run storage.",
         )
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}-model.pt")
+    storage, path = found
+    filename = f"{job.id}-model.pt"
+    local = storage.local_file(path)
+    if local is not None:
+        return FileResponse(local, media_type="application/octet-stream", filename=filename)
+    return StreamingResponse(
+        _chunks(storage.open(path)),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    """Read an object-store stream in chunks (iterated in a thread by Starlette), closing it at the end."""
+    with stream:
+        while chunk := stream.read(size):
+            yield chunk
