@@ -30,6 +30,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ class JobDriver:
     """Runs one job's `TorchTrainer.fit()` inside the cluster and records how it ended.
 
     Responsibilities:
-      - load the data set (a bad npz fails here, before any worker starts) and share it via the object store;
+      - prepare the data set (a bad npz, a missing folder or column fails here, before any worker starts): share
+        in-memory tensors via the object store, hand Ray Data datasets to the trainer as `datasets=`;
       - configure Ray Train: scaling, gloo/NCCL, failure and checkpoint policy, the recording callback;
       - translate the outcome into the `end` record: status, verdict, error (rank and message), model path;
       - keep a second copy of the Ray Train controller's handle, so a cancel can still abort the controller (and
@@ -69,11 +71,19 @@ class JobDriver:
         started with a second thread for these small calls.
     """
 
-    def __init__(self, job_id: str, spec: dict[str, Any], output_dir: str, data_root: str | None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        spec: dict[str, Any],
+        output_dir: str,
+        data_root: str | None,
+        allowed_schemes: list[str] | None = None,
+    ) -> None:
         self.job_id = job_id
         self.spec = JobSpec.model_validate(spec)
         self.output_dir = Path(output_dir)
         self.data_root = data_root
+        self.allowed_schemes = list(allowed_schemes or [])
         self.recorder = ray.get_actor(recorder_name(job_id), namespace=RECORDER_NAMESPACE)
         self._controller: ActorHandle | None = None
 
@@ -108,39 +118,39 @@ class JobDriver:
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from service.engine.data import load_data
+        from service.engine.data import prepare_data
         from service.engine.recording_callback import ControllerHandleCallback, RecordingCallback
         from service.engine.train_loop import train_loop_per_worker
         from service.spec import CONV_MODELS
 
         spec = self.spec
-        data = load_data(spec.dataset, spec.seed, self.data_root)
-        if spec.model in CONV_MODELS and len(data.sample_shape) != 3:
+        # In-memory kinds are loaded here; streamed kinds are listed and checked here, and read by Ray Data.
+        data = prepare_data(spec.dataset, spec.seed, self.data_root, self.allowed_schemes)
+        info = data.info
+        if spec.model in CONV_MODELS and len(info.sample_shape) != 3:
             raise ValueError(
                 f"model {spec.model!r} needs image samples (channels, height, width), but the data set's samples "
-                f"have shape {data.sample_shape}: use model 'mlp' or save x as (N, C, H, W)."
+                f"have shape {info.sample_shape}: use model 'mlp' or save x as (N, C, H, W)."
             )
-        if len(data.y_train) < spec.workers:
+        if info.train_size < spec.workers or (info.streamed and info.val_size < spec.workers):
             raise ValueError(
-                f"the data set has {len(data.y_train)} training samples, fewer than workers={spec.workers}: "
-                "use fewer workers or more data."
+                f"the data set has {info.train_size} training and {info.val_size} validation samples, fewer than "
+                f"workers={spec.workers}: use fewer workers or more data."
             )
-        ray.get(
-            self.recorder.log.remote(
-                "info",
-                f"data: {len(data.y_train)} train / {len(data.y_val)} val samples of shape "
-                f"{list(data.sample_shape)}, {data.num_classes} classes",
-            ),
-            timeout=_RPC_TIMEOUT_S,
-        )
+        ray.get(self.recorder.log.remote("info", info.describe()), timeout=_RPC_TIMEOUT_S)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "spec": spec.model_dump(mode="json"),
-                "data": ray.put(data),
+                "data": {
+                    "info": info.to_dict(),
+                    "splits": ray.put(data.splits) if data.splits is not None else None,
+                },
                 "output_dir": str(self.output_dir),
             },
+            # Streamed kinds: Ray Train splits each dataset over the ranks (streaming_split, equal=True).
+            datasets=data.datasets or None,
             torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=spec.workers,
@@ -285,7 +295,14 @@ class JobRun:
             return None
 
 
-def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path | str | None = None) -> JobRun:
+def launch_run(
+    spec: JobSpec,
+    job_id: str,
+    output_dir: Path,
+    *,
+    data_root: Path | str | None = None,
+    allowed_schemes: Sequence[str] = (),
+) -> JobRun:
     """Start a run without waiting for it (Ray must already be initialised, see `cluster.ensure_ray`).
 
     Args:
@@ -293,7 +310,8 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
         job_id: a unique id (letters, digits, `_.-`, at most 64 characters); names the actors.
         output_dir: where the final model (`model.pt`) and Ray Train's checkpoints go; must be reachable from the
             driver's and rank 0's nodes (always true on a single machine).
-        data_root: directory `npz` paths are resolved against (required for `npz` data sets).
+        data_root: directory data paths are resolved under (required for npz, and for local image_folder/parquet).
+        allowed_schemes: remote URI schemes (`s3`, `gs`) the data may be read from.
 
     Raises:
         ValueError: a malformed job id, or a run with this id still exists in the cluster.
@@ -338,7 +356,13 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _REPORT_POLL_INTERVAL_S,
             }
         },
-    ).remote(job_id, spec.model_dump(mode="json"), str(output_dir), None if data_root is None else str(data_root))
+    ).remote(
+        job_id,
+        spec.model_dump(mode="json"),
+        str(output_dir),
+        None if data_root is None else str(data_root),
+        list(allowed_schemes),
+    )
     driver.run.remote()
     logger.info("launched job %s (%d workers, output %s)", job_id, spec.workers, output_dir)
     return JobRun(job_id, recorder)
