@@ -21,9 +21,11 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
+from service.data_location import check_dataset_locations
 from service.spec import JobSpec, load_spec_file
 
 __all__ = ["add_train_arguments", "run_train"]
@@ -39,8 +41,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-root",
         type=Path,
-        default=os.environ.get("SYNCBN_NPZ_ROOT"),
-        help="Folder that npz dataset paths are relative to [env SYNCBN_NPZ_ROOT].",
+        default=None,
+        help="Folder that dataset paths (npz, image_folder, parquet) are relative to and confined to "
+        "[env SYNCBN_DATA_ROOT; the deprecated SYNCBN_NPZ_ROOT still works].",
     )
     parser.add_argument(
         "--address",
@@ -60,6 +63,14 @@ def run_train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
         return 2
+    data_root = args.data_root if args.data_root is not None else _data_root_from_env()
+    schemes_env = os.environ.get("SYNCBN_ALLOWED_URI_SCHEMES", "")
+    allowed_schemes = [s.strip().lower() for s in schemes_env.split(",") if s.strip()]
+    try:
+        check_dataset_locations(spec.dataset, data_root, allowed_schemes)
+    except ValueError as exc:
+        sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
+        return 2
     job_id = f"train-{uuid.uuid4().hex[:10]}"
     output = (args.output or Path("runs") / job_id).resolve()
     output.mkdir(parents=True, exist_ok=True)
@@ -73,7 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     embedded = not args.address and not ray.is_initialized()
     num_cpus = args.num_cpus
     if embedded and num_cpus is None:
-        num_cpus = max(os.cpu_count() or 1, math.ceil(spec.resources()["CPU"]))
+        # Streamed data sets read and decode in Ray Data tasks beside the workers: one more logical CPU for them.
+        num_cpus = max(os.cpu_count() or 1, math.ceil(spec.resources()["CPU"]) + int(spec.dataset.is_streamed))
     if embedded and num_cpus is not None and num_cpus > (os.cpu_count() or 1):
         sys.stderr.write(
             f"syncbn train: the job reserves {spec.resources()['CPU']:g} CPUs and this machine has "
@@ -81,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
     ensure_ray(args.address, num_cpus, log_to_driver=False)
     try:
-        run = launch_run(spec, job_id, output, data_root=args.data_root)
+        run = launch_run(spec, job_id, output, data_root=data_root, allowed_schemes=allowed_schemes)
         end = _follow(run, spec, output / "metrics.jsonl", quiet=args.json)
         run.close()
     finally:
@@ -96,6 +108,18 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary, spec)
     return {"succeeded": 0, "cancelled": 130}.get(end["status"], 1)
+
+
+def _data_root_from_env() -> Path | None:
+    """`SYNCBN_DATA_ROOT`, or its deprecated name `SYNCBN_NPZ_ROOT` (with a warning)."""
+    if os.environ.get("SYNCBN_DATA_ROOT"):
+        return Path(os.environ["SYNCBN_DATA_ROOT"])
+    if os.environ.get("SYNCBN_NPZ_ROOT"):
+        message = "SYNCBN_NPZ_ROOT is deprecated: set SYNCBN_DATA_ROOT (or pass --data-root) instead."
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        sys.stderr.write(f"syncbn train: {message}\n")
+        return Path(os.environ["SYNCBN_NPZ_ROOT"])
+    return None
 
 
 def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[str, Any]:
