@@ -45,6 +45,8 @@ DIGITS_SAMPLES = 1797
 DIGITS_SHAPE = (1, 8, 8)
 #: Dataset kinds streamed through Ray Data (the others are loaded into memory on the job's driver).
 STREAMED_KINDS: frozenset[str] = frozenset({"image_folder", "parquet"})
+#: Logical CPUs a streamed job keeps free for its Ray Data read/decode tasks (counted by admission).
+STREAMED_DATA_CPUS = 1.0
 
 
 class _Strict(BaseModel):
@@ -510,8 +512,16 @@ class JobSpec(_Strict):
         return max(1, int(self.cpus_per_worker))
 
     def resources(self) -> dict[str, float]:
-        """Logical resources the whole run reserves: `{"CPU": ..., "GPU": ...}` (for admission checks)."""
-        return {"CPU": self.workers * self.cpus_per_worker, "GPU": float(self.workers if self.use_gpu else 0)}
+        """Logical resources the whole run reserves: `{"CPU": ..., "GPU": ...}` (for admission checks).
+
+        Streamed data sets add `STREAMED_DATA_CPUS` for the Ray Data tasks that read and decode beside the workers:
+        with every CPU taken by the workers those tasks could never be scheduled and the run would wait forever.
+        """
+        data_cpus = STREAMED_DATA_CPUS if self.dataset.is_streamed else 0.0
+        return {
+            "CPU": self.workers * self.cpus_per_worker + data_cpus,
+            "GPU": float(self.workers if self.use_gpu else 0),
+        }
 
 
 def load_spec_file(path: Path | str) -> JobSpec:

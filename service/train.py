@@ -84,8 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     embedded = not args.address and not ray.is_initialized()
     num_cpus = args.num_cpus
     if embedded and num_cpus is None:
-        # Streamed data sets read and decode in Ray Data tasks beside the workers: one more logical CPU for them.
-        num_cpus = max(os.cpu_count() or 1, math.ceil(spec.resources()["CPU"]) + int(spec.dataset.is_streamed))
+        # (Streamed data sets count one more CPU, for the Ray Data tasks that read and decode beside the workers.)
+        num_cpus = max(os.cpu_count() or 1, math.ceil(spec.resources()["CPU"]))
     if embedded and num_cpus is not None and num_cpus > (os.cpu_count() or 1):
         sys.stderr.write(
             f"syncbn train: the job reserves {spec.resources()['CPU']:g} CPUs and this machine has "
