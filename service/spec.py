@@ -234,12 +234,11 @@ class DatasetSpec(_Strict):
         None,
         min_length=2,
         max_length=2,
-        description="[height, width] every image is resized to (image_folder, parquet; required there); "
-        "each 1-4096.",
+        description="[height, width] every image is resized to (image_folder, parquet; required there); each 1-4096.",
         examples=[[32, 32]],
     )
-    channels: Literal[1, 3] = Field(
-        3, description="Channels after decoding (image_folder, parquet): 1 (grey) or 3 (RGB)."
+    channels: int = Field(
+        3, ge=1, le=3, description="Channels after decoding (image_folder, parquet): 1 (grey) or 3 (RGB)."
     )
     mean: list[float] | None = Field(
         None,
@@ -325,6 +324,8 @@ class DatasetSpec(_Strict):
                     "dataset.val_fraction and dataset.val_uri exclude each other (the validation set is either "
                     "held out of uri or read from val_uri): remove one of them."
                 )
+        if self.channels not in (1, 3):
+            raise ValueError(f"dataset.channels must be 1 (grey) or 3 (RGB) (got {self.channels}).")
         if self.image_size is None:
             raise ValueError(
                 f"dataset.image_size is required when dataset.kind is {self.kind!r}: give [height, width] every "
