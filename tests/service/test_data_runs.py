@@ -5,6 +5,10 @@ fails the job with a message naming the file or column. (The REST side is in tes
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,8 @@ import pytest
 
 from service.cli import main
 from service.engine.data import DataInfo, prepare_data
-from service.spec import DatasetSpec
+from service.engine.runner import launch_run
+from service.spec import DatasetSpec, JobSpec
 from tests.service.digits_files import write_digits_folder
 
 pytestmark = pytest.mark.timeout(300)
@@ -108,3 +113,38 @@ def test_each_worker_streams_only_its_shard_in_bounded_memory(ray_cluster: dict,
     print(
         f"shard {shard_bytes / 2**20:.0f} MiB, peak growth per rank", [f"{r['growth'] / 2**20:.1f} MiB" for r in ranks]
     )
+
+
+def test_a_streamed_job_resumes_after_a_killed_worker(ray_cluster: dict, tmp_path: Path) -> None:
+    write_digits_folder(tmp_path / "root" / "digits")
+    spec = JobSpec(
+        model="cnn",
+        dataset={"kind": "image_folder", "uri": "digits", "image_size": [8, 8], "channels": 1},
+        workers=2,
+        epochs=2,
+        batch_size=32,
+        stats_every=5,
+        max_failures=1,
+        checkpoint_every=1,
+    )
+    run = launch_run(spec, f"test-{uuid.uuid4().hex[:8]}", tmp_path / "out", data_root=tmp_path / "root")
+    killed: list[int] = []
+    records: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 240
+    while not records or records[-1]["kind"] != "end":
+        assert time.monotonic() < deadline, f"the run did not end: {records[-3:]}"
+        for record in run.poll(records[-1]["seq"] if records else 0):
+            records.append(record)
+            if record["kind"] == "epoch" and record["epoch"] == 1 and not killed:
+                pid = next(w["pid"] for w in run.info()["workers"] if w["rank"] == 1)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.2)
+    run.close()
+    end = records[-1]
+    assert killed and end["status"] == "succeeded" and end["epochs_done"] == 2, end
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    starts = [r["message"] for r in records if r["kind"] == "log" and "workers on cpu" in r["message"]]
+    assert len(starts) == 2 and "resuming after epoch 1" in starts[1], starts
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert epochs[1]["step"] == 2 * epochs[0]["step"]  # the resumed epoch streamed a full shard again
