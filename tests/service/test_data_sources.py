@@ -163,7 +163,7 @@ def test_an_undecodable_image_fails_the_read_naming_the_file(ray_cluster: dict, 
     )
     prepared = prepare_data(DatasetSpec(**{**PARQUET, "uri": "broken.parquet", "val_fraction": 0.5}), 0, tmp_path)
     with pytest.raises(
-        Exception, match=r"dataset.image_column 'image' holds a value that is not a decodable .* broken\.parquet"
+        Exception, match=r"dataset.image_column 'image' holds a value that is not a decodable .*broken\.parquet"
     ):
         for name in ("train", "val"):
             _rows(prepared, name)
