@@ -141,7 +141,6 @@ def test_a_streamed_job_resumes_after_a_killed_worker(ray_cluster: dict, tmp_pat
         assert time.monotonic() < deadline, f"the run did not end: {records[-3:]}"
         for record in run.poll(records[-1]["seq"] if records else 0):
             records.append(record)
-            print(record["kind"], {k: v for k, v in record.items() if k not in ("layers", "kind")})
             if record["kind"] == "epoch" and record["epoch"] == 1 and not killed:
                 pid = next(w["pid"] for w in run.info()["workers"] if w["rank"] == 1)
                 os.kill(pid, signal.SIGKILL)
