@@ -31,6 +31,7 @@ def test_cli_trains_an_image_folder_of_digits(ray_cluster: dict, tmp_path: Path,
         "workers": 2,
         "epochs": 2,
         "batch_size": 32,
+        "steps_per_epoch": 15,  # fewer than the 22 a shard holds: each epoch leaves its stream early
         "stats_every": 5,
         "checkpoint_every": 0,
         "optimizer": {"name": "sgd", "lr": 0.1},
@@ -43,12 +44,12 @@ def test_cli_trains_an_image_folder_of_digits(ray_cluster: dict, tmp_path: Path,
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # (Ray may print warnings first)
     assert code == 0, summary
     assert summary["status"] == "succeeded" and summary["epochs_done"] == 2
-    assert summary["final_val_acc"] > 0.85, summary  # real digits, learnt in two epochs
+    assert summary["final_val_acc"] > 0.8, summary  # real digits, learnt in 30 steps
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     log = [r["message"] for r in records if r["kind"] == "log"]
     assert any("10 classes (streamed through Ray Data)" in m for m in log), log
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [e["step"] for e in epochs] == [epochs[0]["step"], 2 * epochs[0]["step"]]  # same steps every epoch
+    assert [e["step"] for e in epochs] == [15, 30]  # the cap, every epoch
 
 
 def _shard_peak_memory(config: dict[str, Any]) -> None:
