@@ -1,8 +1,9 @@
 """image_folder: a folder `<class_name>/<image files>` (png, jpeg) streamed through Ray Data.
 
-On the driver only the file *names* are listed (images directly inside each class folder) (classes sorted by name give labels 0..K-1, each file's split is a
-seeded hash of its relative path); the pixels are read, decoded and resized by `ray.data.read_images` in Ray Data's
-CPU tasks and normalised by a `map_batches` transform, one block at a time. Files are read in a new seeded order
+On the driver only the file *names* of the images directly inside each class folder are listed (classes sorted
+by name give labels 0..K-1, each file's split is a seeded hash of its relative path); the pixels are read, decoded
+and resized by `ray.data.read_images` in Ray Data's CPU tasks and normalised by a `map_batches` transform, one
+block at a time. Files are read in a new seeded order
 every epoch (`FileShuffleConfig(reseed_after_execution=True)`: each epoch is a new execution).
 
 Local folders must lie under the data root, and so must every file in them: a symlink inside the folder that leads
@@ -84,7 +85,9 @@ def prepare(
         val_size=len(val_paths),
         streamed=True,
     )
-    logger.info("image_folder %s: %d classes, %d train, %d val", spec.uri, len(classes), len(train_files), len(val_paths))
+    logger.info(
+        "image_folder %s: %d classes, %d train, %d val", spec.uri, len(classes), *map(len, (train_files, val_paths))
+    )
     return PreparedData(info=info, datasets={"train": train, "val": val})
 
 
@@ -121,9 +124,7 @@ def _list_folder(
             )
         files.append((entry.path, "/".join(parts)))
     if not classes:
-        raise ValueError(
-            f"{field} {given!r} holds no class folders: lay the images out as <class_name>/<image files>."
-        )
+        raise ValueError(f"{field} {given!r} holds no class folders: lay the images out as <class_name>/<image files>.")
     if not files:
         raise ValueError(f"{field} {given!r} holds no png or jpeg images in its class folders {sorted(classes)[:5]}.")
     empty = sorted(classes - {PurePosixPath(rel).parts[0] for _, rel in files})

@@ -150,9 +150,7 @@ def _label_pass(spec: DatasetSpec, filesystem: Any, path: str, seed: int, split:
     """(train rows, validation rows, largest label) from one streamed pass over the label column alone."""
     import ray.data
 
-    labels = ray.data.read_parquet(
-        path, filesystem=filesystem, columns=[spec.label_column], include_row_hash=split
-    )
+    labels = ray.data.read_parquet(path, filesystem=filesystem, columns=[spec.label_column], include_row_hash=split)
     train = val = 0
     low, high = 0, -1
     for batch in labels.iter_batches(batch_size=_LABEL_PASS_BATCH, batch_format="numpy"):
