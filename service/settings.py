@@ -11,13 +11,19 @@ raises a `ValueError` that says how to fix it, unless `allow_insecure_bind` is s
 from __future__ import annotations
 
 import ipaddress
+import logging
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.data_location import KNOWN_SCHEMES
+
 __all__ = ["Settings", "is_loopback_host"]
+
+logger = logging.getLogger(__name__)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -69,10 +75,20 @@ class Settings(BaseSettings):
     allow_insecure_bind: bool = Field(
         False, description="Allow binding a non-loopback address without API tokens (not recommended)."
     )
+    data_root: Path | None = Field(
+        None,
+        description="Folder that data sets are read from: a spec's dataset.path (npz) and dataset.uri "
+        "(image_folder, parquet) are resolved under it and may not leave it. Default: data_dir/npz.",
+    )
     npz_root: Path | None = Field(
         None,
-        description="Folder that npz data sets are read from; a spec's dataset.path is resolved under it. "
-        "Default: data_dir/npz.",
+        description="Deprecated name of data_root (SYNCBN_NPZ_ROOT): still honoured, with a warning.",
+    )
+    allowed_uri_schemes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Remote schemes a spec's dataset.uri may use besides paths under data_root: s3 and/or gs "
+        "(comma-separated in SYNCBN_ALLOWED_URI_SCHEMES; read with pyarrow's filesystems and the cluster's "
+        "credentials). Empty: local data only.",
     )
     storage_uri: str | None = Field(
         None,
@@ -130,6 +146,26 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("allowed_uri_schemes", mode="before")
+    @classmethod
+    def _split_schemes(cls, value: object) -> object:
+        """Accept "s3,gs" (the environment's form) as well as a list; blanks are dropped."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            return [str(s).strip().lower().removesuffix("://") for s in value if str(s).strip()]
+        return value
+
+    @field_validator("allowed_uri_schemes")
+    @classmethod
+    def _check_schemes(cls, schemes: list[str]) -> list[str]:
+        for scheme in schemes:
+            if scheme not in KNOWN_SCHEMES:
+                raise ValueError(
+                    f"allowed_uri_schemes entries must be one of {sorted(KNOWN_SCHEMES)} (got {scheme!r})."
+                )
+        return schemes
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -137,6 +173,21 @@ class Settings(BaseSettings):
         if value not in {"debug", "info", "warning", "error", "critical"}:
             raise ValueError(f"log_level must be debug, info, warning, error or critical (got {value!r}).")
         return value
+
+    @model_validator(mode="after")
+    def _take_over_npz_root(self) -> Settings:
+        """`npz_root` is the old name of `data_root`: honour it with a deprecation warning."""
+        if self.npz_root is not None:
+            if self.data_root is not None and self.data_root != self.npz_root:
+                raise ValueError(
+                    f"data_root ({self.data_root}) and its deprecated name npz_root ({self.npz_root}) disagree: "
+                    "set SYNCBN_DATA_ROOT only."
+                )
+            message = "npz_root (SYNCBN_NPZ_ROOT) is deprecated: set data_root (SYNCBN_DATA_ROOT) instead."
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
+            logger.warning(message)
+            self.data_root = self.npz_root
+        return self
 
     @model_validator(mode="after")
     def _refuse_open_bind_without_tokens(self) -> Settings:
@@ -164,6 +215,10 @@ class Settings(BaseSettings):
             return self.storage_uri
         return str((self.data_dir / "storage").resolve())
 
+    def resolved_data_root(self) -> Path:
+        """Folder that data sets (npz files, image folders, Parquet files) are confined to."""
+        return (self.data_root if self.data_root is not None else self.data_dir / "npz").resolve()
+
     def resolved_npz_root(self) -> Path:
-        """Folder that npz data sets are confined to."""
-        return (self.npz_root if self.npz_root is not None else self.data_dir / "npz").resolve()
+        """Deprecated name of `resolved_data_root`."""
+        return self.resolved_data_root()

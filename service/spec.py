@@ -5,22 +5,25 @@ silently falls back to a default). Every field carries a description and bounds;
 generated from them. Mistakes that involve two fields raise `ValueError` with a sentence that names the
 field and says how to fix it.
 
-Files are never trusted: an `npz` data set names a path *relative to a data root* that the operator configures
-(`resolve_npz_path`). Absolute paths and `..` are refused at validation time, and the resolved path (symlinks
-followed) must still lie under the root at run time.
+Files are never trusted: a data set names a path *relative to the data root* that the operator configures (or an
+`s3://`/`gs://` URI where the operator allows it). Absolute paths, `..` and unknown schemes are refused at validation
+time; `service.data_location` resolves the path (symlinks followed), which must still lie under the root.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from service.data_location import check_data_uri, check_npz_path, resolve_npz_path
+
 __all__ = [
     "BUILTIN_MODELS",
     "CONV_MODELS",
+    "STREAMED_KINDS",
     "DatasetSpec",
     "EarlyStopSpec",
     "JobSpec",
@@ -51,6 +54,10 @@ CONV_MODELS: frozenset[str] = frozenset({"resnet18", "small_resnet", "cnn"})
 #: Images of scikit-learn's bundled digits data set: 1,797 grey 8x8 images, 10 classes.
 DIGITS_SAMPLES = 1797
 DIGITS_SHAPE = (1, 8, 8)
+#: Dataset kinds streamed through Ray Data (the others are loaded into memory on the job's driver).
+STREAMED_KINDS: frozenset[str] = frozenset({"image_folder", "parquet"})
+#: Logical CPUs a streamed job keeps free for its Ray Data read/decode tasks (counted by admission).
+STREAMED_DATA_CPUS = 1.0
 
 
 class _Strict(BaseModel):
@@ -174,15 +181,24 @@ class DatasetSpec(_Strict):
     - `synthetic`: seeded class-conditional Gaussian images/vectors of `input_shape`.
     - `npz`: a user file under the operator's data root with arrays `x` (N, ...) and `y` (N,) of integer
       labels, optionally `x_val`/`y_val` (otherwise `val_fraction` of `x` is held out).
+    - `image_folder`: a folder `uri` laid out `<class_name>/<image files>` (png, jpeg); classes sorted by name
+      get labels 0..K-1. Streamed through Ray Data: no process ever holds the whole set.
+    - `parquet`: a Parquet file or folder `uri` with an encoded-image column and an integer label column.
+      Streamed through Ray Data.
+
+    Image kinds are decoded, converted to `channels` and resized to `image_size`, scaled to [0, 1] and
+    normalised per channel with `mean`/`std` (default 0.5/0.5).
     """
 
-    kind: Literal["digits", "synthetic", "npz"] = Field("digits", description="Data source: digits, synthetic or npz.")
+    kind: Literal["digits", "synthetic", "npz", "image_folder", "parquet"] = Field(
+        "digits", description="Data source: digits, synthetic, npz, image_folder or parquet."
+    )
     val_fraction: float = Field(
         0.2,
         ge=0.05,
         le=0.5,
         description="Share of the samples held out for validation (seeded split; npz files with x_val/y_val "
-        "use those instead).",
+        "and image data with val_uri use those instead).",
     )
     num_samples: int = Field(
         2048,
@@ -205,6 +221,53 @@ class DatasetSpec(_Strict):
         "absolute paths and '..' are refused.",
         examples=["mnist_small.npz"],
     )
+    uri: str | None = Field(
+        None,
+        max_length=1024,
+        description="Where the images are (image_folder, parquet): a path relative to the data root, or an "
+        "s3:// or gs:// URI where the operator allows that scheme. image_folder: a folder of "
+        "<class_name>/<image files>; parquet: a .parquet file or a folder of them.",
+        examples=["digits_images"],
+    )
+    val_uri: str | None = Field(
+        None,
+        max_length=1024,
+        description="A separate validation set laid out like uri (image_folder, parquet); null: hold out "
+        "val_fraction of uri.",
+    )
+    image_column: str = Field(
+        "image", min_length=1, max_length=256, description="Column of encoded images, png or jpeg (parquet only)."
+    )
+    label_column: str = Field(
+        "label", min_length=1, max_length=256, description="Column of integer class labels 0..K-1 (parquet only)."
+    )
+    image_size: list[int] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="[height, width] every image is resized to (image_folder, parquet; required there); each 1-4096.",
+        examples=[[32, 32]],
+    )
+    channels: int = Field(
+        3, ge=1, le=3, description="Channels after decoding (image_folder, parquet): 1 (grey) or 3 (RGB)."
+    )
+    mean: list[float] | None = Field(
+        None,
+        min_length=1,
+        max_length=3,
+        description="Per-channel mean subtracted from pixels scaled to [0, 1] (image kinds; default 0.5).",
+    )
+    std: list[float] | None = Field(
+        None,
+        min_length=1,
+        max_length=3,
+        description="Per-channel standard deviation pixels are divided by (image kinds; default 0.5; > 0).",
+    )
+
+    @property
+    def is_streamed(self) -> bool:
+        """Whether the data is streamed through Ray Data (image kinds) rather than loaded into memory."""
+        return self.kind in STREAMED_KINDS
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> DatasetSpec:
@@ -232,13 +295,64 @@ class DatasetSpec(_Strict):
                     "dataset.path is required when dataset.kind is 'npz': give the file's path relative to "
                     "the data root, e.g. 'my_data.npz'."
                 )
-            _check_relative_path(self.path)
+            check_npz_path(self.path)
         elif self.path is not None:
             raise ValueError(
                 f"dataset.path applies to npz data only (got kind={self.kind!r}): remove dataset.path or set "
                 "dataset.kind to 'npz'."
             )
+        self._check_image_fields()
         return self
+
+    def _check_image_fields(self) -> None:
+        """The fields of the streamed image kinds: present where needed, absent elsewhere, consistent."""
+        if not self.is_streamed:
+            for field in ("uri", "val_uri", "image_size", "mean", "std", "image_column", "label_column", "channels"):
+                if self._changed(field):
+                    raise ValueError(
+                        f"dataset.{field} applies to image_folder and parquet data only (got kind={self.kind!r}): "
+                        f"remove dataset.{field} or set dataset.kind to 'image_folder' or 'parquet'."
+                    )
+            return
+        if self.kind != "parquet":
+            for field in ("image_column", "label_column"):
+                if self._changed(field):
+                    raise ValueError(
+                        f"dataset.{field} applies to parquet data only (got kind={self.kind!r}): "
+                        f"remove dataset.{field} or set dataset.kind to 'parquet'."
+                    )
+        if self.uri is None:
+            example = "'my_images'" if self.kind == "image_folder" else "'my_data.parquet'"
+            raise ValueError(
+                f"dataset.uri is required when dataset.kind is {self.kind!r}: give the path relative to the "
+                f"data root, e.g. {example}."
+            )
+        check_data_uri(self.uri, "dataset.uri")
+        if self.val_uri is not None:
+            check_data_uri(self.val_uri, "dataset.val_uri")
+            if self._changed("val_fraction"):
+                raise ValueError(
+                    "dataset.val_fraction and dataset.val_uri exclude each other (the validation set is either "
+                    "held out of uri or read from val_uri): remove one of them."
+                )
+        if self.channels not in (1, 3):
+            raise ValueError(f"dataset.channels must be 1 (grey) or 3 (RGB) (got {self.channels}).")
+        if self.image_size is None:
+            raise ValueError(
+                f"dataset.image_size is required when dataset.kind is {self.kind!r}: give [height, width] every "
+                "image is resized to, e.g. [32, 32]."
+            )
+        if any(not 1 <= d <= 4096 for d in self.image_size):
+            raise ValueError(f"dataset.image_size entries must lie in 1-4096 (got {self.image_size}).")
+        for field in ("mean", "std"):
+            values = getattr(self, field)
+            if values is not None and len(values) != self.channels:
+                raise ValueError(
+                    f"dataset.{field} needs one value per channel (got {len(values)} for channels="
+                    f"{self.channels}): give {self.channels} value(s)."
+                )
+        if self.std is not None and any(not s > 0 for s in self.std):
+            raise ValueError(f"dataset.std values must be > 0 (got {self.std}).")
 
     def sample_shape(self) -> tuple[int, ...] | None:
         """Shape of one input sample when it is known before loading (None for npz files)."""
@@ -246,60 +360,16 @@ class DatasetSpec(_Strict):
             return DIGITS_SHAPE
         if self.kind == "synthetic":
             return tuple(self.input_shape)
+        if self.is_streamed and self.image_size is not None:
+            return (self.channels, *self.image_size)
         return None
 
     def train_size(self) -> int | None:
-        """Number of training samples when it is known before loading (None for npz files)."""
+        """Number of training samples when it is known before loading (None for files)."""
         total = {"digits": DIGITS_SAMPLES, "synthetic": self.num_samples}.get(self.kind)
         if total is None:
             return None
         return total - max(1, round(total * self.val_fraction))
-
-
-def _check_relative_path(path: str) -> None:
-    """Refuse absolute paths, `..` components and odd characters in a user-supplied data path."""
-    if not path or path.strip() != path:
-        raise ValueError(f"dataset.path must be a non-empty relative path without surrounding spaces (got {path!r}).")
-    if "\\" in path or "\x00" in path:
-        raise ValueError(f"dataset.path must use '/' separators and no NUL bytes (got {path!r}).")
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or (len(path) > 1 and path[1] == ":"):
-        raise ValueError(
-            f"dataset.path must be relative to the data root (got the absolute path {path!r}): "
-            "drop the leading '/' and place the file under the data root."
-        )
-    if ".." in pure.parts:
-        raise ValueError(
-            f"dataset.path must stay under the data root (got {path!r}, which contains '..'): "
-            "place the file under the data root and give its path from there."
-        )
-    if pure.suffix != ".npz":
-        raise ValueError(f"dataset.path must name a .npz file (got {path!r}).")
-
-
-def resolve_npz_path(path: str, data_root: Path | str) -> Path:
-    """Resolve a spec's relative npz path against the operator's data root, refusing anything outside it.
-
-    Symlinks are followed before the check, so a link inside the root that points elsewhere is refused too.
-
-    Args:
-        path: `DatasetSpec.path` (already checked to be relative, without `..`).
-        data_root: the directory the operator allows data files to be read from.
-
-    Raises:
-        ValueError: the path escapes the root, or no such file exists.
-    """
-    _check_relative_path(path)
-    root = Path(data_root).resolve()
-    resolved = (root / path).resolve()
-    if not resolved.is_relative_to(root):
-        raise ValueError(
-            f"dataset.path {path!r} resolves to {resolved}, outside the data root {root}: "
-            "place the file itself under the data root."
-        )
-    if not resolved.is_file():
-        raise ValueError(f"dataset.path {path!r} does not exist under the data root {root}: upload it there first.")
-    return resolved
 
 
 _EXAMPLE: dict[str, Any] = {
@@ -483,8 +553,16 @@ class JobSpec(_Strict):
         return max(1, int(self.cpus_per_worker))
 
     def resources(self) -> dict[str, float]:
-        """Logical resources the whole run reserves: `{"CPU": ..., "GPU": ...}` (for admission checks)."""
-        return {"CPU": self.workers * self.cpus_per_worker, "GPU": float(self.workers if self.use_gpu else 0)}
+        """Logical resources the whole run reserves: `{"CPU": ..., "GPU": ...}` (for admission checks).
+
+        Streamed data sets add `STREAMED_DATA_CPUS` for the Ray Data tasks that read and decode beside the workers:
+        with every CPU taken by the workers those tasks could never be scheduled and the run would wait forever.
+        """
+        data_cpus = STREAMED_DATA_CPUS if self.dataset.is_streamed else 0.0
+        return {
+            "CPU": self.workers * self.cpus_per_worker + data_cpus,
+            "GPU": float(self.workers if self.use_gpu else 0),
+        }
 
 
 def load_spec_file(path: Path | str) -> JobSpec:

@@ -22,9 +22,11 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
+from service.data_location import check_dataset_locations
 from service.spec import JobSpec, load_spec_file
 
 __all__ = ["add_train_arguments", "run_train"]
@@ -40,8 +42,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-root",
         type=Path,
-        default=os.environ.get("SYNCBN_NPZ_ROOT"),
-        help="Folder that npz dataset paths are relative to [env SYNCBN_NPZ_ROOT].",
+        default=None,
+        help="Folder that dataset paths (npz, image_folder, parquet) are relative to and confined to "
+        "[env SYNCBN_DATA_ROOT; the deprecated SYNCBN_NPZ_ROOT still works].",
     )
     parser.add_argument(
         "--storage-uri",
@@ -70,8 +73,12 @@ def run_train(args: argparse.Namespace) -> int:
     from service.engine.model_registry import check_model_name
     from service.engine.storage import RunStorage
 
+    data_root = args.data_root if args.data_root is not None else _data_root_from_env()
+    schemes_env = os.environ.get("SYNCBN_ALLOWED_URI_SCHEMES", "")
+    allowed_schemes = [s.strip().lower() for s in schemes_env.split(",") if s.strip()]
     try:
         check_model_name(spec.model)
+        check_dataset_locations(spec.dataset, data_root, allowed_schemes)
     except ValueError as exc:
         sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
         return 2
@@ -93,6 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
     embedded = not args.address and not ray.is_initialized()
     num_cpus = args.num_cpus
     if embedded and num_cpus is None:
+        # (Streamed data sets count one more CPU, for the Ray Data tasks that read and decode beside the workers.)
         num_cpus = max(os.cpu_count() or 1, math.ceil(spec.resources()["CPU"]))
     if embedded and num_cpus is not None and num_cpus > (os.cpu_count() or 1):
         sys.stderr.write(
@@ -101,7 +109,9 @@ def run_train(args: argparse.Namespace) -> int:
         )
     ensure_ray(args.address, num_cpus, log_to_driver=False)
     try:
-        run = launch_run(spec, job_id, output, data_root=args.data_root, storage_uri=storage.uri)
+        run = launch_run(
+            spec, job_id, output, data_root=data_root, storage_uri=storage.uri, allowed_schemes=allowed_schemes
+        )
         end = _follow(run, spec, output / "metrics.jsonl", quiet=args.json)
         run.close()
     finally:
@@ -121,6 +131,18 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary, spec)
     return {"succeeded": 0, "cancelled": 130}.get(end["status"], 1)
+
+
+def _data_root_from_env() -> Path | None:
+    """`SYNCBN_DATA_ROOT`, or its deprecated name `SYNCBN_NPZ_ROOT` (with a warning)."""
+    if os.environ.get("SYNCBN_DATA_ROOT"):
+        return Path(os.environ["SYNCBN_DATA_ROOT"])
+    if os.environ.get("SYNCBN_NPZ_ROOT"):
+        message = "SYNCBN_NPZ_ROOT is deprecated: set SYNCBN_DATA_ROOT (or pass --data-root) instead."
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        sys.stderr.write(f"syncbn train: {message}\n")
+        return Path(os.environ["SYNCBN_NPZ_ROOT"])
+    return None
 
 
 def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[str, Any]:

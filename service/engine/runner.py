@@ -30,6 +30,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,8 @@ class JobDriver:
     """Runs one job's `TorchTrainer.fit()` inside the cluster and records how it ended.
 
     Responsibilities:
-      - load the data set (a bad npz fails here, before any worker starts) and share it via the object store;
+      - prepare the data set (a bad npz, a missing folder or column fails here, before any worker starts): share
+        in-memory tensors via the object store, hand Ray Data datasets to the trainer as `datasets=`;
       - configure Ray Train: scaling, gloo/NCCL, failure and checkpoint policy, the recording callback;
       - translate the outcome into the `end` record: status, verdict, error (rank and message), model path;
       - keep a second copy of the Ray Train controller's handle, so a cancel can still abort the controller (and
@@ -71,13 +73,20 @@ class JobDriver:
     """
 
     def __init__(
-        self, job_id: str, spec: dict[str, Any], output_dir: str, data_root: str | None, storage_uri: str
+        self,
+        job_id: str,
+        spec: dict[str, Any],
+        output_dir: str,
+        data_root: str | None,
+        storage_uri: str,
+        allowed_schemes: list[str] | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = JobSpec.model_validate(spec)
         self.output_dir = Path(output_dir)
         self.data_root = data_root
         self.storage = RunStorage(storage_uri)
+        self.allowed_schemes = list(allowed_schemes or [])
         self.recorder = ray.get_actor(recorder_name(job_id), namespace=RECORDER_NAMESPACE)
         self._controller: ActorHandle | None = None
 
@@ -115,7 +124,7 @@ class JobDriver:
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from service.engine.data import load_data
+        from service.engine.data import prepare_data
         from service.engine.model_registry import check_model_name
         from service.engine.recording_callback import ControllerHandleCallback, RecordingCallback
         from service.engine.train_loop import train_loop_per_worker
@@ -123,32 +132,32 @@ class JobDriver:
 
         spec = self.spec
         check_model_name(spec.model)  # a clear failure here rather than one per worker
-        data = load_data(spec.dataset, spec.seed, self.data_root)
-        if spec.model in CONV_MODELS and len(data.sample_shape) != 3:
+        # In-memory kinds are loaded here; streamed kinds are listed and checked here, and read by Ray Data.
+        data = prepare_data(spec.dataset, spec.seed, self.data_root, self.allowed_schemes)
+        info = data.info
+        if spec.model in CONV_MODELS and len(info.sample_shape) != 3:
             raise ValueError(
                 f"model {spec.model!r} needs image samples (channels, height, width), but the data set's samples "
-                f"have shape {data.sample_shape}: use model 'mlp' or save x as (N, C, H, W)."
+                f"have shape {info.sample_shape}: use model 'mlp' or save x as (N, C, H, W)."
             )
-        if len(data.y_train) < spec.workers:
+        if info.train_size < spec.workers or (info.streamed and info.val_size < spec.workers):
             raise ValueError(
-                f"the data set has {len(data.y_train)} training samples, fewer than workers={spec.workers}: "
-                "use fewer workers or more data."
+                f"the data set has {info.train_size} training and {info.val_size} validation samples, fewer than "
+                f"workers={spec.workers}: use fewer workers or more data."
             )
-        ray.get(
-            self.recorder.log.remote(
-                "info",
-                f"data: {len(data.y_train)} train / {len(data.y_val)} val samples of shape "
-                f"{list(data.sample_shape)}, {data.num_classes} classes",
-            ),
-            timeout=_RPC_TIMEOUT_S,
-        )
+        ray.get(self.recorder.log.remote("info", info.describe()), timeout=_RPC_TIMEOUT_S)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "spec": spec.model_dump(mode="json"),
-                "data": ray.put(data),
+                "data": {
+                    "info": info.to_dict(),
+                    "splits": ray.put(data.splits) if data.splits is not None else None,
+                },
             },
+            # Streamed kinds: Ray Train splits each dataset over the ranks (streaming_split, equal=True).
+            datasets=data.datasets or None,
             torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=spec.workers,
@@ -307,6 +316,7 @@ def launch_run(
     *,
     data_root: Path | str | None = None,
     storage_uri: str | None = None,
+    allowed_schemes: Sequence[str] = (),
 ) -> JobRun:
     """Start a run without waiting for it (Ray must already be initialised, see `cluster.ensure_ray`).
 
@@ -314,10 +324,11 @@ def launch_run(
         spec: the job.
         job_id: a unique id (letters, digits, `_.-`, at most 64 characters); names the actors.
         output_dir: the job's local folder (on the launching node).
-        data_root: directory `npz` paths are resolved against (required for `npz` data sets).
+        data_root: directory data paths are resolved under (required for npz, and for local image_folder/parquet).
         storage_uri: where Ray Train keeps the run's checkpoints and final model (`service.engine.storage`): a
             folder every node reaches (local disk on one machine, an NFS mount on a cluster) or `s3://`/`gs://`.
             Default: `output_dir/ray`. The end record's `model_path` points into it.
+        allowed_schemes: remote URI schemes (`s3`, `gs`) the data may be read from.
 
     Raises:
         ValueError: a malformed job id, an unusable storage URI, or a run with this id still exists in the cluster.
@@ -369,6 +380,7 @@ def launch_run(
         str(output_dir),
         None if data_root is None else str(data_root),
         storage.uri,
+        list(allowed_schemes),
     )
     driver.run.remote()
     logger.info("launched job %s (%d workers, output %s)", job_id, spec.workers, output_dir)

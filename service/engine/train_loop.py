@@ -6,8 +6,10 @@ starts. One rank's life:
 1. pin torch threads to the worker's CPUs, seed, build the model with plain BatchNorm, convert it to
    `syncbn.SyncBatchNorm` (over all ranks or over subgroups of `sync_group_size`) when the job asks for it;
 2. resume from `ray.train.get_checkpoint()` when Ray restarted the worker group after a failure;
-3. train with DDP and a `DistributedSampler` (`set_epoch` every epoch); every `stats_every` steps, record the
-   BatchNorm statistics of that step's forward pass and report them; validate, report and checkpoint every epoch;
+3. train with DDP on this rank's batches (`service.engine.data.rank_batches`: in-memory tensors through a
+   `DistributedSampler`, or this rank's shard of the job's Ray Data datasets; reshuffled every epoch); every
+   `stats_every` steps, record the BatchNorm statistics of that step's forward pass and report them; validate,
+   report and checkpoint every epoch;
 4. stop together: divergence and early-stop decisions use only all-reduced values, so every rank leaves the loop
    at the same step and no collective is left waiting;
 5. every rank sends the final report; rank 0 attaches a last checkpoint holding the final model
@@ -38,11 +40,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import syncbn
 from service.engine.convergence import ConvergenceTracker, divergence_reason
-from service.engine.data import DataSplits
+from service.engine.data import DataInfo, DataSplits
+from service.engine.data.rank_batches import MemoryBatches, RankBatches, StreamedBatches
 from service.engine.model_registry import build_model
 from service.engine.optimization import LearningRate, build_optimizer, set_lr
 from service.engine.step_precision import StepPrecision
@@ -54,18 +56,20 @@ logger = logging.getLogger(__name__)
 __all__ = ["train_loop_per_worker"]
 
 _STATE_FILE = "state.pt"
-_EVAL_BATCH = 512
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker.
 
     Args:
-        config: `spec` (the JobSpec as JSON-ready dict) and `data` (an ObjectRef to `DataSplits`).
+        config: `spec` (the JobSpec as JSON-ready dict) and `data` (`info`: the `DataInfo` as a dict; `splits`: an
+            ObjectRef to the in-memory `DataSplits`, or None for data streamed through Ray Data).
     """
     spec = JobSpec.model_validate(config["spec"])
-    data: DataSplits = ray.get(config["data"])
-    _WorkerRun(spec, data).run()
+    info = DataInfo.from_dict(config["data"]["info"])
+    splits_ref = config["data"].get("splits")
+    splits: DataSplits | None = ray.get(splits_ref) if splits_ref is not None else None
+    _WorkerRun(spec, info, splits).run()
 
 
 def _buffer_sync(enabled: bool) -> dict[str, bool]:
@@ -84,9 +88,8 @@ class _WorkerRun:
       - decide when to stop from globally agreed values only.
     """
 
-    def __init__(self, spec: JobSpec, data: DataSplits) -> None:
+    def __init__(self, spec: JobSpec, info: DataInfo, splits: DataSplits | None) -> None:
         self.spec = spec
-        self.data = data
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world = context.get_world_size()
@@ -95,7 +98,7 @@ class _WorkerRun:
 
         # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
         torch.manual_seed(spec.seed)
-        model = build_model(spec.model, data.sample_shape, data.num_classes)
+        model = build_model(spec.model, info.sample_shape, info.num_classes)
         self.sync_group: dist.ProcessGroup | None = None
         if spec.sync_bn:
             if spec.sync_group_size is not None and spec.sync_group_size < self.world:
@@ -106,23 +109,17 @@ class _WorkerRun:
         self.model = self.precision.prepare_model(model.to(self.device))
         self.recorder = syncbn.BatchStatsRecorder(self.model)
 
-        sampler_data = TensorDataset(data.x_train, data.y_train)
-        self.sampler = DistributedSampler(
-            sampler_data, num_replicas=self.world, rank=self.rank, shuffle=True, seed=spec.seed
-        )
-        shard = len(self.sampler)
-        # Full batches only (as DDP recipes do) unless a rank's shard is smaller than one batch: a last batch of a
-        # single sample would break plain BatchNorm1d, and every rank has the same number of batches either way.
-        self.loader = DataLoader(
-            sampler_data,
-            batch_size=spec.batch_size,
-            sampler=self.sampler,
-            drop_last=shard >= spec.batch_size,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.steps_per_epoch = len(self.loader)
-        if spec.steps_per_epoch is not None:
-            self.steps_per_epoch = min(self.steps_per_epoch, spec.steps_per_epoch)
+        # This rank's batches, from memory or streamed: the same number of steps per epoch on every rank.
+        self.batches: RankBatches
+        if splits is not None:
+            pin = self.device.type == "cuda"
+            self.batches = MemoryBatches(
+                splits, spec.batch_size, spec.steps_per_epoch, spec.seed, self.rank, self.world, pin
+            )
+        else:
+            world = self.world
+            self.batches = StreamedBatches(info, spec.batch_size, spec.steps_per_epoch, spec.seed, self.rank, world)
+        self.steps_per_epoch = self.batches.steps_per_epoch
         self.lr = LearningRate(spec.optimizer.lr, spec.lr_schedule, self.steps_per_epoch, spec.epochs)
 
         self.optimizer = build_optimizer(spec.optimizer, self.model.parameters())
@@ -245,16 +242,13 @@ class _WorkerRun:
         """One pass over this rank's shard; returns a divergence reason when the loss stops being finite."""
         spec = self.spec
         self.ddp.train()
-        self.sampler.set_epoch(epoch)
         self._epoch_start = time.perf_counter()
         self._epoch_sums = torch.zeros(3, dtype=torch.float64)
         window = torch.zeros(3, dtype=torch.float64)
         window_compute_s = 0.0
         window_steps = 0
         window_start = time.perf_counter()
-        for index, (x, y) in enumerate(self.loader):
-            if index >= self.steps_per_epoch:
-                break
+        for x, y in self.batches.train(epoch):
             lr = self.lr.at(self.step)
             set_lr(self.optimizer, lr)
             self.step += 1
@@ -332,14 +326,12 @@ class _WorkerRun:
     @torch.no_grad()
     def _evaluate(self) -> tuple[float, float]:
         """Global validation loss and accuracy; each rank scores every world-th sample (no padding)."""
-        x_val = self.data.x_val[self.rank :: self.world]
-        y_val = self.data.y_val[self.rank :: self.world]
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64)
         with self._rank0_buffers():
-            for start in range(0, len(y_val), _EVAL_BATCH):
-                x = self.precision.prepare_batch(x_val[start : start + _EVAL_BATCH].to(self.device))
-                y = y_val[start : start + _EVAL_BATCH].to(self.device)
+            for x_batch, y_batch in self.batches.validation():
+                x = self.precision.prepare_batch(x_batch.to(self.device))
+                y = y_batch.to(self.device)
                 with self.precision.autocast():
                     logits = self.model(x).float()
                 sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.data_location import check_dataset_locations
 from service.settings import Settings
-from service.spec import JobSpec, resolve_npz_path
+from service.spec import JobSpec
 from service.status import JobStatus
 from service.store import JobStore
 from service.store.models import JobRow
@@ -211,14 +212,15 @@ class JobManager:
 
         Raises:
             JobCannotFitError: more CPUs/GPUs in total, or per worker, than the cluster has; fewer nodes able
-                to host a worker than `workers` under STRICT_SPREAD; or an npz path that escapes the data root
-                or does not exist.
+                to host a worker than `workers` under STRICT_SPREAD; an npz path that escapes the data root
+                or does not exist; a dataset.uri/val_uri outside the data root or with a scheme not allowed.
         """
-        if spec.dataset.kind == "npz" and spec.dataset.path is not None:
-            try:
-                resolve_npz_path(spec.dataset.path, self.settings.resolved_npz_root())
-            except ValueError as exc:
-                raise JobCannotFitError(str(exc)) from exc
+        try:
+            check_dataset_locations(
+                spec.dataset, self.settings.resolved_data_root(), self.settings.allowed_uri_schemes
+            )
+        except ValueError as exc:
+            raise JobCannotFitError(str(exc)) from exc
         capacity = self.cluster_capacity(fresh=fresh)
         need = Admission.of(spec)
         cpus, gpus = float(capacity.get("cpus", 0.0)), float(capacity.get("gpus", 0.0))
@@ -549,8 +551,9 @@ class JobManager:
                 spec,
                 job_id,
                 output_dir,
-                data_root=self.settings.resolved_npz_root(),
+                data_root=self.settings.resolved_data_root(),
                 storage_uri=self.run_storage().uri,
+                allowed_schemes=self.settings.allowed_uri_schemes,
             )
         except Exception as exc:
             logger.exception("launching job %s failed", job_id)

@@ -10,12 +10,21 @@
 
 import { h, replace } from "./dom.js";
 
-/** Field -> [controlling field, value]: shown (and sent) only when the controlling field has that value. */
+/** Field -> [controlling field, value or list of values]: shown (and sent) only when the controlling field has
+ * (one of) that value. */
 const APPLIES_WHEN = {
   "dataset.num_samples": ["dataset.kind", "synthetic"],
   "dataset.num_classes": ["dataset.kind", "synthetic"],
   "dataset.input_shape": ["dataset.kind", "synthetic"],
   "dataset.path": ["dataset.kind", "npz"],
+  "dataset.uri": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.val_uri": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.image_size": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.channels": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.mean": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.std": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.image_column": ["dataset.kind", "parquet"],
+  "dataset.label_column": ["dataset.kind", "parquet"],
   "optimizer.momentum": ["optimizer.name", "sgd"],
   "optimizer.nesterov": ["optimizer.name", "sgd"],
   "lr_schedule.step_epochs": ["lr_schedule.name", "step"],
@@ -260,7 +269,9 @@ export class SpecForm {
 
   applies(path) {
     const rule = APPLIES_WHEN[path];
-    return !rule || this.valueOf(rule[0]) === rule[1];
+    if (!rule) return true;
+    const value = this.valueOf(rule[0]);
+    return Array.isArray(rule[1]) ? rule[1].includes(value) : value === rule[1];
   }
 
   updateVisibility() {
