@@ -17,7 +17,7 @@ from service.api.body_limit import BodySizeLimitMiddleware
 from service.api.deps import require_token
 from service.api.errors import register_error_handlers
 from service.api.prometheus import RequestMetricsMiddleware, ServiceMetrics
-from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, prometheus
+from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, prometheus, whoami
 from service.dashboard import mount_dashboard
 from service.jobs.manager import JobManager
 from service.settings import Settings
@@ -31,7 +31,8 @@ DESCRIPTION = """\
 Submit distributed training jobs that use exact synchronized BatchNorm, follow them live, and read their
 convergence metrics and per-layer BatchNorm statistics (including cross-worker skew).
 
-All job routes live under `/v1`. When the service has API tokens, send `Authorization: Bearer <token>`.
+All job routes live under `/v1`. When the service has API tokens, send `Authorization: Bearer <token>`: each
+token stands for a principal who sees only its own jobs (another principal's job is a 404), admins see all.
 Errors are JSON `{"detail": "<sentence>"}`: 404 unknown job, 409 wrong state, 422 invalid input.
 """
 
@@ -76,7 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
     secured = [Depends(require_token)]
     app.include_router(health.router)
     app.include_router(prometheus.router, dependencies=secured)
-    for resource in (jobs, job_metrics, layers, logs, events, cluster):
+    for resource in (jobs, job_metrics, layers, logs, events, cluster, whoami):
         app.include_router(resource.router, dependencies=secured)
     mount_dashboard(app)  # the web page at / and its files under /ui/static (public; its data comes from /v1)
     return app
