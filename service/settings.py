@@ -194,10 +194,10 @@ class Settings(BaseSettings):
 def _principal_and_token(entry: str) -> tuple[str, str]:
     """`name=token` -> (name, token); an entry without a valid `name=` prefix is a bare token of 'default'.
 
-    A token may itself contain '=' (base64 padding): only a prefix that is a valid principal name followed by a
-    non-empty rest counts as a name.
+    A token may itself end in '=' (base64 padding): only a prefix that is a valid principal name followed by more
+    than padding counts as a name.
     """
     name, sep, token = entry.partition("=")
-    if sep and token and _PRINCIPAL.match(name):
+    if sep and token.rstrip("=") and _PRINCIPAL.match(name):
         return name, token
     return DEFAULT_PRINCIPAL, entry

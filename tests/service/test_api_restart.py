@@ -104,7 +104,9 @@ def test_sigkilled_service_resumes_a_checkpointed_job_and_stops_its_ray_leftover
         with first.client() as client:
             job = client.post("/v1/jobs", json=spec).json()
             wait_for(
-                lambda: client.get(f"/v1/jobs/{job['id']}").json()["epochs_done"] >= 3, 180, "three epochs to end"
+                lambda: client.get(f"/v1/jobs/{job['id']}").json()["summary"]["epochs_done"] >= 3,
+                180,
+                "three epochs to end",
             )
             before = client.get(f"/v1/jobs/{job['id']}").json()
             assert before["status"] == "running", before
@@ -126,7 +128,7 @@ def test_sigkilled_service_resumes_a_checkpointed_job_and_stops_its_ray_leftover
                     "the resumed job to end",
                 )
                 assert done["status"] == "succeeded", done
-                assert done["epochs_done"] == epochs
+                assert done["summary"]["epochs_done"] == epochs
                 metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()
                 assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, epochs + 1))
                 expected_steps = list(range(stats_every, epochs * steps_per_epoch + 1, stats_every))
