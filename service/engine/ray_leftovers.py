@@ -61,7 +61,7 @@ def _still_running(entry: Any) -> psutil.Process | None:
     pid, started = entry.get("pid"), entry.get("create_time")
     if isinstance(pid, bool) or not isinstance(pid, int) or not isinstance(started, int | float):
         return None
-    if pid == os.getpid() or pid <= 1:
+    if pid <= 1:
         return None
     try:
         process = psutil.Process(pid)
@@ -95,7 +95,8 @@ def stop_leftover_processes(data_dir: Path, timeout: float = 10.0) -> list[int]:
         )
         return []
     entries = recorded.get("processes")
-    leftovers = [p for p in (_still_running(e) for e in entries or []) if p is not None]
+    found = (_still_running(entry) for entry in entries or [])
+    leftovers = [p for p in found if p is not None and p.pid != os.getpid()]
     for process in leftovers:
         with contextlib.suppress(psutil.Error):
             process.terminate()

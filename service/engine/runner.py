@@ -9,10 +9,10 @@ on the node of the process that launches them, so losing another node does not t
 - `syncbn-recorder-{job_id}` (`RecordLog`): the records, filled by the controller's `RecordingCallback`.
 
 Both being detached, a service restart does not stop the run: `attach_run(job_id)` finds it again by name.
-When the run died with the service (an embedded Ray goes down with it), `latest_checkpoint_epoch` reads Ray
-Train's own checkpoint snapshot in the job's folder, and `launch_run(..., resume_after=...)` starts the run again
-under the same Ray Train run name and storage path: Ray Train finds its snapshot there and hands the latest
-checkpoint to `ray.train.get_checkpoint()`, the path a worker-group restart takes.
+When the run died with the service (an embedded Ray goes down with it), `launch_run(..., resume_from=...)` starts
+it again from a checkpoint that `service.engine.checkpoints.resume_point` picked: the train loop restores it
+when Ray Train has none of its own to hand over (Ray Train V2's way to resume a run in a new cluster), and later
+worker failures of that launch resume from its own newer checkpoints as usual.
 Cancelling asks the Ray Train controller to abort (its worker group and placement group go away, so the run's CPUs
 and GPUs come back), then kills the driver.
 
@@ -31,7 +31,6 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import time
@@ -42,59 +41,24 @@ import ray
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from service.engine.checkpoints import next_run_name
 from service.engine.recorder import RECORDER_NAMESPACE, RecordLog, recorder_name
 from service.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobRun", "attach_run", "driver_name", "latest_checkpoint_epoch", "launch_run", "run_storage_dir"]
+__all__ = ["JobRun", "attach_run", "driver_name", "launch_run"]
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: How often the Ray Train controller collects reports (Ray's default is 2 s; a worker reporting faster than the
 #: controller collects would block, since each worker's report queue holds one entry).
 _REPORT_POLL_INTERVAL_S = "0.1"
 _RPC_TIMEOUT_S = 60.0
-#: The file in which Ray Train (V2) keeps the list of a run's checkpoints, in the run's storage folder.
-_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def driver_name(job_id: str) -> str:
     """Name of the driver actor of a job."""
     return f"syncbn-job-{job_id}"
-
-
-def _run_name(job_id: str) -> str:
-    """The Ray Train run name of a job (the same for every launch, so a relaunch finds the checkpoints)."""
-    return f"syncbn-{job_id}"
-
-
-def run_storage_dir(output_dir: Path, job_id: str) -> Path:
-    """The folder in which Ray Train keeps a job's checkpoints and their snapshot."""
-    return Path(output_dir) / "ray" / _run_name(job_id)
-
-
-def latest_checkpoint_epoch(output_dir: Path, job_id: str) -> int | None:
-    """The epoch of the newest checkpoint Ray Train recorded for a job, or None when it has none.
-
-    Reads Ray Train's checkpoint snapshot (a JSON file it writes in the run's storage folder after each
-    checkpoint) and checks that the checkpoint's folder is still there. The epoch is the one in the metrics
-    reported with the checkpoint (the train loop checkpoints with its `epoch` report).
-    """
-    folder = run_storage_dir(output_dir, job_id)
-    try:
-        snapshot = json.loads((folder / _CHECKPOINT_SNAPSHOT).read_text())
-    except (OSError, ValueError):
-        return None
-    latest = snapshot.get("latest_checkpoint_result") if isinstance(snapshot, dict) else None
-    if not isinstance(latest, dict):
-        return None
-    name, metrics = latest.get("checkpoint_dir_name"), latest.get("metrics")
-    if not isinstance(name, str) or not (folder / name).is_dir() or not isinstance(metrics, dict):
-        return None
-    epoch = metrics.get("epoch")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-        return None
-    return epoch
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -110,8 +74,18 @@ class JobDriver:
         started with a second thread for these small calls.
     """
 
-    def __init__(self, job_id: str, spec: dict[str, Any], output_dir: str, data_root: str | None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        spec: dict[str, Any],
+        output_dir: str,
+        data_root: str | None,
+        run_name: str,
+        resume_from: str | None = None,
+    ) -> None:
         self.job_id = job_id
+        self.run_name = run_name
+        self.resume_from = resume_from
         self.spec = JobSpec.model_validate(spec)
         self.output_dir = Path(output_dir)
         self.data_root = data_root
@@ -181,6 +155,7 @@ class JobDriver:
                 "spec": spec.model_dump(mode="json"),
                 "data": ray.put(data),
                 "output_dir": str(self.output_dir),
+                "resume_from": self.resume_from,
             },
             torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
@@ -190,7 +165,7 @@ class JobDriver:
                 resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=_run_name(self.job_id),
+                name=self.run_name,
                 storage_path=str(self.output_dir / "ray"),
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -332,6 +307,7 @@ def launch_run(
     output_dir: Path,
     *,
     data_root: Path | str | None = None,
+    resume_from: Path | None = None,
     resume_after: dict[str, int] | None = None,
 ) -> JobRun:
     """Start a run without waiting for it (Ray must already be initialised, see `cluster.ensure_ray`).
@@ -342,8 +318,8 @@ def launch_run(
         output_dir: where the final model (`model.pt`) and Ray Train's checkpoints go; must be reachable from the
             driver's and rank 0's nodes (always true on a single machine).
         data_root: directory `npz` paths are resolved against (required for `npz` data sets).
-        resume_after: when a run is started again after a service restart (Ray Train resumes it from the
-            checkpoints in `output_dir`), the last `step`, `layers` step and `epoch` already stored, so the new
+        resume_from: a checkpoint folder to start from (a run started again after a service restart).
+        resume_after: for such a run, the last `step`, `layers` step and `epoch` already stored, so the new
             record log drops the steps and epochs the resumed run reports a second time.
 
     Raises:
@@ -389,7 +365,14 @@ def launch_run(
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _REPORT_POLL_INTERVAL_S,
             }
         },
-    ).remote(job_id, spec.model_dump(mode="json"), str(output_dir), None if data_root is None else str(data_root))
+    ).remote(
+        job_id,
+        spec.model_dump(mode="json"),
+        str(output_dir),
+        None if data_root is None else str(data_root),
+        next_run_name(output_dir, job_id),
+        None if resume_from is None else str(resume_from),
+    )
     driver.run.remote()
     logger.info("launched job %s (%d workers, output %s)", job_id, spec.workers, output_dir)
     return JobRun(job_id, recorder)

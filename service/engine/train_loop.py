@@ -5,7 +5,8 @@ starts. One rank's life:
 
 1. pin torch threads to the worker's CPUs, seed, build the model with plain BatchNorm, convert it to
    `syncbn.SyncBatchNorm` (over all ranks or over subgroups of `sync_group_size`) when the job asks for it;
-2. resume from `ray.train.get_checkpoint()` when Ray restarted the worker group after a failure;
+2. resume from `ray.train.get_checkpoint()` when Ray restarted the worker group after a failure, or else from
+   the `resume_from` checkpoint folder the service picked for a run started again after its restart;
 3. train with DDP and a `DistributedSampler` (`set_epoch` every epoch); every `stats_every` steps, record the
    BatchNorm statistics of that step's forward pass and report them; validate, report and checkpoint every epoch;
 4. stop together: divergence and early-stop decisions use only all-reduced values, so every rank leaves the loop
@@ -60,12 +61,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker.
 
     Args:
-        config: `spec` (the JobSpec as JSON-ready dict), `data` (an ObjectRef to `DataSplits`) and `output_dir`
-            (where rank 0 writes the final model).
+        config: `spec` (the JobSpec as JSON-ready dict), `data` (an ObjectRef to `DataSplits`), `output_dir`
+            (where rank 0 writes the final model) and `resume_from` (a checkpoint folder or None).
     """
     spec = JobSpec.model_validate(config["spec"])
     data: DataSplits = ray.get(config["data"])
-    _WorkerRun(spec, data, Path(config["output_dir"])).run()
+    resume_from = config.get("resume_from")
+    _WorkerRun(spec, data, Path(config["output_dir"]), None if resume_from is None else Path(resume_from)).run()
 
 
 def _buffer_sync(enabled: bool) -> dict[str, bool]:
@@ -84,7 +86,7 @@ class _WorkerRun:
       - decide when to stop from globally agreed values only.
     """
 
-    def __init__(self, spec: JobSpec, data: DataSplits, output_dir: Path) -> None:
+    def __init__(self, spec: JobSpec, data: DataSplits, output_dir: Path, resume_from: Path | None = None) -> None:
         self.spec = spec
         self.data = data
         self.output_dir = output_dir
@@ -134,7 +136,7 @@ class _WorkerRun:
         # The current epoch's start time and global sums [loss * n, n, correct], filled by _train_epoch.
         self._epoch_start = 0.0
         self._epoch_sums = torch.zeros(3, dtype=torch.float64)
-        self._restore()
+        self._restore(resume_from)
 
         # With synchronized BatchNorm every rank computes its running statistics from the same global moments,
         # so they are already identical: DDP's default broadcast of rank 0's buffers before each forward would
@@ -145,9 +147,11 @@ class _WorkerRun:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def _restore(self) -> None:
-        """Load model, optimizer and counters from the latest checkpoint, if Ray handed us one."""
+    def _restore(self, resume_from: Path | None) -> None:
+        """Load model, optimizer and counters from the latest checkpoint Ray handed us, else from `resume_from`."""
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and resume_from is not None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(resume_from))
         if checkpoint is None:
             return
         with checkpoint.as_directory() as directory:

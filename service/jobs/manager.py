@@ -114,7 +114,7 @@ class JobManager:
         self.store = store
         self._runs: dict[str, JobRun] = {}
         self._reserved: dict[str, Admission] = {}
-        self._resume: dict[str, int] = {}  # running jobs whose run died with the service -> checkpoint epoch
+        self._resume: list[str] = []  # running jobs whose run died with the service, oldest first
         self._poll_failures: dict[str, int] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -156,7 +156,8 @@ class JobManager:
         self._wake.set()
 
     def _recover(self) -> None:
-        from service.engine.runner import attach_run, latest_checkpoint_epoch
+        from service.engine.checkpoints import job_checkpoints
+        from service.engine.runner import attach_run
 
         for job in self.store.jobs_with_status(JobStatus.RUNNING):
             try:
@@ -172,11 +173,10 @@ class JobManager:
                     message="job cancelled: its run stopped with the service before the cancel completed",
                 )
                 continue
-            epoch = latest_checkpoint_epoch(self.job_dir(job.id), job.id) if run is None else None
-            if run is None and epoch is not None:
+            if run is None and job_checkpoints(self.job_dir(job.id), job.id):
                 with self._lock:
-                    self._resume[job.id] = epoch
-                logger.info("job %s will resume from its checkpoint after epoch %d", job.id, epoch)
+                    self._resume.append(job.id)
+                logger.info("job %s has checkpoints: its run will resume", job.id)
                 continue
             if run is None:
                 self.store.transition(
@@ -528,49 +528,60 @@ class JobManager:
 
     def _resume_runs(self) -> bool:
         """Start again, oldest first, the runs that died with the service; True once none is left waiting."""
+        from service.engine.checkpoints import resume_point
         from service.engine.runner import launch_run
 
         with self._lock:
-            waiting = sorted(self._resume.items())
-        for job_id, epoch in waiting:
+            waiting = list(self._resume)
+        for job_id in waiting:
             if self._stop.is_set():
                 return False
             job = self.store.get_job(job_id)
             if job is None or job.status != JobStatus.RUNNING.value:
-                with self._lock:
-                    self._resume.pop(job_id, None)
+                self._forget_resume(job_id)
                 continue
             if job.cancel_requested:
                 self.store.transition(
                     job_id, JobStatus.CANCELLED, error="cancelled on request", message="job cancelled before it resumed"
                 )
-                with self._lock:
-                    self._resume.pop(job_id, None)
+                self._forget_resume(job_id)
                 continue
             try:
                 spec = JobSpec.model_validate(job.spec)
                 self.submit_check(spec)
             except ValueError as exc:
                 self.store.transition(job_id, JobStatus.FAILED, error=str(exc), level="error")
-                with self._lock:
-                    self._resume.pop(job_id, None)
+                self._forget_resume(job_id)
                 continue
             need = Admission.of(spec)
             with self._lock:
                 running = len(self._runs)
             if running >= self.concurrency_limit() or not self._fits_now(need):
                 return False
+            # The newest checkpoint may be ahead of the stored records (see service.engine.checkpoints): resume
+            # from the newest one whose epoch is stored, so the history continues without a gap.
             resume_after = self.store.stored_progress(job_id)
+            start = resume_point(self.job_dir(job_id), job_id, resume_after["epoch"])
+            self._forget_resume(job_id)
+            if start is None:
+                self.store.transition(
+                    job_id,
+                    JobStatus.FAILED,
+                    error=RESTART_REASON,
+                    message=f"job failed: {RESTART_REASON} and its checkpoints are gone; resubmit the job",
+                    level="error",
+                )
+                continue
+            epoch = start.epoch
             if self.store.mark_resumed(job_id, epoch, RESUME_REASON) is None:
                 continue
-            with self._lock:
-                self._resume.pop(job_id, None)
             try:
                 run = launch_run(
                     spec,
                     job_id,
                     self.job_dir(job_id),
                     data_root=self.settings.resolved_npz_root(),
+                    resume_from=start.path,
                     resume_after=resume_after,
                 )
             except Exception as exc:
@@ -590,6 +601,11 @@ class JobManager:
             if latest is not None and latest.cancel_requested:
                 self._cancel_run(job_id, run)  # a cancel that came while the run was being started
         return True
+
+    def _forget_resume(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._resume:
+                self._resume.remove(job_id)
 
     def _fits_now(self, need: Admission) -> bool:
         capacity = self.cluster_capacity()
