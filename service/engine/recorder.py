@@ -57,6 +57,7 @@ class RecordLog:
         self._summary: dict[str, Any] | None = None
         self._end: dict[str, Any] | None = None
         self._controller: Any = None
+        self._placement_groups: list[str] = []
 
     # ------------------------------------------------------------ writing
 
@@ -96,6 +97,15 @@ class RecordLog:
     def controller(self) -> Any:
         """The Ray Train controller's actor handle, or None before it starts or after the run ended."""
         return self._controller
+
+    def add_placement_group(self, placement_group_id: str) -> None:
+        """Remember a placement group (hex id) reserved for the run's workers, so it can be removed at the end."""
+        if placement_group_id not in self._placement_groups:
+            self._placement_groups.append(placement_group_id)
+
+    def placement_groups(self) -> list[str]:
+        """Hex ids of every placement group reserved for the run's workers, oldest first."""
+        return list(self._placement_groups)
 
     def log(self, level: str, message: str) -> int:
         """Append a `log` record; returns its `seq`."""

@@ -124,7 +124,11 @@ class JobDriver:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from service.engine.data import load_data
-        from service.engine.recording_callback import ControllerHandleCallback, RecordingCallback
+        from service.engine.recording_callback import (
+            ControllerHandleCallback,
+            PlacementGroupCallback,
+            RecordingCallback,
+        )
         from service.engine.train_loop import train_loop_per_worker
         from service.spec import CONV_MODELS
 
@@ -172,6 +176,7 @@ class JobDriver:
                 callbacks=[
                     RecordingCallback(self.recorder),
                     ControllerHandleCallback([self.recorder, ray.get_runtime_context().current_actor]),
+                    PlacementGroupCallback(self.recorder),
                 ],
                 # Ray Train logs every report at INFO (with its metrics: whole layer statistics); ours go to
                 # the recorder instead.
@@ -277,13 +282,38 @@ class JobRun:
             time.sleep(0.2)
 
     def close(self) -> None:
-        """Remove the run's actors from the cluster (call once its records are stored elsewhere).
+        """Remove the run's actors, and any placement group it left reserved, from the cluster (call once its
+        records are stored elsewhere).
 
         Cancels the run first if it is still going.
         """
         if not self.done():
             self.cancel()
+        self.release_placement_groups()
         ray.kill(self._recorder, no_restart=True)
+
+    def release_placement_groups(self) -> list[str]:
+        """Remove the placement groups of a run that is over but left them reserved; returns their hex ids.
+
+        A run that ends through Ray Train (success, failure, cancel) removes its own; one whose driver actor died
+        does not (its controller died with it, and Ray ties the group to the service's Ray job). Does nothing
+        while the run goes on.
+        """
+        if not ray.get(self._recorder.done.remote(), timeout=_RPC_TIMEOUT_S):
+            return []
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        removed = []
+        for group_id in ray.get(self._recorder.placement_groups.remote(), timeout=_RPC_TIMEOUT_S):
+            group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
+            state = ray.util.placement_group_table(group).get("state")
+            if state in (None, "REMOVED"):
+                continue
+            remove_placement_group(group)
+            removed.append(group_id)
+        if removed:
+            logger.warning("job %s: removed %d placement group(s) its run left reserved", self.job_id, len(removed))
+        return removed
 
     def _controller_from_driver(self) -> ActorHandle | None:
         driver = self._driver()

@@ -95,7 +95,9 @@ def _runs(pid: int, create_time: float) -> bool:
 def test_sigkilled_service_resumes_a_checkpointed_job_and_stops_its_ray_leftovers(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     flags = ("--max-concurrent-jobs", "1", "--ray-num-cpus", "4")
-    epochs, steps_per_epoch, stats_every = 24, 4, 2
+    # Epochs of a few seconds: Ray Train's newest checkpoint is then at most an epoch ahead of the stored records,
+    # and one of the two kept checkpoints is one the history reaches (see service.engine.checkpoints).
+    epochs, steps_per_epoch, stats_every = 8, 30, 5
     spec = tiny_spec(
         name="resumable", epochs=epochs, steps_per_epoch=steps_per_epoch, stats_every=stats_every, checkpoint_every=1
     )
@@ -104,9 +106,9 @@ def test_sigkilled_service_resumes_a_checkpointed_job_and_stops_its_ray_leftover
         with first.client() as client:
             job = client.post("/v1/jobs", json=spec).json()
             wait_for(
-                lambda: client.get(f"/v1/jobs/{job['id']}").json()["summary"]["epochs_done"] >= 3,
+                lambda: client.get(f"/v1/jobs/{job['id']}").json()["summary"]["epochs_done"] >= 2,
                 180,
-                "three epochs to end",
+                "two epochs to end",
             )
             before = client.get(f"/v1/jobs/{job['id']}").json()
             assert before["status"] == "running", before
