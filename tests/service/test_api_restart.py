@@ -97,7 +97,7 @@ def test_sigkilled_service_resumes_a_checkpointed_job_and_stops_its_ray_leftover
     flags = ("--max-concurrent-jobs", "1", "--ray-num-cpus", "4")
     # Epochs of a few seconds: Ray Train's newest checkpoint is then at most an epoch ahead of the stored records,
     # and one of the two kept checkpoints is one the history reaches (see service.engine.checkpoints).
-    epochs, steps_per_epoch, stats_every = 8, 30, 5
+    epochs, steps_per_epoch, stats_every = 5, 30, 5
     spec = tiny_spec(
         name="resumable", epochs=epochs, steps_per_epoch=steps_per_epoch, stats_every=stats_every, checkpoint_every=1
     )
