@@ -9,6 +9,8 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from service.api.deps import JobDep, StoreDep
 from service.api.models import LayerHistoryPublic, LayersPublic
 from service.api.routes.responses import errors
+from service.store.limits import integer_range
+from service.store.models import LayerStatRow
 
 __all__ = ["router"]
 
@@ -35,7 +37,8 @@ def read_layers(
     job: JobDep,
     store: StoreDep,
     step: Annotated[
-        int | None, Query(ge=0, le=2**53, description="A recorded step; default: the latest recorded step.")
+        int | None,
+        Query(ge=0, le=integer_range(LayerStatRow.step)[1], description="A recorded step; default: the latest one."),
     ] = None,
     channels: Channels = True,
 ) -> LayersPublic:
@@ -62,7 +65,9 @@ def read_layer_history(
     job: JobDep,
     store: StoreDep,
     layer: Annotated[str, Path(description="Module path of the layer, e.g. 'layer1.0.bn1'.")],
-    since_step: Annotated[int | None, Query(ge=-1, le=2**53, description="Only steps after this one.")] = None,
+    since_step: Annotated[
+        int | None, Query(ge=-1, le=integer_range(LayerStatRow.step)[1], description="Only steps after this one.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100_000, description="Most points to return.")] = 10_000,
     channels: Channels = True,
 ) -> LayerHistoryPublic:
