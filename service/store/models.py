@@ -54,7 +54,9 @@ class JobRow(Base):
 
     number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(JOB_ID_LENGTH), unique=True, index=True)
-    owner: Mapped[str] = mapped_column(String(OWNER_LENGTH), index=True, default=DEFAULT_OWNER)
+    owner: Mapped[str] = mapped_column(
+        String(OWNER_LENGTH), index=True, default=DEFAULT_OWNER, server_default=DEFAULT_OWNER
+    )
     name: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -159,7 +161,9 @@ class IdempotencyKeyRow(Base):
 
     __tablename__ = "idempotency_keys"
 
-    owner: Mapped[str] = mapped_column(String(OWNER_LENGTH), primary_key=True, default=DEFAULT_OWNER)
+    owner: Mapped[str] = mapped_column(
+        String(OWNER_LENGTH), primary_key=True, default=DEFAULT_OWNER, server_default=DEFAULT_OWNER
+    )
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     request_hash: Mapped[str] = mapped_column(String(64))
