@@ -2,8 +2,9 @@
 
 The browser talks to the relay; the relay forwards bytes both ways to the server. `cut()` closes every open
 connection at once (as a network drop or a proxy restart does) and, until `resume()`, closes new ones as soon as
-they arrive, so a client sees its stream break and its reconnection attempts fail for a while. The first bytes
-of every connection are kept (`requests`), so a test can read the request line and headers the client sent.
+they arrive, so a client sees its stream break and its reconnection attempts fail for a while. What clients send
+is kept chunk by chunk (`sent`; browsers reuse connections, so a request head may come at any point of one), so a
+test can read the request lines and headers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class TcpRelay:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.requests: list[bytes] = []
+        self.sent: list[bytes] = []
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._accepting = True
@@ -83,15 +84,13 @@ class TcpRelay:
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
-        first = from_client
         try:
             while True:
                 data = source.recv(_CHUNK)
                 if not data:
                     break
-                if first:
-                    self.requests.append(data)
-                    first = False
+                if from_client:
+                    self.sent.append(data)
                 sink.sendall(data)
         except OSError:
             pass

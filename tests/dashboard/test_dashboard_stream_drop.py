@@ -35,8 +35,9 @@ def server(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def _event_requests(relay: TcpRelay) -> list[str]:
-    heads = [raw.decode("latin-1") for raw in relay.requests]
-    return [head for head in heads if "/events" in head.split("\r\n", 1)[0]]
+    """The request heads the page sent for the job's event stream, in order."""
+    heads = [raw.decode("latin-1") for raw in relay.sent]
+    return [head for head in heads if head.startswith("GET ") and "/events" in head.split("\r\n", 1)[0]]
 
 
 def test_the_job_page_resumes_its_stream_after_a_drop(server: LiveServer, open_page: Any) -> None:
@@ -65,7 +66,7 @@ def test_the_job_page_resumes_its_stream_after_a_drop(server: LiveServer, open_p
         expect(p.locator("#page")).to_have_attribute("data-status", "cancelled", timeout=30_000)
         expect(state).to_have_attribute("data-state", "ended")
         logs = p.locator("#log-lines li")
-        texts = [logs.nth(i).inner_text() for i in range(logs.count())]
+        texts = [logs.nth(i).text_content() or "" for i in range(logs.count())]
         assert sum("job submitted and queued" in t for t in texts) == 1, texts
         assert sum("job cancelled before it started" in t for t in texts) == 1, texts
         page.shot("stream-resumed")
