@@ -92,6 +92,7 @@ def _runs(pid: int, create_time: float) -> bool:
         return False
 
 
+@pytest.mark.timeout(600)  # two services start their own Ray, and a run starts twice
 def test_sigkilled_service_resumes_a_checkpointed_job_and_stops_its_ray_leftovers(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     flags = ("--max-concurrent-jobs", "1", "--ray-num-cpus", "4")
