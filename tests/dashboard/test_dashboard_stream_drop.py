@@ -51,6 +51,7 @@ def test_the_job_page_resumes_its_stream_after_a_drop(server: LiveServer, open_p
         expect(state).to_have_attribute("data-state", "live")
         expect(p.locator("#page")).to_have_attribute("data-status", "queued")
         expect(p.locator("#log-lines")).to_contain_text("job submitted and queued")
+        expect(p.locator("#whoami")).to_have_text("open service: no token needed")
         first = _event_requests(relay)
         assert len(first) == 1 and "last-event-id" not in first[0].lower()
 
