@@ -109,6 +109,7 @@ def test_text_the_database_cannot_store_is_a_422_naming_the_field(paused_server:
     server, job_id = paused_server
     checked = []
     with server.client(timeout=30) as client:
+        stored = client.get("/v1/jobs").json()["count"]
         for method, path, parameters in _operations(server, job_id):
             for parameter in parameters:
                 if parameter["in"] not in ("path", "query") or "string" not in str(parameter["schema"]):
@@ -130,5 +131,10 @@ def test_text_the_database_cannot_store_is_a_422_naming_the_field(paused_server:
             response = client.post("/v1/jobs", json=spec)
             assert response.status_code == 422, (field, response.text)
             assert response.json()["detail"].startswith(f"{field} contains a NUL character"), response.json()
-        assert client.get("/v1/jobs").json()["count"] == 1, "nothing was stored"
+        # A JSON escape that decodes to half a surrogate pair cannot be encoded for any database either.
+        response = client.post(
+            "/v1/jobs", content=b'{"name": "half \\ud800 pair"}', headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422 and response.json()["detail"].startswith("name contains an unpaired")
+        assert client.get("/v1/jobs").json()["count"] == stored, "nothing was stored"
     assert len(checked) >= 10, checked  # job_id on 9 routes, layer

@@ -34,6 +34,7 @@ from sqlalchemy import (
     text,
 )
 
+from service.api.models import JobPublic
 from service.cli import main
 from service.status import JobStatus
 from service.store import JobStore
@@ -285,7 +286,7 @@ def make_v010_database(url: str) -> dict[str, list[dict[str, Any]]]:
     return rows
 
 
-def test_the_initial_revision_creates_exactly_the_models_tables(engine: Any) -> None:
+def test_the_revisions_at_head_create_exactly_the_models_tables(engine: Any) -> None:
     change = upgrade_database(engine)
     assert (change.before, change.after, change.adopted_unversioned) == (None, head_revision(), False)
     with engine.connect() as connection:
@@ -296,9 +297,9 @@ def test_the_initial_revision_creates_exactly_the_models_tables(engine: Any) -> 
     assert upgrade_database(engine) == type(change)(before=head_revision(), after=head_revision())
 
 
-def test_the_frozen_010_schema_is_the_initial_revision(engine: Any, database_url: str) -> None:
-    """The test's copy of 0.1.0 is what the initial revision creates (so the adoption below is meaningful)."""
-    upgrade_database(engine, INITIAL_REVISION)
+def test_the_initial_revision_creates_exactly_the_010_tables(engine: Any) -> None:
+    """What 0001_initial creates is the test's frozen copy of 0.1.0 (so adopting a 0.1.0 database is sound)."""
+    assert upgrade_database(engine, INITIAL_REVISION).after == INITIAL_REVISION
     with engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), V010)
     assert diff == [], diff
@@ -327,6 +328,7 @@ def test_a_010_database_with_rows_is_upgraded_and_every_job_reads_back(database_
                 if isinstance(value, datetime):
                     got = got if got.tzinfo else got.replace(tzinfo=timezone.utc)
                 assert got == value, (expected["id"], column, got, value)
+            assert JobPublic.from_row(job).spec.seed == expected["spec"]["seed"], "the API reads the 0.1.0 spec"
             steps, epochs = store.metrics(job.id)
             assert [(p.step, p.train_loss) for p in steps] == [
                 (r["step"], r["train_loss"]) for r in rows["step_points"] if r["job_id"] == job.id
@@ -433,3 +435,35 @@ def test_db_upgrade_adopts_a_010_sqlite_database_in_the_data_dir(
         assert store.list_jobs()[1] == len(JobStatus)
     finally:
         store.close()
+
+
+def test_services_starting_together_on_postgres_upgrade_once(postgres_url: str) -> None:
+    """The advisory lock serialises concurrent upgrades: without it, all but one would fail on existing tables."""
+    import threading
+
+    import psycopg
+
+    schema = f"c_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as connection:
+        connection.execute(f'CREATE SCHEMA "{schema}"')
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    engines = [make_engine(url) for _ in range(4)]
+    results: list[Any] = []
+    start = threading.Barrier(len(engines))
+
+    def upgrade(engine: Any) -> None:
+        start.wait()
+        try:
+            results.append(upgrade_database(engine))
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=upgrade, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for engine in engines:
+        engine.dispose()
+    assert all(not isinstance(result, Exception) for result in results), results
+    assert sorted(result.before or "" for result in results) == ["", *[head_revision()] * 3]

@@ -16,7 +16,8 @@ from service.api.routes.responses import errors
 from service.jobs.manager import JobManager, JobNotFoundError, JobStateError
 from service.spec import JobSpec
 from service.status import JobStatus
-from service.store.models import JobRow
+from service.store.limits import string_length
+from service.store.models import IdempotencyKeyRow, JobRow
 
 __all__ = ["router"]
 
@@ -27,7 +28,7 @@ IdempotencyKey = Annotated[
     Header(
         alias="Idempotency-Key",
         min_length=1,
-        max_length=255,
+        max_length=string_length(IdempotencyKeyRow.key),
         pattern=r"^[\x21-\x7e]+$",
         description="Any unique string (e.g. a UUID, printable ASCII without spaces): retrying the same "
         "submission with the same key returns the job created the first time instead of a second job.",
