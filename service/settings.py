@@ -6,12 +6,17 @@ field; a flag left out falls back to the environment, then to the default) and h
 
 Insecure combinations are refused when the object is built: binding a non-loopback address without API tokens
 raises a `ValueError` that says how to fix it, unless `allow_insecure_bind` is set explicitly.
+
+Tokens name principals: an `api_tokens` entry `alice=<token>` lets whoever holds `<token>` act as `alice`, who
+sees and manages only the jobs `alice` submitted; a bare `<token>` acts as the principal `default`. Principals
+listed in `admins` see every job.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -21,7 +26,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.data_location import KNOWN_SCHEMES
 
-__all__ = ["Settings", "is_loopback_host"]
+__all__ = ["DEFAULT_PRINCIPAL", "PRINCIPAL_PATTERN", "Settings", "is_loopback_host"]
+
+#: The principal of a bare token (an `api_tokens` entry without `name=`), and of every request without tokens.
+DEFAULT_PRINCIPAL = "default"
+#: What a principal's name may look like (it is stored as the owner of the jobs it submits).
+PRINCIPAL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+_PRINCIPAL = re.compile(PRINCIPAL_PATTERN)
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +80,14 @@ class Settings(BaseSettings):
     )
     api_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Bearer tokens accepted by /v1 and /metrics (comma-separated in SYNCBN_API_TOKENS); "
-        "empty: no authentication (loopback only).",
+        description="Bearer tokens accepted by /v1 and /metrics, each `name=token` (the principal `name` owns "
+        "the jobs it submits) or a bare token (principal 'default'); comma-separated in SYNCBN_API_TOKENS. "
+        "Empty: no authentication (loopback only).",
+    )
+    admins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Principals (names from api_tokens) that see and manage every job, comma-separated in "
+        "SYNCBN_ADMINS.",
     )
     allow_insecure_bind: bool = Field(
         False, description="Allow binding a non-loopback address without API tokens (not recommended)."
@@ -112,7 +129,7 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level of the service and uvicorn: debug, info, warning.")
 
-    @field_validator("api_tokens", mode="before")
+    @field_validator("api_tokens", "admins", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         """Accept "a,b" (the environment's form) as well as a list; blanks are dropped."""
@@ -124,14 +141,29 @@ class Settings(BaseSettings):
 
     @field_validator("api_tokens")
     @classmethod
-    def _check_token_length(cls, tokens: list[str]) -> list[str]:
-        for token in tokens:
+    def _check_tokens(cls, entries: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for entry in entries:
+            name, token = _principal_and_token(entry)
             if len(token) < 16:
                 raise ValueError(
-                    f"api_tokens entries must be at least 16 characters (got one of {len(token)}): "
+                    f"api_tokens: the token of principal {name!r} must be at least 16 characters (got {len(token)}): "
                     "use e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`."
                 )
-        return tokens
+            if token in seen:
+                raise ValueError(f"api_tokens: principal {name!r} uses a token listed before: give each its own.")
+            seen.add(token)
+        return entries
+
+    @field_validator("admins")
+    @classmethod
+    def _check_admins(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _PRINCIPAL.match(name):
+                raise ValueError(
+                    f"admins: expected principal names of letters, digits, '_', '.', '@' or '-' (got {name!r})."
+                )
+        return names
 
     @field_validator("storage_uri")
     @classmethod
@@ -190,6 +222,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_admins_have_tokens(self) -> Settings:
+        names = {name for name, _ in self.principals()}
+        unknown = [name for name in self.admins if self.api_tokens and name not in names]
+        if unknown:
+            raise ValueError(
+                f"admins names {', '.join(map(repr, unknown))}, but api_tokens has no token for "
+                f"{'it' if len(unknown) == 1 else 'them'} (principals: {', '.join(sorted(names))}): "
+                "add a `name=token` entry or fix the name."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _refuse_open_bind_without_tokens(self) -> Settings:
         if not is_loopback_host(self.host) and not self.api_tokens and not self.allow_insecure_bind:
             raise ValueError(
@@ -198,6 +242,10 @@ class Settings(BaseSettings):
                 "if something in front of the service authenticates requests."
             )
         return self
+
+    def principals(self) -> list[tuple[str, str]]:
+        """(principal, token) for every `api_tokens` entry, in order."""
+        return [_principal_and_token(entry) for entry in self.api_tokens]
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use: `database_url`, or an SQLite file in `data_dir`."""
@@ -222,3 +270,15 @@ class Settings(BaseSettings):
     def resolved_npz_root(self) -> Path:
         """Deprecated name of `resolved_data_root`."""
         return self.resolved_data_root()
+
+
+def _principal_and_token(entry: str) -> tuple[str, str]:
+    """`name=token` -> (name, token); an entry without a valid `name=` prefix is a bare token of 'default'.
+
+    A token may itself end in '=' (base64 padding): only a prefix that is a valid principal name followed by more
+    than padding counts as a name.
+    """
+    name, sep, token = entry.partition("=")
+    if sep and token.rstrip("=") and _PRINCIPAL.match(name):
+        return name, token
+    return DEFAULT_PRINCIPAL, entry

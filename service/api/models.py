@@ -35,6 +35,7 @@ __all__ = [
     "ModelsPublic",
     "ReadinessPublic",
     "StepPoint",
+    "WhoAmIPublic",
 ]
 
 
@@ -80,6 +81,7 @@ class JobPublic(BaseModel):
     """A job as the API shows it."""
 
     id: str = Field(description="Job id (32 hex digits).")
+    owner: str = Field(description="The principal whose token submitted the job.")
     name: str | None = Field(description="The spec's optional label.")
     status: JobStatus = Field(description="queued, running, succeeded, failed or cancelled.")
     spec: JobSpec = Field(description="The submitted spec, with defaults filled in.")
@@ -98,6 +100,7 @@ class JobPublic(BaseModel):
     def from_row(cls, job: JobRow, *, queue_position: int | None = None, has_model: bool = False) -> JobPublic:
         return cls(
             id=job.id,
+            owner=job.owner,
             name=job.name,
             status=JobStatus(job.status),
             spec=JobSpec.model_validate(job.spec),
@@ -256,8 +259,16 @@ class ClusterPublic(BaseModel):
     available_gpus: float = Field(description="GPUs not reserved right now.")
     nodes: list[dict[str, Any]] = Field(description="Per node: its resources.")
     max_concurrent_jobs: int = Field(description="Jobs that may run at once.")
-    running_jobs: int = Field(description="Jobs running now.")
-    queued_jobs: int = Field(description="Jobs waiting in the queue.")
+    running_jobs: int = Field(description="Your jobs running now (an admin's view: everyone's).")
+    queued_jobs: int = Field(description="Your jobs waiting in the queue (an admin's view: everyone's).")
+
+
+class WhoAmIPublic(BaseModel):
+    """Who the service takes the caller for."""
+
+    principal: str = Field(description="The principal your token stands for ('default' for a bare token).")
+    admin: bool = Field(description="You see and manage every principal's jobs.")
+    authenticated: bool = Field(description="The service checks tokens (false: open, everyone is 'default').")
 
 
 class ReadinessPublic(BaseModel):

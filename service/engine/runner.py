@@ -9,6 +9,10 @@ on the node of the process that launches them, so losing another node does not t
 - `syncbn-recorder-{job_id}` (`RecordLog`): the records, filled by the controller's `RecordingCallback`.
 
 Both being detached, a service restart does not stop the run: `attach_run(job_id)` finds it again by name.
+When the run died with the service (an embedded Ray goes down with it), `launch_run(..., resume_from=...)` starts
+it again from a checkpoint that `service.engine.checkpoints.resume_point` picked: the train loop restores it
+when Ray Train has none of its own to hand over (Ray Train V2's way to resume a run in a new cluster), and later
+worker failures of that launch resume from its own newer checkpoints as usual.
 Cancelling asks the Ray Train controller to abort (its worker group and placement group go away, so the run's CPUs
 and GPUs come back), then kills the driver.
 
@@ -39,7 +43,7 @@ from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from service.engine.recorder import RECORDER_NAMESPACE, RecordLog, recorder_name
-from service.engine.storage import RunStorage, run_name
+from service.engine.storage import RunStorage
 from service.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -79,9 +83,13 @@ class JobDriver:
         output_dir: str,
         data_root: str | None,
         storage_uri: str,
+        run_name: str,
         allowed_schemes: list[str] | None = None,
+        resume_from: str | None = None,
     ) -> None:
         self.job_id = job_id
+        self.run_name = run_name
+        self.resume_from = resume_from
         self.spec = JobSpec.model_validate(spec)
         self.output_dir = Path(output_dir)
         self.data_root = data_root
@@ -126,7 +134,11 @@ class JobDriver:
 
         from service.engine.data import prepare_data
         from service.engine.model_registry import check_model_name
-        from service.engine.recording_callback import ControllerHandleCallback, RecordingCallback
+        from service.engine.recording_callback import (
+            ControllerHandleCallback,
+            PlacementGroupCallback,
+            RecordingCallback,
+        )
         from service.engine.train_loop import train_loop_per_worker
         from service.spec import CONV_MODELS
 
@@ -155,6 +167,7 @@ class JobDriver:
                     "info": info.to_dict(),
                     "splits": ray.put(data.splits) if data.splits is not None else None,
                 },
+                "resume_from": self.resume_from,
             },
             # Streamed kinds: Ray Train splits each dataset over the ranks (streaming_split, equal=True).
             datasets=data.datasets or None,
@@ -166,13 +179,14 @@ class JobDriver:
                 resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=run_name(self.job_id),
+                name=self.run_name,
                 storage_path=self.storage.storage_path(),
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=[
                     RecordingCallback(self.recorder),
                     ControllerHandleCallback([self.recorder, ray.get_runtime_context().current_actor]),
+                    PlacementGroupCallback(self.recorder),
                 ],
                 # Ray Train logs every report at INFO (with its metrics: whole layer statistics); ours go to
                 # the recorder instead.
@@ -285,13 +299,38 @@ class JobRun:
             time.sleep(0.2)
 
     def close(self) -> None:
-        """Remove the run's actors from the cluster (call once its records are stored elsewhere).
+        """Remove the run's actors, and any placement group it left reserved, from the cluster (call once its
+        records are stored elsewhere).
 
         Cancels the run first if it is still going.
         """
         if not self.done():
             self.cancel()
+        self.release_placement_groups()
         ray.kill(self._recorder, no_restart=True)
+
+    def release_placement_groups(self) -> list[str]:
+        """Remove the placement groups of a run that is over but left them reserved; returns their hex ids.
+
+        A run that ends through Ray Train (success, failure, cancel) removes its own; one whose driver actor died
+        does not (its controller died with it, and Ray ties the group to the service's Ray job). Does nothing
+        while the run goes on.
+        """
+        if not ray.get(self._recorder.done.remote(), timeout=_RPC_TIMEOUT_S):
+            return []
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        removed = []
+        for group_id in ray.get(self._recorder.placement_groups.remote(), timeout=_RPC_TIMEOUT_S):
+            group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
+            state = ray.util.placement_group_table(group).get("state")
+            if state in (None, "REMOVED"):
+                continue
+            remove_placement_group(group)
+            removed.append(group_id)
+        if removed:
+            logger.warning("job %s: removed %d placement group(s) its run left reserved", self.job_id, len(removed))
+        return removed
 
     def _controller_from_driver(self) -> ActorHandle | None:
         driver = self._driver()
@@ -317,6 +356,8 @@ def launch_run(
     data_root: Path | str | None = None,
     storage_uri: str | None = None,
     allowed_schemes: Sequence[str] = (),
+    resume_from: Path | None = None,
+    resume_after: dict[str, int] | None = None,
 ) -> JobRun:
     """Start a run without waiting for it (Ray must already be initialised, see `cluster.ensure_ray`).
 
@@ -329,6 +370,9 @@ def launch_run(
             folder every node reaches (local disk on one machine, an NFS mount on a cluster) or `s3://`/`gs://`.
             Default: `output_dir/ray`. The end record's `model_path` points into it.
         allowed_schemes: remote URI schemes (`s3`, `gs`) the data may be read from.
+        resume_from: a checkpoint folder to start from (a run started again after a service restart).
+        resume_after: for such a run, the last `step`, `layers` step and `epoch` already stored, so the new
+            record log drops the steps and epochs the resumed run reports a second time.
 
     Raises:
         ValueError: a malformed job id, an unusable storage URI, or a run with this id still exists in the cluster.
@@ -360,7 +404,7 @@ def launch_run(
             max_restarts=0,
             scheduling_strategy=here,
         )
-        .remote(job_id)
+        .remote(job_id, resume_after)
     )
     driver = JobDriver.options(
         name=driver_name(job_id),
@@ -380,7 +424,9 @@ def launch_run(
         str(output_dir),
         None if data_root is None else str(data_root),
         storage.uri,
+        storage.next_run_name(job_id),
         list(allowed_schemes),
+        None if resume_from is None else str(resume_from),
     )
     driver.run.remote()
     logger.info("launched job %s (%d workers, output %s)", job_id, spec.workers, output_dir)

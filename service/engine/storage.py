@@ -14,13 +14,14 @@ and nothing outside it, is ever served.
 from __future__ import annotations
 
 import posixpath
+import re
 import shutil
 from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
-__all__ = ["MODEL_FILE", "REMOTE_SCHEMES", "RunStorage", "run_name"]
+__all__ = ["MODEL_FILE", "REMOTE_SCHEMES", "RunStorage", "launch_pattern", "next_launch_name", "run_name"]
 
 #: Name of the final model file inside the run's last checkpoint.
 MODEL_FILE = "model.pt"
@@ -29,8 +30,24 @@ REMOTE_SCHEMES = ("s3", "gs")
 
 
 def run_name(job_id: str) -> str:
-    """Ray Train's run name (and folder under the storage) of a job."""
+    """Ray Train's run name (and folder under the storage) of a job's first launch."""
     return f"syncbn-{job_id}"
+
+
+def launch_pattern(job_id: str) -> re.Pattern[str]:
+    """The run folder names of every launch of a job: `syncbn-<job>`, then `syncbn-<job>-r<n>` for the n-th
+    relaunch after a service restart (`service.engine.checkpoints`)."""
+    return re.compile(rf"^{re.escape(run_name(job_id))}(-r[0-9]+)?$")
+
+
+def next_launch_name(job_id: str, taken: set[str]) -> str:
+    """The first launch name of a job that is not in `taken`."""
+    if run_name(job_id) not in taken:
+        return run_name(job_id)
+    n = 1
+    while f"{run_name(job_id)}-r{n}" in taken:
+        n += 1
+    return f"{run_name(job_id)}-r{n}"
 
 
 class RunStorage:
@@ -87,31 +104,51 @@ class RunStorage:
             return str(Path(self.base, run_name(job_id)))
         return posixpath.join(self.base, run_name(job_id))
 
+    def launch_paths(self, job_id: str) -> list[str]:
+        """The run folders of every launch of a job that exist in this storage, as paths of its filesystem."""
+        selector = pafs.FileSelector(self.base, allow_not_found=True, recursive=False)
+        pattern = launch_pattern(job_id)
+        return sorted(
+            info.path
+            for info in self.filesystem.get_file_info(selector)
+            if info.type == pafs.FileType.Directory and pattern.match(posixpath.basename(info.path.rstrip("/")))
+        )
+
+    def next_run_name(self, job_id: str) -> str:
+        """The Ray Train run name of a job's next launch: one that none of its earlier launches used."""
+        taken = {posixpath.basename(path.rstrip("/")) for path in self.launch_paths(job_id)}
+        return next_launch_name(job_id, taken)
+
     def model_location(self, checkpoint_path: str) -> str:
         """The final model's location (a local path or a URI with its scheme) inside a checkpoint folder."""
         path = posixpath.join(checkpoint_path.rstrip("/"), MODEL_FILE)
         return path if self.is_local else f"{self.scheme}://{path}"
 
     def find_model(self, job_id: str, location: str | None) -> str | None:
-        """The filesystem path of a job's final model when `location` lies in its run folder and exists.
+        """The filesystem path of a job's final model when `location` lies in one of its run folders and exists.
 
         Local paths are compared after resolving symlinks, so a link that leads out of the run folder is refused.
         """
         if not location:
             return None
-        run = self.run_path(job_id)
+        pattern = launch_pattern(job_id)
         if self.is_local:
             if "://" in location:
                 return None
             resolved = Path(location).resolve()
-            if not resolved.is_relative_to(Path(run).resolve()) or not resolved.is_file():
+            base = Path(self.base).resolve()
+            if not resolved.is_relative_to(base) or not resolved.is_file():
                 return None
-            return str(resolved)
+            parts = resolved.relative_to(base).parts
+            return str(resolved) if len(parts) > 1 and pattern.match(parts[0]) else None
         prefix = f"{self.scheme}://"
         if not location.startswith(prefix):
             return None
         path = posixpath.normpath(location[len(prefix) :])
-        if not path.startswith(run + "/") or ".." in path.split("/"):
+        if not path.startswith(self.base + "/") or ".." in path.split("/"):
+            return None
+        parts = path[len(self.base) + 1 :].split("/")
+        if len(parts) < 2 or not pattern.match(parts[0]):
             return None
         info = self.filesystem.get_file_info(path)
         return path if info.type == pafs.FileType.File else None
@@ -134,8 +171,6 @@ class RunStorage:
         return target
 
     def delete_run(self, job_id: str) -> None:
-        """Remove a job's run folder (checkpoints and final model); nothing when it does not exist."""
-        run = self.run_path(job_id)
-        info = self.filesystem.get_file_info(run)
-        if info.type == pafs.FileType.Directory:
+        """Remove the run folders of every launch of a job (checkpoints and final model); nothing when none exists."""
+        for run in self.launch_paths(job_id):
             self.filesystem.delete_dir(run)

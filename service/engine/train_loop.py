@@ -5,7 +5,8 @@ starts. One rank's life:
 
 1. pin torch threads to the worker's CPUs, seed, build the model with plain BatchNorm, convert it to
    `syncbn.SyncBatchNorm` (over all ranks or over subgroups of `sync_group_size`) when the job asks for it;
-2. resume from `ray.train.get_checkpoint()` when Ray restarted the worker group after a failure;
+2. resume from `ray.train.get_checkpoint()` when Ray restarted the worker group after a failure, or else from
+   the `resume_from` checkpoint folder the service picked for a run started again after its restart;
 3. train with DDP on this rank's batches (`service.engine.data.rank_batches`: in-memory tensors through a
    `DistributedSampler`, or this rank's shard of the job's Ray Data datasets; reshuffled every epoch); every
    `stats_every` steps, record the BatchNorm statistics of that step's forward pass and report them; validate,
@@ -62,14 +63,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker.
 
     Args:
-        config: `spec` (the JobSpec as JSON-ready dict) and `data` (`info`: the `DataInfo` as a dict; `splits`: an
-            ObjectRef to the in-memory `DataSplits`, or None for data streamed through Ray Data).
+        config: `spec` (the JobSpec as JSON-ready dict), `data` (`info`: the `DataInfo` as a dict; `splits`: an
+            ObjectRef to the in-memory `DataSplits`, or None for data streamed through Ray Data) and `resume_from`
+            (a checkpoint folder or None).
     """
     spec = JobSpec.model_validate(config["spec"])
     info = DataInfo.from_dict(config["data"]["info"])
     splits_ref = config["data"].get("splits")
     splits: DataSplits | None = ray.get(splits_ref) if splits_ref is not None else None
-    _WorkerRun(spec, info, splits).run()
+    resume_from = config.get("resume_from")
+    _WorkerRun(spec, info, splits, None if resume_from is None else Path(resume_from)).run()
 
 
 def _buffer_sync(enabled: bool) -> dict[str, bool]:
@@ -88,7 +91,9 @@ class _WorkerRun:
       - decide when to stop from globally agreed values only.
     """
 
-    def __init__(self, spec: JobSpec, info: DataInfo, splits: DataSplits | None) -> None:
+    def __init__(
+        self, spec: JobSpec, info: DataInfo, splits: DataSplits | None, resume_from: Path | None = None
+    ) -> None:
         self.spec = spec
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
@@ -132,7 +137,7 @@ class _WorkerRun:
         # The current epoch's start time and global sums [loss * n, n, correct], filled by _train_epoch.
         self._epoch_start = 0.0
         self._epoch_sums = torch.zeros(3, dtype=torch.float64)
-        self._restore()
+        self._restore(resume_from)
 
         # With synchronized BatchNorm every rank computes its running statistics from the same global moments,
         # so they are already identical: DDP's default broadcast of rank 0's buffers before each forward would
@@ -145,9 +150,11 @@ class _WorkerRun:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def _restore(self) -> None:
-        """Load model, optimizer and counters from the latest checkpoint, if Ray handed us one."""
+    def _restore(self, resume_from: Path | None) -> None:
+        """Load model, optimizer and counters from the latest checkpoint Ray handed us, else from `resume_from`."""
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and resume_from is not None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(resume_from))
         if checkpoint is None:
             return
         with checkpoint.as_directory() as directory:

@@ -23,7 +23,7 @@ from service.settings import Settings
 from service.spec import JobSpec
 from service.status import JobStatus
 from service.store import JobStore
-from service.store.models import JobRow
+from service.store.models import DEFAULT_OWNER, JobRow
 
 if TYPE_CHECKING:
     from service.engine.runner import JobRun
@@ -40,8 +40,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Reason recorded for a job whose run did not survive a restart of the service.
+#: Reason recorded for a job whose run did not survive a restart of the service (and had no checkpoint).
 RESTART_REASON = "service restarted"
+#: What a run resumed from its checkpoint after a restart of the service is said to have survived.
+RESUME_REASON = "service restart"
 #: Consecutive failed polls of a run after which it is considered lost.
 MAX_POLL_FAILURES = 20
 #: Most records read from a run per poll (each batch is stored in one transaction).
@@ -104,8 +106,9 @@ class JobManager:
     - drain: every `poll_interval_s` each running `JobRun` is polled and its new records are stored in one
       transaction each, so the database holds every record as it arrives;
     - cancellation: queued jobs are cancelled at once; running ones are stopped through `JobRun.cancel`;
-    - restart: running jobs are re-attached with `attach_run`, or failed with the reason "service
-      restarted" when their run is gone; queued jobs simply run.
+    - restart: running jobs are re-attached with `attach_run`; a job whose run is gone but that has a
+      checkpoint is started again ahead of the queue and resumes from it (Ray Train's resume path, as after a
+      worker failure); one without a checkpoint fails with the reason "service restarted"; queued jobs simply run.
     """
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
@@ -113,6 +116,7 @@ class JobManager:
         self.store = store
         self._runs: dict[str, JobRun] = {}
         self._reserved: dict[str, Admission] = {}
+        self._resume: list[str] = []  # running jobs whose run died with the service, oldest first
         self._poll_failures: dict[str, int] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -156,6 +160,7 @@ class JobManager:
         self._wake.set()
 
     def _recover(self) -> None:
+        from service.engine.checkpoints import job_checkpoints
         from service.engine.runner import attach_run
 
         for job in self.store.jobs_with_status(JobStatus.RUNNING):
@@ -164,6 +169,19 @@ class JobManager:
             except Exception:
                 logger.exception("re-attaching job %s failed", job.id)
                 run = None
+            if run is None and job.cancel_requested:
+                self.store.transition(
+                    job.id,
+                    JobStatus.CANCELLED,
+                    error="cancelled on request",
+                    message="job cancelled: its run stopped with the service before the cancel completed",
+                )
+                continue
+            if run is None and self._checkpoints_dir() is not None and job_checkpoints(self._checkpoints_dir(), job.id):
+                with self._lock:
+                    self._resume.append(job.id)
+                logger.info("job %s has checkpoints: its run will resume", job.id)
+                continue
             if run is None:
                 self.store.transition(
                     job.id,
@@ -269,8 +287,11 @@ class JobManager:
 
     # -- requests from the API ------------------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[JobRow, bool]:
-        """Queue a job, or return the one created earlier with the same `idempotency_key` and spec.
+    def submit(
+        self, spec: JobSpec, *, idempotency_key: str | None = None, owner: str = DEFAULT_OWNER
+    ) -> tuple[JobRow, bool]:
+        """Queue a job of `owner`, or return the one the owner created earlier with the same `idempotency_key` and
+        spec (keys are per owner: two principals may use the same key for different jobs).
 
         Returns:
             (job, created): `created` is False when an earlier job was returned for the key.
@@ -282,12 +303,12 @@ class JobManager:
         spec_json = spec.model_dump(mode="json")
         request_hash = hashlib.sha256(json.dumps(spec_json, sort_keys=True).encode()).hexdigest()
         if idempotency_key is not None:
-            earlier = self.store.job_for_idempotency_key(idempotency_key, request_hash)
+            earlier = self.store.job_for_idempotency_key(idempotency_key, request_hash, owner=owner)
             if earlier is not None:
                 return earlier, False
         self.submit_check(spec)
         job, created = self.store.create_job(
-            uuid.uuid4().hex, spec_json, idempotency_key=idempotency_key, request_hash=request_hash
+            uuid.uuid4().hex, spec_json, idempotency_key=idempotency_key, request_hash=request_hash, owner=owner
         )
         if created:
             self.wake()
@@ -384,6 +405,12 @@ class JobManager:
         if self._storage is None:
             self._storage = RunStorage(self.settings.resolved_storage_uri())
         return self._storage
+
+    def _checkpoints_dir(self) -> Path | None:
+        """The local folder of the run storage, where a run that died with the service is resumed from; None for a
+        bucket (`s3://`, `gs://`): resuming after a restart reads checkpoints from a local or mounted folder only."""
+        storage = self.run_storage()
+        return Path(storage.base) if storage.is_local else None
 
     def model_file(self, job: JobRow) -> tuple[RunStorage, str] | None:
         """The storage and path of a job's final model when it exists inside the job's run folder, else None.
@@ -503,6 +530,8 @@ class JobManager:
         self._poll_failures.pop(job_id, None)
 
     def _start_queued(self) -> None:
+        if not self._resume_runs():
+            return  # runs interrupted by a restart go first; queued jobs wait behind them
         queued = self.store.jobs_with_status(JobStatus.QUEUED)
         for job in queued:
             if self._stop.is_set():
@@ -522,6 +551,90 @@ class JobManager:
             if not self._fits_now(need):
                 return  # the oldest job waits for resources; later jobs wait behind it
             self._launch(job.id, spec, need)
+
+    def _resume_runs(self) -> bool:
+        """Start again, oldest first, the runs that died with the service; True once none is left waiting."""
+        from service.engine.checkpoints import resume_point
+        from service.engine.runner import launch_run
+
+        with self._lock:
+            waiting = list(self._resume)
+        for job_id in waiting:
+            if self._stop.is_set():
+                return False
+            job = self.store.get_job(job_id)
+            if job is None or job.status != JobStatus.RUNNING.value:
+                self._forget_resume(job_id)
+                continue
+            if job.cancel_requested:
+                self.store.transition(
+                    job_id, JobStatus.CANCELLED, error="cancelled on request", message="job cancelled before it resumed"
+                )
+                self._forget_resume(job_id)
+                continue
+            try:
+                spec = JobSpec.model_validate(job.spec)
+                self.submit_check(spec)
+            except ValueError as exc:
+                self.store.transition(job_id, JobStatus.FAILED, error=str(exc), level="error")
+                self._forget_resume(job_id)
+                continue
+            need = Admission.of(spec)
+            with self._lock:
+                running = len(self._runs)
+            if running >= self.concurrency_limit() or not self._fits_now(need):
+                return False
+            # The newest checkpoint may be ahead of the stored records (see service.engine.checkpoints): resume
+            # from the newest one whose epoch is stored, so the history continues without a gap.
+            resume_after = self.store.stored_progress(job_id)
+            runs_dir = self._checkpoints_dir()
+            start = None if runs_dir is None else resume_point(runs_dir, job_id, resume_after["epoch"])
+            self._forget_resume(job_id)
+            if start is None:
+                self.store.transition(
+                    job_id,
+                    JobStatus.FAILED,
+                    error=RESTART_REASON,
+                    message=f"job failed: {RESTART_REASON} and its checkpoints are gone; resubmit the job",
+                    level="error",
+                )
+                continue
+            epoch = start.epoch
+            if self.store.mark_resumed(job_id, epoch, RESUME_REASON) is None:
+                continue
+            try:
+                run = launch_run(
+                    spec,
+                    job_id,
+                    self.job_dir(job_id),
+                    data_root=self.settings.resolved_data_root(),
+                    storage_uri=self.run_storage().uri,
+                    allowed_schemes=self.settings.allowed_uri_schemes,
+                    resume_from=start.path,
+                    resume_after=resume_after,
+                )
+            except Exception as exc:
+                logger.exception("resuming job %s failed", job_id)
+                self.store.transition(
+                    job_id,
+                    JobStatus.FAILED,
+                    error=f"could not resume the run after a {RESUME_REASON}: {type(exc).__name__}: {exc}",
+                    level="error",
+                )
+                continue
+            logger.info("resumed job %s from its checkpoint after epoch %d", job_id, epoch)
+            with self._lock:
+                self._runs[job_id] = run
+                self._reserved[job_id] = need
+            latest = self.store.get_job(job_id)
+            if latest is not None and latest.cancel_requested:
+                self._cancel_run(job_id, run)  # a cancel that came while the run was being started
+        return True
+
+    def _forget_resume(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._resume:
+                self._resume.remove(job_id)
 
     def _fits_now(self, need: Admission) -> bool:
         capacity = self.cluster_capacity()

@@ -225,6 +225,18 @@ def test_cancel_without_the_record_log_still_frees_the_cpus(ray_cluster: dict, t
     assert _wait_for_cpus(total) == total, "the run's placement group must be removed"
 
 
+def test_a_killed_driver_leaves_no_placement_group_reserved(ray_cluster: dict, tmp_path: Path) -> None:
+    total = ray_cluster["cpus"]
+    run = launch_run(JobSpec(model="mlp", workers=2, epochs=200, stats_every=5), _job_id(), tmp_path)
+    _wait_for_record(run, "step")
+    assert len(ray.get(run._recorder.placement_groups.remote())) == 1
+    # Killed from outside, not through cancel: the controller dies with its owner, the placement group stays.
+    ray.kill(ray.get_actor(driver_name(run.job_id), namespace="syncbn"), no_restart=True)
+    assert run.done() and run.end()["status"] == "failed"
+    run.close()  # what the manager does with a run that is over
+    assert _wait_for_cpus(total) == total, "the dead driver's placement group must be removed"
+
+
 def test_launch_refuses_a_malformed_job_id(ray_cluster: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="job_id must be"):
         launch_run(JobSpec(), "../escape", tmp_path)

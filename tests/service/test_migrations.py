@@ -343,12 +343,42 @@ def test_a_010_database_with_rows_is_upgraded_and_every_job_reads_back(database_
                 (r["seq"], r["kind"], r["data"]) for r in rows["job_events"] if r["job_id"] == job.id
             ]
         assert store.job_for_idempotency_key("retry-me", "ab" * 32).id == rows["jobs"][0]["id"]
+        # 0002_job_owner: the jobs and keys of 0.1.0 belong to "default" (what a bare token acts as).
+        assert {store.get_job(job["id"]).owner for job in rows["jobs"]} == {"default"}
+        assert store.list_jobs(owner="default", limit=100)[1] == len(rows["jobs"])
+        assert store.list_jobs(owner="alice", limit=100)[1] == 0
+        assert store.job_for_idempotency_key("retry-me", "cd" * 32, owner="alice") is None, "keys are per owner"
         # The upgraded database takes new work where 0.1.0 left off.
         new_job, created = store.create_job(uuid.uuid4().hex, {"name": "after the upgrade"})
         assert created and new_job.number == len(rows["jobs"]) + 1
         assert store.queue_positions() == {rows["jobs"][0]["id"]: 1, new_job.id: 2}
+        alices, created = store.create_job(
+            uuid.uuid4().hex, {"name": "same key"}, idempotency_key="retry-me", request_hash="cd" * 32, owner="alice"
+        )
+        assert created and alices.owner == "alice"
     finally:
         store.close()
+
+
+def test_0002_job_owner_downgrades_to_the_010_schema_keeping_the_default_owners_keys(engine: Any) -> None:
+    from alembic import command
+
+    from service.store.migration import alembic_config
+
+    upgrade_database(engine)
+    store = JobStore(str(engine.url.render_as_string(hide_password=False)))
+    try:
+        mine, _ = store.create_job(uuid.uuid4().hex, {"n": 1}, idempotency_key="k", request_hash="a" * 64)
+        store.create_job(uuid.uuid4().hex, {"n": 2}, idempotency_key="k", request_hash="b" * 64, owner="alice")
+    finally:
+        store.close()
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), INITIAL_REVISION)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), V010) == []
+        keys = connection.execute(V010.tables["idempotency_keys"].select()).mappings().all()
+    assert [(k["key"], k["job_id"]) for k in keys] == [("k", mine.id)]
+    upgrade_database(engine)  # and up again
 
 
 def test_a_database_newer_than_the_code_is_refused_and_left_alone(

@@ -11,7 +11,9 @@ Event kinds (the `event:` field) and their JSON `data`:
 - `epoch`: an epoch point (`epoch, step, train_loss, train_acc, val_loss, val_acc, epoch_time_s`);
 - `layers`: `step, epoch, layers: {layer: summary}` (per-channel lists are left out: read them from
   `GET /v1/jobs/{id}/layers?step=`);
-- `log`: `level, source, message, at`.
+- `log`: `level, source, message, at`;
+- `resumed`: `epoch, reason, at` (the run died with the service and starts again from its checkpoint after
+  `epoch`; the job stays running).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from service.api.deps import JobDep, ManagerDep, SettingsDep, StoreDep
+from service.api.deps import JobDep, ManagerDep, PrincipalDep, SettingsDep, StoreDep
 from service.api.models import JobCreate, JobPublic, JobsPublic
 from service.api.routes.responses import errors
 from service.engine.model_registry import check_model_name
@@ -62,6 +62,7 @@ def submit_job(
     body: JobCreate,
     response: Response,
     manager: ManagerDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Queue a job. It starts when a slot and its CPUs/GPUs are free; jobs start in submission order.
@@ -71,7 +72,7 @@ def submit_job(
     """
     spec = JobSpec.model_validate(body.model_dump())
     check_model_name(spec.model)  # only names the registry lists can be built (422 with close matches)
-    job, created = manager.submit(spec, idempotency_key=idempotency_key)
+    job, created = manager.submit(spec, idempotency_key=idempotency_key, owner=principal.name)
     if not created:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
@@ -83,12 +84,14 @@ def submit_job(
 def list_jobs(
     manager: ManagerDep,
     store: StoreDep,
+    principal: PrincipalDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this state.")] = None,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000, description="Jobs to skip (newest first).")] = 0,
     limit: Annotated[int, Query(ge=1, le=500, description="Jobs per page.")] = 50,
 ) -> JobsPublic:
-    """One page of jobs, newest first; `count` is the number of matching jobs over all pages."""
-    rows, count = store.list_jobs(status=status_filter, offset=offset, limit=limit)
+    """One page of your jobs (an admin's: everyone's), newest first; `count` is the number of matching jobs over
+    all pages."""
+    rows, count = store.list_jobs(status=status_filter, offset=offset, limit=limit, owner=principal.owner_filter())
     positions = store.queue_positions() if any(r.status == JobStatus.QUEUED.value for r in rows) else {}
     return JobsPublic(data=[job_public(row, manager, positions.get(row.id)) for row in rows], count=count)
 
