@@ -308,6 +308,16 @@ class JobRun:
             self.cancel()
         self.release_placement_groups()
         ray.kill(self._recorder, no_restart=True)
+        # ray.kill returns before the name is released; wait for it, so that whoever looks the run up next (a
+        # re-attach, a relaunch under the same id) finds it gone.
+        deadline = time.monotonic() + _RPC_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(recorder_name(self.job_id), namespace=RECORDER_NAMESPACE)
+            except ValueError:
+                return
+            time.sleep(0.05)
+        logger.warning("job %s: the record log was still there %gs after it was killed", self.job_id, _RPC_TIMEOUT_S)
 
     def release_placement_groups(self) -> list[str]:
         """Remove the placement groups of a run that is over but left them reserved; returns their hex ids.
