@@ -442,8 +442,10 @@ def _pack_layer_dict(snapshot: Mapping[str, Any]) -> PackedLayerStats:
 
     def row(key: str) -> torch.Tensor:
         values = snapshot.get(key)
-        return torch.full((c,), math.nan, dtype=torch.float64) if values is None else torch.as_tensor(
-            values, dtype=torch.float64
+        return (
+            torch.full((c,), math.nan, dtype=torch.float64)
+            if values is None
+            else torch.as_tensor(values, dtype=torch.float64)
         )
 
     def scalar(key: str) -> float:

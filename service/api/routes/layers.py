@@ -35,21 +35,26 @@ def read_layers(
     job: JobDep,
     store: StoreDep,
     step: Annotated[
-        int | None, Query(ge=0, le=2**53, description="A recorded step; default: the latest recorded step.")
+        int | None,
+        Query(
+            ge=0,
+            le=2**53,
+            description="A step; the answer is for the nearest recorded step (with channels: the nearest kept "
+            "snapshot), named in `step`. Default: the latest recorded step.",
+        ),
     ] = None,
     channels: Channels = True,
 ) -> LayersPublic:
     """Every BatchNorm layer's statistics at one step: global batch mean/variance, running stats, gamma/beta,
     gradient norms, dead channels, drift and cross-worker skew. Empty (`step: null`) until the first record."""
-    rows = store.layers_at(job.id, step)
-    steps = store.layer_steps(job.id)
-    if step is not None and not rows:
-        recorded = _some(steps) if steps else "none yet"
+    result = store.layers_at(job.id, step, channels=channels)
+    if step is not None and result.step is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
-            f"job {job.id} has no layer statistics at step {step}; recorded steps: {recorded}.",
+            f"job {job.id} has no layer statistics at step {step}: none recorded yet; ask again once the run has "
+            "recorded a step (every stats_every steps).",
         )
-    return LayersPublic.from_rows(job.id, rows, steps, channels)
+    return LayersPublic.from_result(job.id, result)
 
 
 @router.get(
@@ -63,16 +68,25 @@ def read_layer_history(
     store: StoreDep,
     layer: Annotated[str, Path(description="Module path of the layer, e.g. 'layer1.0.bn1'.")],
     since_step: Annotated[int | None, Query(ge=-1, le=2**53, description="Only steps after this one.")] = None,
-    limit: Annotated[int, Query(ge=1, le=100_000, description="Most points to return.")] = 10_000,
+    limit: Annotated[
+        int, Query(ge=1, le=1_000_000, description="Consider at most this many steps after since_step.")
+    ] = 1_000_000,
+    max_points: Annotated[
+        int,
+        Query(ge=1, le=10_000, description="Most points to return: the series is downsampled evenly to this."),
+    ] = 500,
     channels: Channels = True,
 ) -> LayerHistoryPublic:
-    """One layer's statistics at every recorded step, ascending."""
-    rows = store.layer_history(job.id, layer, since_step=since_step, limit=limit)
-    if not rows and since_step is None:
+    """One layer's statistics over the run, ascending: every recorded step's summary (`channels=false`), or the
+    kept snapshots with their per-channel lists (`channels=true`), downsampled to `max_points`."""
+    history = store.layer_history(
+        job.id, layer, since_step=since_step, limit=limit, max_points=max_points, channels=channels
+    )
+    if history is None:
         names = store.layer_names(job.id)
         known = _some(names) if names else "none recorded yet"
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
             f"job {job.id} has no statistics for layer {layer!r}; its layers: {known}.",
         )
-    return LayerHistoryPublic.from_rows(job.id, layer, rows, channels)
+    return LayerHistoryPublic.from_result(job.id, layer, history)
