@@ -2,7 +2,8 @@
 
 - `syncbn train SPEC`: run one job on an embedded Ray (or `RAY_ADDRESS`), with a progress bar (`service.train`);
 - `syncbn serve`: the REST service (`service.serve`);
-- `syncbn submit SPEC`: send a job to a running service (`service.submit`).
+- `syncbn submit SPEC`: send a job to a running service (`service.submit`);
+- `syncbn db upgrade|current|history`: the database schema, for operators (`service.db`).
 
 Each sub-command lives in its own module exposing `add_<name>_arguments(parser)` and `run_<name>(args) -> int`;
 adding one is one line in `_COMMANDS`. Each module keeps its heavy imports (Ray, torch, uvicorn) inside
@@ -23,6 +24,7 @@ _COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("train", "service.train", "Run one training job on an embedded Ray (or RAY_ADDRESS) and save its results."),
     ("serve", "service.serve", "Start the REST service (FastAPI + embedded Ray + SQLite by default)."),
     ("submit", "service.submit", "Submit a job spec to a running service, optionally following it live."),
+    ("db", "service.db", "Upgrade the service's database schema, or show its revision and history."),
 )
 
 

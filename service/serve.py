@@ -1,5 +1,8 @@
 """`syncbn serve`: the REST service with an embedded Ray (or a joined cluster) and an SQLite file, no setup.
 
+At start the database is upgraded to the newest schema revision (`service.store.migration`); a database that a
+newer syncbn upgraded is refused with a sentence (exit status 1) before Ray starts.
+
 Every flag mirrors a field of `service.settings.Settings` (`--data-dir` sets `data_dir`, ...): a flag that is
 not given falls back to its `SYNCBN_*` environment variable, then to the default. The flags are generated from
 the settings class, so the two can never drift apart.
@@ -60,6 +63,28 @@ def _stopped(signum: int, _frame: object) -> None:
     logger.info("stopped by signal %d", signum)
 
 
+def _upgrade_database(settings: Settings) -> bool:
+    """Upgrade the database to the schema this version needs before anything starts; False (with a sentence on
+    stderr) when it cannot be used: unreachable, or upgraded by a newer syncbn."""
+    from service.store.engine import make_engine
+    from service.store.migration import SchemaError, upgrade_database
+
+    engine = make_engine(settings.resolved_database_url())
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        change = upgrade_database(engine)
+    except SchemaError as exc:
+        sys.stderr.write(f"syncbn serve: refusing to start: {exc}\n")
+        return False
+    except Exception as exc:
+        sys.stderr.write(f"syncbn serve: could not open the database {shown}: {type(exc).__name__}: {exc}\n")
+        return False
+    finally:
+        engine.dispose()
+    logger.info("database %s at schema revision %s", shown, change.after)
+    return True
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start the service and block until it is stopped (Ctrl-C / SIGTERM). Returns the exit code."""
     try:
@@ -68,6 +93,8 @@ def run_serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"syncbn serve: invalid settings:\n{_describe(exc)}\n")
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not _upgrade_database(settings):
+        return 1
     import ray
     import uvicorn
 

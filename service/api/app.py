@@ -18,6 +18,7 @@ from service.api.deps import require_token
 from service.api.errors import register_error_handlers
 from service.api.prometheus import RequestMetricsMiddleware, ServiceMetrics
 from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, prometheus
+from service.api.storable_text import reject_unstorable_parameters
 from service.dashboard import mount_dashboard
 from service.jobs.manager import JobManager
 from service.settings import Settings
@@ -76,7 +77,9 @@ def create_app(settings: Settings) -> FastAPI:
     secured = [Depends(require_token)]
     app.include_router(health.router)
     app.include_router(prometheus.router, dependencies=secured)
+    # Parameters the database cannot store are refused before any route reads it (422 naming the parameter).
+    guarded = [*secured, Depends(reject_unstorable_parameters)]
     for resource in (jobs, job_metrics, layers, logs, events, cluster):
-        app.include_router(resource.router, dependencies=secured)
+        app.include_router(resource.router, dependencies=guarded)
     mount_dashboard(app)  # the web page at / and its files under /ui/static (public; its data comes from /v1)
     return app

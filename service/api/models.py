@@ -9,10 +9,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.jobs.status import JobStatus
 from service.spec import JobSpec
+from service.status import JobStatus
+from service.store.limits import find_unstorable_text
 from service.store.models import EpochPointRow, JobRow, LogLineRow, StepPointRow
 from service.store.repository import LayerHistory, LayersAtStep, as_utc
 
@@ -37,6 +38,16 @@ __all__ = [
 
 class JobCreate(JobSpec):
     """Body of `POST /v1/jobs`: the job spec (unknown fields are refused)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unstorable_text(cls, data: Any) -> Any:
+        """Text the database cannot store (a NUL character, ...) anywhere in the body is a 422 naming the field."""
+        found = find_unstorable_text(data)
+        if found is not None:
+            where, reason = found
+            raise ValueError(f"{where or 'the body'} {reason}: remove it.")
+        return data
 
 
 class ErrorPublic(BaseModel):

@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.jobs.status import JobStatus
+from service.status import JobStatus
 
 if TYPE_CHECKING:
     from service.jobs.manager import JobManager

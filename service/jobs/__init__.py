@@ -1,9 +1,10 @@
-"""Job lifecycle: the state machine (`service.jobs.status`) and the manager (`service.jobs.manager`).
+"""Job lifecycle: the manager (`service.jobs.manager`) runs jobs through the states of `service.status`.
 
-Import the manager from its module; this package only re-exports the status enum, so the store can use it
-without importing the manager (which depends on the store and on Ray).
+Import the manager from its module; this package re-exports the status enum for callers that read it from here.
+The enum itself lives in `service.status`, below both the store and the manager, so the store never imports
+from this package.
 """
 
-from service.jobs.status import JobStatus
+from service.status import JobStatus
 
 __all__ = ["JobStatus"]

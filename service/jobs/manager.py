@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.jobs.status import JobStatus
 from service.settings import Settings
 from service.spec import JobSpec, resolve_npz_path
+from service.status import JobStatus
 from service.store import JobStore
 from service.store.models import JobRow
 

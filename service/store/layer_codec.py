@@ -4,11 +4,12 @@ A merged layer record (`syncbn.merge_packed_layer_stats`) has ~30 scalars and fo
 text that was ~90 bytes per channel per recorded step; here:
 
 - a summary is `SUMMARY_FIELDS` as little-endian float32 (NaN for "none"; booleans as 0/1) followed by the ranks'
-  element counts as float64 (counts can exceed float32's exact integers): 120 + 8 x ranks bytes;
+  element counts as float64 (counts can exceed float32's exact integers): 116 + 8 x ranks bytes;
 - the vectors are one float32 block of `VECTOR_ROWS` x channels (16 bytes per channel), NaN where a layer has
   no running statistics.
 
-Decoding gives back the dicts the API has always served (`channels`, `ranks` and `count` are derived).
+Decoding gives back the dicts the API has always served (`channels` comes from the layer's series, `count` is
+the sum of the ranks' counts).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
 #: Scalars of a layer summary, in their order in the binary form (float32 each).
 SUMMARY_FIELDS = (
     "synchronized",
+    "ranks",
     "ranks_agree",
     "dead_channels",
     "drift_mean",
@@ -64,7 +66,7 @@ SUMMARY_FIELDS = (
 VECTOR_ROWS = ("mean", "var", "running_mean", "running_var")
 
 _FLAGS = {"synchronized", "ranks_agree"}
-_INTEGERS = {"dead_channels"}
+_INTEGERS = {"dead_channels", "ranks"}
 _SUMMARY_BYTES = 4 * len(SUMMARY_FIELDS)
 _F32 = np.dtype("<f4")
 _F64 = np.dtype("<f8")
@@ -104,7 +106,8 @@ def decode_summary(blob: bytes, channels: int) -> dict[str, Any]:
             out[key] = value
     out["synchronized"] = bool(out["synchronized"])
     finite = [c if math.isfinite(c) else None for c in counts]
-    out["ranks"] = len(finite)
+    if out["ranks"] is None:
+        out["ranks"] = len(finite)
     out["per_rank_count"] = finite
     out["count"] = float(sum(c for c in finite if c is not None))
     out["channels"] = channels

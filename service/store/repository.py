@@ -1,8 +1,8 @@
 """The store: every read and write of the service's database goes through `JobStore`.
 
 Responsibilities:
-- open the database named by an SQLAlchemy URL (an SQLite file by default, Postgres by URL) and create the
-  tables on first use;
+- open the database named by an SQLAlchemy URL (an SQLite file by default, Postgres by URL) and upgrade its
+  schema to the newest Alembic revision (`service.store.migration`; a database newer than the code is refused);
 - create jobs (honouring `Idempotency-Key`), move them between states (only along the allowed transitions of
   `JobStatus`, checked atomically in the database), and delete them with everything they own;
 - ingest a batch of run records (steps, epochs, layer statistics, logs, the end record) in ONE transaction,
@@ -23,23 +23,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.jobs.status import JobStatus
+from service.status import JobStatus
+from service.store.engine import make_engine
 from service.store.layer_codec import (
     decode_summary,
     decode_vectors,
     encode_summary,
     vectors_from_lists,
 )
+from service.store.migration import upgrade_database
 from service.store.models import (
-    Base,
     EpochPointRow,
     IdempotencyKeyRow,
     JobEventRow,
@@ -176,8 +175,12 @@ class JobStore:
     def __init__(self, url: str, *, stats_keep: int = DEFAULT_STATS_KEEP) -> None:
         self.url = url
         self.stats_keep = stats_keep
-        self.engine = _make_engine(url)
-        Base.metadata.create_all(self.engine)
+        self.engine = make_engine(url)
+        try:
+            self.schema = upgrade_database(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.Lock()
         self._latest_event: dict[str, int] = {}
@@ -820,30 +823,3 @@ def _point_dict(point: Any, model: Any) -> dict[str, Any]:
         for column in model.__table__.columns
         if column.name not in ("id", "job_id")
     }
-
-
-def _make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout and enforced foreign keys."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-    database = parsed.database
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": 30},
-        pool_size=10,
-        max_overflow=20,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    return engine

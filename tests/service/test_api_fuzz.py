@@ -1,6 +1,7 @@
 """Property-based fuzzing of every operation in the service's own OpenAPI document (schemathesis): data that
 fits the schema and data that does not (paths, queries, headers, bodies) never produce a 5xx, and every answer
-matches what the document says (status code, content type, response schema).
+matches what the document says (status code, content type, response schema); on SQLite and on the real
+PostgreSQL server, which refuses what SQLite stores silently (NUL characters, integers beyond 32 bits).
 
 A real uvicorn server with a real local Ray; scheduling is paused (`max_concurrent_jobs=0`) so the accepted
 specs stay queued instead of training, and the number of examples per operation is bounded to keep the run short.
@@ -34,9 +35,14 @@ EXAMPLES = 40
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-@pytest.fixture(scope="module")
-def server(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("fuzz"), max_concurrent_jobs=0, cancel_wait_s=1)
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(
+    request: pytest.FixtureRequest, ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    database_url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("fuzz"), database_url=database_url, max_concurrent_jobs=0, cancel_wait_s=1
+    )
     with LiveServer(settings) as live:
         yield live
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from service.jobs.manager import JobCannotFitError, JobManager, JobNotFoundError, JobStateError
-from service.jobs.status import JobStatus
 from service.settings import Settings
 from service.spec import JobSpec
+from service.status import JobStatus
 from service.store import IdempotencyKeyReusedError, JobStore
 from tests.service.conftest_api import tiny_spec, wait_for
 

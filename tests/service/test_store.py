@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from service.jobs.status import JobStatus
+from service.status import JobStatus
 from service.store import IdempotencyKeyReusedError, JobStore
 
 pytestmark = pytest.mark.timeout(120)

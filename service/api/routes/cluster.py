@@ -8,14 +8,16 @@ from fastapi import APIRouter
 from service.api.deps import ManagerDep
 from service.api.models import ClusterPublic
 from service.api.routes.responses import errors
-from service.jobs.status import JobStatus
+from service.status import JobStatus
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["cluster"])
 
 
-@router.get("/cluster", response_model=ClusterPublic, summary="Read the cluster's capacity", responses=errors(401, 503))
+@router.get(
+    "/cluster", response_model=ClusterPublic, summary="Read the cluster's capacity", responses=errors(401, 422, 503)
+)
 def read_cluster(manager: ManagerDep) -> ClusterPublic:
     """Total and currently free CPUs/GPUs (free ones come back when a job ends or is cancelled)."""
     capacity = manager.cluster_capacity(fresh=True)

@@ -27,7 +27,9 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from service.api.deps import JobDep, ManagerDep, StoreDep
 from service.api.routes.responses import errors
-from service.jobs.status import JobStatus
+from service.status import JobStatus
+from service.store.limits import integer_range
+from service.store.models import JobEventRow
 
 __all__ = ["router"]
 
@@ -58,13 +60,17 @@ async def stream_events(
         Header(
             alias="Last-Event-ID",
             ge=0,
-            le=2**53,
+            le=integer_range(JobEventRow.seq)[1],
             description="Resume after this event id (browsers send it when they reconnect).",
         ),
     ] = None,
     after: Annotated[
         int | None,
-        Query(ge=0, le=2**53, description="Same as Last-Event-ID, for clients that cannot set headers."),
+        Query(
+            ge=0,
+            le=integer_range(JobEventRow.seq)[1],
+            description="Same as Last-Event-ID, for clients that cannot set headers.",
+        ),
     ] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Stream the job's events from the start (or after `Last-Event-ID`); the stream ends when the job ends."""

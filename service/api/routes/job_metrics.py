@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query
 from service.api.deps import JobDep, StoreDep
 from service.api.models import MetricsPublic
 from service.api.routes.responses import errors
+from service.store.limits import integer_range
+from service.store.models import StepPointRow
 
 __all__ = ["router"]
 
@@ -26,7 +28,11 @@ def read_metrics(
     store: StoreDep,
     since_step: Annotated[
         int | None,
-        Query(ge=-1, le=2**53, description="Only points after this step (poll with the last step you have)."),
+        Query(
+            ge=-1,
+            le=integer_range(StepPointRow.step)[1],
+            description="Only points after this step (poll with the last step you have).",
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100_000, description="Most points of each kind to return.")] = 10_000,
 ) -> MetricsPublic:

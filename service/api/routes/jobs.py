@@ -14,8 +14,8 @@ from service.api.deps import JobDep, ManagerDep, SettingsDep, StoreDep
 from service.api.models import JobCreate, JobPublic, JobsPublic
 from service.api.routes.responses import errors
 from service.jobs.manager import JobManager, JobNotFoundError, JobStateError
-from service.jobs.status import JobStatus
 from service.spec import JobSpec
+from service.status import JobStatus
 from service.store.models import JobRow
 
 __all__ = ["router"]
@@ -88,7 +88,7 @@ def list_jobs(
     return JobsPublic(data=[job_public(row, manager, positions.get(row.id)) for row in rows], count=count)
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic, summary="Read a job", responses=errors(401, 404))
+@router.get("/jobs/{job_id}", response_model=JobPublic, summary="Read a job", responses=errors(401, 404, 422))
 def read_job(job: JobDep, manager: ManagerDep) -> JobPublic:
     """Status, timestamps, error reason and summary (epochs done, last/best validation accuracy, verdict)."""
     return job_public(job, manager, _position(job, manager))
@@ -100,7 +100,7 @@ def read_job(job: JobDep, manager: ManagerDep) -> JobPublic:
     summary="Cancel a job",
     responses={
         202: {"model": JobPublic, "description": "The run is still stopping; the job will end as cancelled."},
-        **errors(401, 404, 409),
+        **errors(401, 404, 409, 422),
     },
 )
 async def cancel_job(job: JobDep, manager: ManagerDep, settings: SettingsDep, response: Response) -> JobPublic:
@@ -128,7 +128,7 @@ async def cancel_job(job: JobDep, manager: ManagerDep, settings: SettingsDep, re
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     summary="Delete a finished job",
-    responses=errors(401, 404, 409),
+    responses=errors(401, 404, 409, 422),
 )
 def delete_job(job: JobDep, manager: ManagerDep) -> Response:
     """Remove a finished job with its metrics, statistics, logs and files. Queued or running jobs: 409."""
@@ -145,7 +145,7 @@ def delete_job(job: JobDep, manager: ManagerDep) -> Response:
             "description": "The final state dict (torch.save), with plain BatchNorm layers.",
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
-        **errors(401, 404, 409, non_json_route=True),
+        **errors(401, 404, 409, 422, non_json_route=True),
     },
 )
 def download_model(job: JobDep, manager: ManagerDep) -> FileResponse:

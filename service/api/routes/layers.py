@@ -9,6 +9,8 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from service.api.deps import JobDep, StoreDep
 from service.api.models import LayerHistoryPublic, LayersPublic
 from service.api.routes.responses import errors
+from service.store.limits import integer_range
+from service.store.models import LayerSummaryRow
 
 __all__ = ["router"]
 
@@ -38,7 +40,7 @@ def read_layers(
         int | None,
         Query(
             ge=0,
-            le=2**53,
+            le=integer_range(LayerSummaryRow.step)[1],
             description="A step; the answer is for the nearest recorded step (with channels: the nearest kept "
             "snapshot), named in `step`. Default: the latest recorded step.",
         ),
@@ -67,7 +69,10 @@ def read_layer_history(
     job: JobDep,
     store: StoreDep,
     layer: Annotated[str, Path(description="Module path of the layer, e.g. 'layer1.0.bn1'.")],
-    since_step: Annotated[int | None, Query(ge=-1, le=2**53, description="Only steps after this one.")] = None,
+    since_step: Annotated[
+        int | None,
+        Query(ge=-1, le=integer_range(LayerSummaryRow.step)[1], description="Only steps after this one."),
+    ] = None,
     limit: Annotated[
         int, Query(ge=1, le=1_000_000, description="Consider at most this many steps after since_step.")
     ] = 1_000_000,

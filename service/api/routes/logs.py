@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query
 from service.api.deps import JobDep, StoreDep
 from service.api.models import LogLine, LogsPublic
 from service.api.routes.responses import errors
+from service.store.limits import integer_range
+from service.store.models import LogLineRow
 
 __all__ = ["router"]
 
@@ -21,7 +23,9 @@ router = APIRouter(prefix="/v1", tags=["logs"])
 def read_logs(
     job: JobDep,
     store: StoreDep,
-    after: Annotated[int, Query(ge=0, le=2**53, description="Only lines with seq > after (for polling).")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=integer_range(LogLineRow.seq)[1], description="Only lines with seq > after (for polling).")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000, description="Most lines to return.")] = 1000,
 ) -> LogsPublic:
     """Lines oldest first; a failed job's last lines carry the worker's error (rank and message)."""
