@@ -8,6 +8,7 @@ merged by `service.engine.reports.records_from_reports`) and stored through the 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import uuid
 from collections.abc import Iterator
@@ -208,3 +209,77 @@ def test_json_era_layer_records_are_still_stored(tmp_path: Path) -> None:
     stats = store.layers_at(job_id, None).layers["bn"]
     assert stats["mean"] == [1.0, 2.0] and stats["running_mean"] == [0.5, 0.5] and stats["running_var"] is None
     store.close()
+
+
+def test_json_layer_rows_of_an_existing_job_are_migrated_and_can_be_downgraded(store: JobStore) -> None:  # noqa: F811
+    """A database at 0001_initial holding JSON layer rows (as 0.1.0 wrote them, a re-recorded step included) is
+    upgraded by opening the store: every step's summary and every vector reads back; the downgrade writes JSON."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from service.store.engine import make_engine
+    from service.store.migration import INITIAL_REVISION, alembic_config
+
+    url = store.url
+    store.close()
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:  # back to the 0.1.0 schema, then rows as 0.1.0 stored them
+            config = alembic_config(connection)
+            command.downgrade(config, INITIAL_REVISION)
+        job_id = uuid.uuid4().hex
+        records = _records(range(1, 4))
+        merged = {r["step"]: r for r in records if r["kind"] == "layers"}
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, status, spec, created_at, cancel_requested, epochs_done, record_seq, "
+                    "event_seq) VALUES (:id, 'succeeded', '{}', CURRENT_TIMESTAMP, false, 1, 0, 0)"
+                ),
+                {"id": job_id},
+            )
+            rows = []
+            for step in (1, 2, 3, 2):  # step 2 recorded twice: the later row wins, as it did in 0.1.0
+                record = merged[step]
+                for name, summary in record["layers"].items():
+                    stats = {**summary, **decode_vectors(record["vectors"][name])}
+                    if step == 2 and len(rows) >= 9:
+                        stats["dead_channels"] = 7
+                    rows.append({"job": job_id, "step": step, "layer": name, "stats": json.dumps(stats)})
+            connection.execute(
+                text(
+                    "INSERT INTO layer_stats (job_id, step, epoch, layer, stats) "
+                    "VALUES (:job, :step, 1, :layer, :stats)"
+                ),
+                rows,
+            )
+    finally:
+        engine.dispose()
+
+    upgraded = JobStore(url)
+    try:
+        assert upgraded.layer_steps(job_id) == [1, 2, 3] and upgraded.kept_steps(job_id) == [1, 2, 3]
+        assert list(upgraded.layers_at(job_id, None).layers) == ["0", "1", "2"], "model order kept"
+        for step in (1, 2, 3):
+            layers = upgraded.layers_at(job_id, step).layers
+            for name, summary in merged[step]["layers"].items():
+                expected = decode_vectors(merged[step]["vectors"][name])
+                assert {k: layers[name][k] for k in expected} == expected, (step, name)
+                assert layers[name]["skew_max_gap"] == pytest.approx(summary["skew_max_gap"], rel=1e-6)
+                assert layers[name]["dead_channels"] == (7 if step == 2 else summary["dead_channels"])
+    finally:
+        upgraded.close()
+
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            command.downgrade(alembic_config(connection), INITIAL_REVISION)
+        with engine.connect() as connection:
+            back = connection.execute(
+                text("SELECT step, layer, stats FROM layer_stats WHERE job_id = :id ORDER BY step, id"), {"id": job_id}
+            ).all()
+    finally:
+        engine.dispose()
+    assert [(step, layer) for step, layer, _ in back] == [(s, n) for s in (1, 2, 3) for n in ("0", "1", "2")]
+    stats = back[0][2] if isinstance(back[0][2], dict) else json.loads(back[0][2])
+    assert stats["mean"] == decode_vectors(merged[1]["vectors"]["0"])["mean"]
