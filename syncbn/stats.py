@@ -115,19 +115,39 @@ def _grad_norm(p: torch.Tensor | None) -> float | None:
     return float(p.grad.detach().double().norm())
 
 
-def _summary_tensor(t: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """``[mean, min, max]`` of a parameter in float64 on ``device`` (NaN without one)."""
-    if t is None or t.numel() == 0:
-        return torch.full((3,), math.nan, dtype=torch.float64, device=device)
-    d = t.detach().double()
-    return torch.stack([d.mean(), d.min(), d.max()])
-
-
-def _grad_norm_tensor(p: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """``[norm of p.grad]`` in float64 on ``device`` (NaN without a gradient)."""
-    if p is None or p.grad is None:
-        return torch.full((1,), math.nan, dtype=torch.float64, device=device)
-    return p.grad.detach().double().norm().reshape(1)
+def _parameter_summaries(
+    scalars: torch.Tensor,
+    kind: str,
+    params: Sequence[torch.Tensor | None],
+    layer_of: torch.Tensor,
+    channels: Sequence[int],
+) -> None:
+    """Fill ``{kind}_mean/min/max`` and ``{kind}_grad_norm`` of every layer in ``scalars`` (NaN where a layer has
+    no such parameter or gradient), with one scatter-reduction per statistic over all layers' channels."""
+    rows = [i for i, p in enumerate(params) if p is not None and p.numel() == channels[i]]
+    if not rows:
+        return
+    index = torch.tensor(rows, device=scalars.device)
+    mask = torch.zeros(len(params), dtype=torch.bool, device=scalars.device)
+    mask[index] = True
+    selected = mask[layer_of]
+    values = torch.cat([params[i].detach().double().reshape(-1) for i in rows])
+    owner = layer_of[selected]
+    for suffix, reduce in (("mean", "mean"), ("min", "amin"), ("max", "amax")):
+        out = torch.zeros(len(params), dtype=torch.float64, device=scalars.device)
+        out = out.scatter_reduce(0, owner, values, reduce, include_self=False)
+        scalars[index, _S[f"{kind}_{suffix}"]] = out[index]
+    with_grad = [i for i in rows if params[i].grad is not None]
+    if with_grad:
+        grads = torch.cat([params[i].grad.detach().double().reshape(-1) for i in with_grad])
+        grad_owner = torch.repeat_interleave(
+            torch.tensor(with_grad, device=scalars.device),
+            torch.tensor([channels[i] for i in with_grad], device=scalars.device),
+        )
+        squares = torch.zeros(len(params), dtype=torch.float64, device=scalars.device)
+        squares.index_add_(0, grad_owner, grads * grads)
+        grad_index = torch.tensor(with_grad, device=scalars.device)
+        scalars[grad_index, _S[f"{kind}_grad_norm"]] = squares[grad_index].sqrt()
 
 
 class BatchStatsRecorder:
@@ -244,49 +264,46 @@ class BatchStatsRecorder:
 
         Same content as :meth:`snapshot` without ``count_global`` and ``between_var`` (the merge recomputes both
         from the ranks' local moments), in two float64 tensors built on the layers' device and copied to the
-        host once: no per-value Python objects, one device-to-host transfer per call.
+        host once. The vectors are copied into one preallocated block, and the per-layer parameter summaries
+        and gradient norms are computed for all layers at once (a few scatter-reductions), so the cost barely
+        grows with the number of layers.
         """
-        names: list[str] = []
-        channels: list[int] = []
-        scalar_rows: list[torch.Tensor] = []
-        vector_blocks: list[torch.Tensor] = []
+        entries = []
         for name, layer in self._layers.items():
             if name in self._synced:
                 m = self._synced[name]
-                count, mean, var = m.count_local, m.mean_local, m.var_local
-                mean_g, var_g, synchronized = m.mean_global, m.var_global, 1.0
+                entries.append((name, layer, m.count_local, m.mean_local, m.var_local, m.mean_global, m.var_global))
             elif name in self._local:
                 count, mean, var = self._local[name]
-                mean_g = var_g = None
-                synchronized = 0.0
-            else:
-                continue  # not run in the recorded pass
-            device, c = mean.device, mean.numel()
-            missing = torch.full((c,), math.nan, dtype=torch.float64, device=device)
-            tracked = layer.track_running_stats and layer.running_mean is not None
-            rows = [mean, var, mean_g, var_g]
-            rows += [layer.running_mean, layer.running_var] if tracked else [None, None]
-            vector_blocks.append(torch.stack([missing if r is None else r.detach().double() for r in rows]))
-            scalar_rows.append(
-                torch.cat(
-                    [
-                        torch.tensor([float(layer.eps), synchronized], dtype=torch.float64, device=device),
-                        torch.as_tensor(count, dtype=torch.float64, device=device).reshape(1),
-                        _summary_tensor(layer.weight, device),
-                        _summary_tensor(layer.bias, device),
-                        _grad_norm_tensor(layer.weight, device),
-                        _grad_norm_tensor(layer.bias, device),
-                    ]
-                )
-            )
-            names.append(name)
-            channels.append(c)
-        if not names:
+                entries.append((name, layer, count, mean, var, None, None))
+        if not entries:
             no_scalars = torch.zeros(0, len(PACKED_SCALARS), dtype=torch.float64)
             return PackedLayerStats((), (), no_scalars, torch.zeros(len(PACKED_VECTORS), 0, dtype=torch.float64))
-        scalars = torch.stack(scalar_rows).cpu()
-        vectors = torch.cat(vector_blocks, dim=1).cpu()
-        return PackedLayerStats(tuple(names), tuple(channels), scalars, vectors)
+        device = entries[0][3].device
+        channels = [e[3].numel() for e in entries]
+        vectors = torch.full((len(PACKED_VECTORS), sum(channels)), math.nan, dtype=torch.float64, device=device)
+        start = 0
+        for (_, layer, _, mean, var, mean_g, var_g), c in zip(entries, channels, strict=True):
+            tracked = layer.track_running_stats and layer.running_mean is not None
+            rows = (mean, var, mean_g, var_g) + ((layer.running_mean, layer.running_var) if tracked else (None, None))
+            for row, values in enumerate(rows):
+                if values is not None:
+                    vectors[row, start : start + c].copy_(values.detach())
+            start += c
+
+        layer_of = torch.repeat_interleave(
+            torch.arange(len(entries), device=device), torch.tensor(channels, device=device)
+        )
+        scalars = torch.full((len(entries), len(PACKED_SCALARS)), math.nan, dtype=torch.float64, device=device)
+        scalars[:, _S["eps"]] = torch.tensor([float(e[1].eps) for e in entries], dtype=torch.float64)
+        scalars[:, _S["synchronized"]] = torch.tensor([float(e[5] is not None) for e in entries], dtype=torch.float64)
+        scalars[:, _S["count_local"]] = torch.stack(
+            [torch.as_tensor(e[2], dtype=torch.float64, device=device).reshape(()) for e in entries]
+        )
+        for kind in ("weight", "bias"):
+            params = [getattr(e[1], kind) for e in entries]
+            _parameter_summaries(scalars, kind, params, layer_of, channels)
+        return PackedLayerStats(tuple(e[0] for e in entries), tuple(channels), scalars.cpu(), vectors.cpu())
 
     def close(self) -> None:
         """Detach the hooks."""
