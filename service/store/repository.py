@@ -135,11 +135,6 @@ def _integer(value: Any, default: int = 0) -> int:
     return int(value)
 
 
-def layer_summary(stats: dict[str, Any]) -> dict[str, Any]:
-    """A layer's statistics without the per-channel lists (what SSE events and `channels=false` carry)."""
-    return {key: value for key, value in stats.items() if not isinstance(value, list)}
-
-
 @dataclass
 class LayerPointData:
     """One layer's statistics at one recorded step: the summary, plus the per-channel lists when asked and kept."""
