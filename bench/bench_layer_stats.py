@@ -17,7 +17,8 @@ linear head; 2 Ray Train workers (gloo, one thread each), batch 16 x 256 x 4 x 4
    recorded step (summaries, and vectors of a kept snapshot, per channel), footprint after 250 and 500 steps.
 4. Latency: `syncbn serve` on that database (a real server on loopback): p50 of `/layers` (with and without
    channels, latest and a step), `/layers/{layer}` (summaries; the dashboard's 120 kept snapshots), and the
-   heatmap's requests: the job's SSE stream replayed from the start (the heatmap is drawn from it).
+   heatmap's requests: `/layer-summaries` of its 9 statistics, then the page's event stream without the
+   `layers` events already read (and, for comparison, the stream replaying all of them).
 
     .venv/bin/python bench/bench_layer_stats.py [--rounds 6 --steps 20 --requests 30]
 
@@ -44,6 +45,18 @@ from typing import Any
 
 LAYERS, CHANNELS, BATCH, SPATIAL = 40, 256, 16, 4
 MODES = ("off", "metrics/10", "layers/10", "metrics/1", "layers/1")
+#: The statistics the dashboard's heatmap offers (service/dashboard/static/layer_view.js, STATISTICS).
+HEATMAP_KEYS = (
+    "skew_between_share_max",
+    "skew_max_gap",
+    "drift_mean",
+    "drift_max",
+    "batch_var_mean",
+    "batch_var_min",
+    "dead_channels",
+    "weight_mean",
+    "weight_grad_norm",
+)
 
 
 def train_fn(config: dict[str, Any]) -> None:
@@ -255,7 +268,12 @@ def measure_latency(data_dir: Path, job_id: str, requests: int) -> dict[str, flo
                 "/layers?step=123 (nearest kept)": (f"{path}/layers", {"step": "123"}),
                 "/layers/{layer} (500 summaries)": (f"{path}/layers/{layer}", {"channels": "false"}),
                 "/layers/{layer} (120 kept snapshots)": (f"{path}/layers/{layer}", {"max_points": "120"}),
-                "heatmap: SSE replay (all events)": (f"{path}/events", {}),
+                "heatmap: /layer-summaries (its 9 statistics)": (
+                    f"{path}/layer-summaries",
+                    {"keys": ",".join(HEATMAP_KEYS)},
+                ),
+                "page: event stream after it": (f"{path}/events", {"layers_after_step": "500"}),
+                "before: event stream replaying every layers event": (f"{path}/events", {}),
             }
             out: dict[str, float] = {}
             sizes: dict[str, int] = {}

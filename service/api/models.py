@@ -15,7 +15,7 @@ from service.spec import JobSpec
 from service.status import JobStatus
 from service.store.limits import find_unstorable_text
 from service.store.models import EpochPointRow, JobRow, LogLineRow, StepPointRow
-from service.store.repository import LayerHistory, LayersAtStep, as_utc
+from service.store.repository import LayerHistory, LayerMatrix, LayersAtStep, as_utc
 
 __all__ = [
     "ClusterPublic",
@@ -26,6 +26,7 @@ __all__ = [
     "JobSummary",
     "JobsPublic",
     "LayerHistoryPublic",
+    "LayerMatrixPublic",
     "LayerPoint",
     "LayersPublic",
     "LogLine",
@@ -200,6 +201,30 @@ class LayersPublic(BaseModel):
             recorded_steps=result.recorded_steps,
             kept_steps=result.kept_steps,
             layers=result.layers,
+        )
+
+
+class LayerMatrixPublic(BaseModel):
+    """Summary statistics of every layer over the recorded steps: what the dashboard's heatmap draws."""
+
+    job_id: str = Field(description="The job.")
+    layers: list[str] = Field(description="Layers (module paths) in model order: the rows.")
+    steps: list[int] = Field(description="Recorded steps, ascending, downsampled evenly to max_steps: the columns.")
+    epochs: list[int] = Field(description="Epoch of each step.")
+    available: int = Field(description="Recorded steps before downsampling.")
+    values: dict[str, list[list[float | None]]] = Field(
+        description="Per statistic asked for: one list per layer, aligned with `steps` (null: none)."
+    )
+
+    @classmethod
+    def from_result(cls, job_id: str, matrix: LayerMatrix) -> LayerMatrixPublic:
+        return cls(
+            job_id=job_id,
+            layers=matrix.layers,
+            steps=matrix.steps,
+            epochs=matrix.epochs,
+            available=matrix.available,
+            values=matrix.values,
         )
 
 

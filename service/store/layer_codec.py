@@ -27,6 +27,7 @@ __all__ = [
     "decode_vectors",
     "encode_summary",
     "encode_vectors",
+    "summary_columns",
     "vectors_from_lists",
 ]
 
@@ -112,6 +113,15 @@ def decode_summary(blob: bytes, channels: int) -> dict[str, Any]:
     out["count"] = float(sum(c for c in finite if c is not None))
     out["channels"] = channels
     return out
+
+
+def summary_columns(blobs: list[bytes], keys: list[str]) -> np.ndarray:
+    """`(len(blobs), len(keys))` float64 values of `keys` (names in SUMMARY_FIELDS) from many summaries at once
+    (one numpy pass over their float32 parts; NaN for "none")."""
+    columns = [SUMMARY_FIELDS.index(key) for key in keys]
+    heads = b"".join(blob[:_SUMMARY_BYTES] for blob in blobs)
+    table = np.frombuffer(heads, dtype=_F32).reshape(len(blobs), len(SUMMARY_FIELDS))
+    return table[:, columns].astype(np.float64)
 
 
 def encode_vectors(block: np.ndarray) -> bytes:

@@ -32,9 +32,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.status import JobStatus
 from service.store.engine import make_engine
 from service.store.layer_codec import (
+    SUMMARY_FIELDS,
     decode_summary,
     decode_vectors,
     encode_summary,
+    summary_columns,
     vectors_from_lists,
 )
 from service.store.migration import upgrade_database
@@ -57,6 +59,7 @@ __all__ = [
     "IngestResult",
     "JobStore",
     "LayerHistory",
+    "LayerMatrix",
     "LayerPointData",
     "LayersAtStep",
     "json_safe",
@@ -154,6 +157,17 @@ class LayersAtStep:
     layers: dict[str, dict[str, Any]]
     recorded_steps: list[int]
     kept_steps: list[int]
+
+
+@dataclass
+class LayerMatrix:
+    """Some summary statistics of every layer at (a downsampled selection of) the recorded steps."""
+
+    layers: list[str]
+    steps: list[int]
+    epochs: list[int]
+    available: int
+    values: dict[str, list[list[float | None]]]
 
 
 @dataclass
@@ -684,6 +698,40 @@ class JobStore:
             result.layers[row.layer] = stats
         return result
 
+    def layer_matrix(self, job_id: str, keys: Sequence[str], *, max_steps: int) -> LayerMatrix:
+        """`keys` (summary statistics) of every layer (model order) at the recorded steps, downsampled evenly to
+        `max_steps`: what the dashboard's heatmap draws, read from the narrow rows in one query.
+
+        Raises:
+            ValueError: a key that is not a summary statistic (`layer_codec.SUMMARY_FIELDS`).
+        """
+        unknown = [key for key in keys if key not in SUMMARY_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown statistics {unknown}: expected some of {', '.join(SUMMARY_FIELDS)}")
+        with self._read() as session:
+            series = self._series_rows(session, job_id)
+            ids = [row.id for row in series]
+            recorded = self._steps_of(session, ids, LayerSummaryRow)
+            chosen = [recorded[i] for i in downsample(len(recorded), max_steps)] if recorded else []
+            rows = []
+            for start in range(0, len(chosen), 1000):
+                query = select(
+                    LayerSummaryRow.series_id, LayerSummaryRow.step, LayerSummaryRow.epoch, LayerSummaryRow.summary
+                ).where(LayerSummaryRow.series_id.in_(ids), LayerSummaryRow.step.in_(chosen[start : start + 1000]))
+                rows += session.execute(query).all()
+        column = {step: i for i, step in enumerate(chosen)}
+        position = {row.id: i for i, row in enumerate(series)}
+        epochs = [0] * len(chosen)
+        values = {key: [[None] * len(chosen) for _ in series] for key in keys}
+        table = summary_columns([r.summary for r in rows], list(keys)) if rows else None
+        for index, row in enumerate(rows):
+            at, layer = column[row.step], position[row.series_id]
+            epochs[at] = row.epoch
+            for k, key in enumerate(keys):
+                value = float(table[index, k])
+                values[key][layer][at] = value if math.isfinite(value) else None
+        return LayerMatrix([row.layer for row in series], chosen, epochs, len(recorded), values)
+
     def layer_names(self, job_id: str) -> list[str]:
         """Names (module paths) of the layers with recorded statistics, sorted."""
         with self._read() as session:
@@ -764,16 +812,26 @@ class JobStore:
         with self._read() as session:
             return list(session.scalars(query.order_by(LogLineRow.seq).limit(limit)))
 
-    def events(self, job_id: str, *, after: int = 0, limit: int = 500) -> list[JobEventRow]:
+    def events(
+        self, job_id: str, *, after: int = 0, limit: int = 500, layers_after_step: int | None = None
+    ) -> list[JobEventRow]:
         """Events with `seq > after`, in order (the SSE stream's source).
 
         A `layers` event is stored as its step only; its `layers` summaries are read from `layer_summaries`
-        here, one query per batch of events (events stored before that change carry them inline).
+        here, one query per batch of events (events stored before that change carry them inline). With
+        `layers_after_step`, `layers` events of earlier steps are left bare (the caller skips them).
         """
         query = select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after)
         with self._read() as session:
             rows = list(session.scalars(query.order_by(JobEventRow.seq).limit(limit)))
-            bare = [r for r in rows if r.kind == "layers" and isinstance(r.data, dict) and "layers" not in r.data]
+            bare = [
+                r
+                for r in rows
+                if r.kind == "layers"
+                and isinstance(r.data, dict)
+                and "layers" not in r.data
+                and (layers_after_step is None or _integer(r.data.get("step")) > layers_after_step)
+            ]
             if not bare:
                 return rows
             series = self._series_rows(session, job_id)

@@ -158,6 +158,23 @@ def test_vectors_are_bounded_by_stats_keep_and_summaries_kept_for_every_step(sto
     )
 
 
+def test_the_heatmap_matrix_matches_the_summaries_and_the_stream_can_skip_them(store: JobStore) -> None:  # noqa: F811
+    job_id = _job(store)
+    store.ingest(job_id, _records(range(1, 7)))
+    keys = ["skew_max_gap", "dead_channels", "weight_grad_norm"]
+    matrix = store.layer_matrix(job_id, keys, max_steps=4)
+    assert matrix.layers == ["0", "1", "2"] and matrix.available == 6 and matrix.steps == [1, 3, 4, 6]
+    for column, step in enumerate(matrix.steps):
+        layers = store.layers_at(job_id, step, channels=False).layers
+        for row, name in enumerate(matrix.layers):
+            for key in keys:
+                assert matrix.values[key][row][column] == pytest.approx(layers[name][key], rel=1e-7), (step, key)
+    with pytest.raises(ValueError, match="unknown statistics"):
+        store.layer_matrix(job_id, ["mean"], max_steps=4)
+    events = [e for e in store.events(job_id, layers_after_step=4) if e.kind == "layers"]
+    assert ["layers" in e.data for e in events] == [False, False, False, False, True, True]
+
+
 def test_retention_rule_keeps_recent_steps_a_log_spaced_past_and_the_first_step() -> None:
     kept: list[int] = []
     for step in range(1, 5001):

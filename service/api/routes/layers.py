@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from service.api.deps import JobDep, StoreDep
-from service.api.models import LayerHistoryPublic, LayersPublic
+from service.api.models import LayerHistoryPublic, LayerMatrixPublic, LayersPublic
 from service.api.routes.responses import errors
+from service.store.layer_codec import SUMMARY_FIELDS
 from service.store.limits import integer_range
 from service.store.models import LayerSummaryRow
 
@@ -95,3 +96,36 @@ def read_layer_history(
             f"job {job.id} has no statistics for layer {layer!r}; its layers: {known}.",
         )
     return LayerHistoryPublic.from_result(job.id, layer, history)
+
+
+@router.get(
+    "/jobs/{job_id}/layer-summaries",
+    response_model=LayerMatrixPublic,
+    summary="Read summary statistics of every layer over the run (the heatmap)",
+    responses=errors(401, 404, 422),
+)
+def read_layer_matrix(
+    job: JobDep,
+    store: StoreDep,
+    keys: Annotated[
+        str,
+        Query(
+            max_length=2000,
+            description="Comma-separated summary statistics, e.g. skew_max_gap,drift_mean; "
+            f"any of: {', '.join(SUMMARY_FIELDS)}.",
+        ),
+    ],
+    max_steps: Annotated[
+        int, Query(ge=1, le=10_000, description="Most steps (columns) to return, evenly spaced.")
+    ] = 2000,
+) -> LayerMatrixPublic:
+    """Chosen summary statistics of every layer at the recorded steps, as layers x steps lists: one small answer
+    instead of replaying every `layers` event (pair it with `GET /events?layers_after_step=`)."""
+    wanted = [key.strip() for key in keys.split(",") if key.strip()]
+    unknown = [key for key in wanted if key not in SUMMARY_FIELDS]
+    if not wanted or unknown:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"keys must name summary statistics (got {unknown or 'none'}): use some of {', '.join(SUMMARY_FIELDS)}.",
+        )
+    return LayerMatrixPublic.from_result(job.id, store.layer_matrix(job.id, wanted, max_steps=max_steps))
