@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench browser
+.PHONY: serve test lint bench browser gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -30,3 +30,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_syncbn.py
+
+# The GPU check (issue 9): the CUDA tests, then bench/bench_gpu.py with its results table; under 6 minutes on one
+# GPU. Without a CUDA GPU it says so and exits 0 (the tests would only skip).
+gpu-check: $(STAMP)
+	@if ! $(VENV)/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		echo "gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here): nothing run"; exit 0; fi; \
+	$(VENV)/bin/python -m pytest -q -m gpu tests/syncbn/test_cuda.py -rs --durations=5 || exit $$?; \
+	$(VENV)/bin/python bench/bench_gpu.py --iters 20 --json bench/results/gpu.json

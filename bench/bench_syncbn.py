@@ -9,12 +9,15 @@ Variants, alternating round by round in one run so machine noise hits all of the
   (for the CUDA-only ``batch_norm_stats``), all_gather of every rank's [mean, invstd, count], combination as in
   ``batch_norm_gather_stats_with_counts``, ``F.batch_norm`` to normalise; backward aten's reductions, an
   all-reduce of [sum_dy, sum_dy_xmu] and the ``batch_norm_backward_elemt`` formula as tensor ops;
-- ``syncbn``: ours.
+- ``syncbn``: ours;
+- ``plain_compiled`` and ``syncbn_compiled`` (unless ``--no-compile``): the same two models compiled before the
+  DDP wrap (``model.compile()``, torch's recommended order), inductor by default: what compiling buys with and
+  without synchronisation (syncbn's collectives run as opaque custom ops inside the compiled graph).
 
-Prints median step times, the ratios the README quotes (syncbn/floor, syncbn/allgather, floor/plain), and the
-bytes each design moves per layer per step as a function of world size.
+Prints median step times, the ratios the README quotes (syncbn/floor, syncbn/allgather, floor/plain, compiled vs
+eager), and the bytes each design moves per layer per step as a function of world size.
 
-Run: ``.venv/bin/python bench/bench_syncbn.py [--rounds 8 --steps 5]``
+Run: ``.venv/bin/python bench/bench_syncbn.py [--rounds 8 --steps 5] [--compile-backend inductor | --no-compile]``
 """
 
 from __future__ import annotations
@@ -138,8 +141,12 @@ def small_resnet(norm: type[nn.Module], num_classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def build(variant: str) -> nn.Module:
+def build(variant: str, compile_backend: str | None = None) -> nn.Module:
     torch.manual_seed(0)
+    if variant.endswith("_compiled"):
+        model = build(variant.removesuffix("_compiled"))
+        model.compile(backend=compile_backend)
+        return model
     if variant == "plain":
         return small_resnet(nn.BatchNorm2d)
     if variant == "floor":
@@ -154,7 +161,12 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, results: 
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
-    models = {v: DistributedDataParallel(build(v), broadcast_buffers=False) for v in VARIANTS}
+    # Compile-then-DDP compiles each BasicBlock's forward as its own frame, once per block instance (guards on the
+    # block's shapes): 12 instances in the two compiled models, above dynamo's default limit of 8 recompiles, after
+    # which the rest would silently run eagerly.
+    torch._dynamo.config.recompile_limit = 64
+    variants = variants_of(args)
+    models = {v: DistributedDataParallel(build(v, args.compile_backend), broadcast_buffers=False) for v in variants}
     opts = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, 3, 32, 32, generator=gen)
@@ -167,22 +179,26 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, results: 
 
     # The two synchronized variants must compute the same thing: compare one forward/backward before timing.
     outputs = {}
-    for v in ("allgather", "syncbn"):
+    for v in ("allgather", "syncbn", *(("syncbn_compiled",) if "syncbn_compiled" in models else ())):
         out = models[v](x)
         F.cross_entropy(out, y).backward()
         outputs[v] = (out.detach(), next(models[v].parameters()).grad.clone())
         opts[v].zero_grad(set_to_none=True)
-    agree = max(
-        ((a - b).abs().max() / b.abs().max()).item()
-        for a, b in zip(outputs["allgather"], outputs["syncbn"], strict=True)
-    )
+    agree = {
+        other: max(
+            ((a - b).abs().max() / b.abs().max()).item()
+            for a, b in zip(outputs[other], outputs["syncbn"], strict=True)
+        )
+        for other in outputs
+        if other != "syncbn"
+    }
 
-    for v in VARIANTS:  # warm-up
+    for v in variants:  # warm-up (and, for the compiled variants, compilation)
         for _ in range(3):
             step(v)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
-        order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
+        order = variants if r % 2 == 0 else tuple(reversed(variants))
         for v in order:
             dist.barrier()
             start = time.perf_counter()
@@ -192,6 +208,11 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, results: 
     if rank == 0:
         results.put((times, agree))
     dist.destroy_process_group()
+
+
+def variants_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The variants this run times: the four eager ones, plus the two compiled ones unless ``--no-compile``."""
+    return VARIANTS if args.no_compile else (*VARIANTS, "plain_compiled", "syncbn_compiled")
 
 
 def bytes_table(channels: int = 64) -> str:
@@ -214,6 +235,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32, help="samples per rank")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled variants")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
     args = parser.parse_args()
     world = 2
     ctx = mp.get_context("spawn")
@@ -238,17 +261,25 @@ def main() -> None:
     best = {v: min(t) * 1e3 for v, t in times.items()}
     print(f"DDP step, small ResNet (13 BN), {world} gloo CPU ranks x {args.batch} samples, 32x32, 1 thread/rank")
     print(f"{args.rounds} alternating rounds x {args.steps} steps; ms/step (min over rounds, median, max):")
-    for v in VARIANTS:
-        print(f"  {v:<10} {best[v]:8.1f} {med[v]:8.1f} {max(times[v]) * 1e3:8.1f}")
-    print(f"{'ratio':<20} {'min':>7} {'median':>7}")
+    for v in variants_of(args):
+        print(f"  {v:<16} {best[v]:8.1f} {med[v]:8.1f} {max(times[v]) * 1e3:8.1f}")
+    print(f"{'ratio':<22} {'min':>7} {'median':>7}")
     for label, a, b, note in (
         ("floor / plain", "floor", "plain", "cost of synchronising at all"),
         ("syncbn / floor", "syncbn", "floor", "target <= 1.03"),
         ("syncbn / allgather", "syncbn", "allgather", "target <= 0.70"),
         ("syncbn / plain", "syncbn", "plain", ""),
     ):
-        print(f"{label:<20} {best[a] / best[b]:7.3f} {med[a] / med[b]:7.3f}  {note}")
-    print(f"allgather vs syncbn, relative difference of output and first gradient: {agree:.1e}")
+        print(f"{label:<22} {best[a] / best[b]:7.3f} {med[a] / med[b]:7.3f}  {note}")
+    if not args.no_compile:
+        for label, a, b in (
+            ("syncbn compiled/eager", "syncbn_compiled", "syncbn"),
+            ("plain compiled/eager", "plain_compiled", "plain"),
+            ("syncbn/plain compiled", "syncbn_compiled", "plain_compiled"),
+        ):
+            print(f"{label:<22} {best[a] / best[b]:7.3f} {med[a] / med[b]:7.3f}  ({args.compile_backend})")
+    for other, diff in agree.items():
+        print(f"{other} vs syncbn, relative difference of output and first gradient: {diff:.1e}")
     print()
     print(bytes_table())
 

@@ -100,8 +100,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from service.api import create_app
     from service.engine.cluster import ensure_ray
+    from service.engine.ray_leftovers import ProcessFileWriter, stop_leftover_processes
 
     embedded = not settings.ray_address and not ray.is_initialized()
+    recorder: ProcessFileWriter | None = None
+    if embedded:
+        # An earlier service on this data folder that was killed may have left its Ray's agents running.
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        stop_leftover_processes(settings.data_dir)
     try:
         # Worker output is not forwarded: it would flood the service's log with Ray Train's per-report lines,
         # and what matters (progress, worker errors with their rank) reaches the job's records and log anyway.
@@ -110,6 +116,8 @@ def run_serve(args: argparse.Namespace) -> int:
         where = settings.ray_address or "an embedded local Ray"
         sys.stderr.write(f"syncbn serve: could not start or join {where}: {type(exc).__name__}: {exc}\n")
         return 1
+    if embedded:
+        recorder = ProcessFileWriter(settings.data_dir).start()
     try:
         app = create_app(settings)
         sys.stdout.write(
@@ -131,4 +139,6 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         if embedded:
             ray.shutdown()
+        if recorder is not None:
+            recorder.stop()
     return 0

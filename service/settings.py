@@ -6,18 +6,35 @@ field; a flag left out falls back to the environment, then to the default) and h
 
 Insecure combinations are refused when the object is built: binding a non-loopback address without API tokens
 raises a `ValueError` that says how to fix it, unless `allow_insecure_bind` is set explicitly.
+
+Tokens name principals: an `api_tokens` entry `alice=<token>` lets whoever holds `<token>` act as `alice`, who
+sees and manages only the jobs `alice` submitted; a bare `<token>` acts as the principal `default`. Principals
+listed in `admins` see every job.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import re
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "is_loopback_host"]
+from service.data_location import KNOWN_SCHEMES
+
+__all__ = ["DEFAULT_PRINCIPAL", "PRINCIPAL_PATTERN", "Settings", "is_loopback_host"]
+
+#: The principal of a bare token (an `api_tokens` entry without `name=`), and of every request without tokens.
+DEFAULT_PRINCIPAL = "default"
+#: What a principal's name may look like (it is stored as the owner of the jobs it submits).
+PRINCIPAL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+_PRINCIPAL = re.compile(PRINCIPAL_PATTERN)
+
+logger = logging.getLogger(__name__)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -63,16 +80,39 @@ class Settings(BaseSettings):
     )
     api_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Bearer tokens accepted by /v1 and /metrics (comma-separated in SYNCBN_API_TOKENS); "
-        "empty: no authentication (loopback only).",
+        description="Bearer tokens accepted by /v1 and /metrics, each `name=token` (the principal `name` owns "
+        "the jobs it submits) or a bare token (principal 'default'); comma-separated in SYNCBN_API_TOKENS. "
+        "Empty: no authentication (loopback only).",
+    )
+    admins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Principals (names from api_tokens) that see and manage every job, comma-separated in "
+        "SYNCBN_ADMINS.",
     )
     allow_insecure_bind: bool = Field(
         False, description="Allow binding a non-loopback address without API tokens (not recommended)."
     )
+    data_root: Path | None = Field(
+        None,
+        description="Folder that data sets are read from: a spec's dataset.path (npz) and dataset.uri "
+        "(image_folder, parquet) are resolved under it and may not leave it. Default: data_dir/npz.",
+    )
     npz_root: Path | None = Field(
         None,
-        description="Folder that npz data sets are read from; a spec's dataset.path is resolved under it. "
-        "Default: data_dir/npz.",
+        description="Deprecated name of data_root (SYNCBN_NPZ_ROOT): still honoured, with a warning.",
+    )
+    allowed_uri_schemes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Remote schemes a spec's dataset.uri may use besides paths under data_root: s3 and/or gs "
+        "(comma-separated in SYNCBN_ALLOWED_URI_SCHEMES; read with pyarrow's filesystems and the cluster's "
+        "credentials). Empty: local data only.",
+    )
+    storage_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="Where Ray Train keeps each run's checkpoints and final model, so they outlive the node that "
+        "wrote them: a folder every node reaches (an NFS mount on a cluster), or s3://bucket/prefix or "
+        "gs://bucket/prefix (pyarrow filesystems, credentials from the environment). Default: data_dir/storage.",
     )
     max_body_bytes: int = Field(
         1_048_576, ge=1024, le=1 << 30, description="Largest accepted request body in bytes (413 above)."
@@ -96,7 +136,7 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level of the service and uvicorn: debug, info, warning.")
 
-    @field_validator("api_tokens", mode="before")
+    @field_validator("api_tokens", "admins", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         """Accept "a,b" (the environment's form) as well as a list; blanks are dropped."""
@@ -108,14 +148,62 @@ class Settings(BaseSettings):
 
     @field_validator("api_tokens")
     @classmethod
-    def _check_token_length(cls, tokens: list[str]) -> list[str]:
-        for token in tokens:
+    def _check_tokens(cls, entries: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for entry in entries:
+            name, token = _principal_and_token(entry)
             if len(token) < 16:
                 raise ValueError(
-                    f"api_tokens entries must be at least 16 characters (got one of {len(token)}): "
+                    f"api_tokens: the token of principal {name!r} must be at least 16 characters (got {len(token)}): "
                     "use e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`."
                 )
-        return tokens
+            if token in seen:
+                raise ValueError(f"api_tokens: principal {name!r} uses a token listed before: give each its own.")
+            seen.add(token)
+        return entries
+
+    @field_validator("admins")
+    @classmethod
+    def _check_admins(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _PRINCIPAL.match(name):
+                raise ValueError(
+                    f"admins: expected principal names of letters, digits, '_', '.', '@' or '-' (got {name!r})."
+                )
+        return names
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _check_storage_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        scheme, sep, _ = value.partition("://")
+        if sep and scheme.lower() not in ("file", "s3", "gs"):
+            raise ValueError(
+                f"storage_uri must be a folder, file://, s3:// or gs:// (got the scheme {scheme!r}): "
+                "mount the storage as a folder on every node, or use a bucket URI."
+            )
+        return value
+
+    @field_validator("allowed_uri_schemes", mode="before")
+    @classmethod
+    def _split_schemes(cls, value: object) -> object:
+        """Accept "s3,gs" (the environment's form) as well as a list; blanks are dropped."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            return [str(s).strip().lower().removesuffix("://") for s in value if str(s).strip()]
+        return value
+
+    @field_validator("allowed_uri_schemes")
+    @classmethod
+    def _check_schemes(cls, schemes: list[str]) -> list[str]:
+        for scheme in schemes:
+            if scheme not in KNOWN_SCHEMES:
+                raise ValueError(
+                    f"allowed_uri_schemes entries must be one of {sorted(KNOWN_SCHEMES)} (got {scheme!r})."
+                )
+        return schemes
 
     @field_validator("log_level")
     @classmethod
@@ -124,6 +212,33 @@ class Settings(BaseSettings):
         if value not in {"debug", "info", "warning", "error", "critical"}:
             raise ValueError(f"log_level must be debug, info, warning, error or critical (got {value!r}).")
         return value
+
+    @model_validator(mode="after")
+    def _take_over_npz_root(self) -> Settings:
+        """`npz_root` is the old name of `data_root`: honour it with a deprecation warning."""
+        if self.npz_root is not None:
+            if self.data_root is not None and self.data_root != self.npz_root:
+                raise ValueError(
+                    f"data_root ({self.data_root}) and its deprecated name npz_root ({self.npz_root}) disagree: "
+                    "set SYNCBN_DATA_ROOT only."
+                )
+            message = "npz_root (SYNCBN_NPZ_ROOT) is deprecated: set data_root (SYNCBN_DATA_ROOT) instead."
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
+            logger.warning(message)
+            self.data_root = self.npz_root
+        return self
+
+    @model_validator(mode="after")
+    def _check_admins_have_tokens(self) -> Settings:
+        names = {name for name, _ in self.principals()}
+        unknown = [name for name in self.admins if self.api_tokens and name not in names]
+        if unknown:
+            raise ValueError(
+                f"admins names {', '.join(map(repr, unknown))}, but api_tokens has no token for "
+                f"{'it' if len(unknown) == 1 else 'them'} (principals: {', '.join(sorted(names))}): "
+                "add a `name=token` entry or fix the name."
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_open_bind_without_tokens(self) -> Settings:
@@ -135,6 +250,10 @@ class Settings(BaseSettings):
             )
         return self
 
+    def principals(self) -> list[tuple[str, str]]:
+        """(principal, token) for every `api_tokens` entry, in order."""
+        return [_principal_and_token(entry) for entry in self.api_tokens]
+
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use: `database_url`, or an SQLite file in `data_dir`."""
         if self.database_url:
@@ -145,6 +264,28 @@ class Settings(BaseSettings):
         """Folder holding one sub-folder of files (model, checkpoints) per job."""
         return (self.data_dir / "jobs").resolve()
 
+    def resolved_storage_uri(self) -> str:
+        """Where runs keep checkpoints and final models: `storage_uri`, or the folder data_dir/storage."""
+        if self.storage_uri:
+            return self.storage_uri
+        return str((self.data_dir / "storage").resolve())
+
+    def resolved_data_root(self) -> Path:
+        """Folder that data sets (npz files, image folders, Parquet files) are confined to."""
+        return (self.data_root if self.data_root is not None else self.data_dir / "npz").resolve()
+
     def resolved_npz_root(self) -> Path:
-        """Folder that npz data sets are confined to."""
-        return (self.npz_root if self.npz_root is not None else self.data_dir / "npz").resolve()
+        """Deprecated name of `resolved_data_root`."""
+        return self.resolved_data_root()
+
+
+def _principal_and_token(entry: str) -> tuple[str, str]:
+    """`name=token` -> (name, token); an entry without a valid `name=` prefix is a bare token of 'default'.
+
+    A token may itself end in '=' (base64 padding): only a prefix that is a valid principal name followed by more
+    than padding counts as a name.
+    """
+    name, sep, token = entry.partition("=")
+    if sep and token.rstrip("=") and _PRINCIPAL.match(name):
+        return name, token
+    return DEFAULT_PRINCIPAL, entry

@@ -5,21 +5,25 @@ silently falls back to a default). Every field carries a description and bounds;
 generated from them. Mistakes that involve two fields raise `ValueError` with a sentence that names the
 field and says how to fix it.
 
-Files are never trusted: an `npz` data set names a path *relative to a data root* that the operator configures
-(`resolve_npz_path`). Absolute paths and `..` are refused at validation time, and the resolved path (symlinks
-followed) must still lie under the root at run time.
+Files are never trusted: a data set names a path *relative to the data root* that the operator configures (or an
+`s3://`/`gs://` URI where the operator allows it). Absolute paths, `..` and unknown schemes are refused at validation
+time; `service.data_location` resolves the path (symlinks followed), which must still lie under the root.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from service.data_location import check_data_uri, check_npz_path, resolve_npz_path
 
 __all__ = [
+    "BUILTIN_MODELS",
     "CONV_MODELS",
+    "STREAMED_KINDS",
     "DatasetSpec",
     "EarlyStopSpec",
     "JobSpec",
@@ -27,19 +31,33 @@ __all__ = [
     "ModelName",
     "OptimizerSpec",
     "PlacementStrategy",
+    "Precision",
     "load_spec_file",
     "resolve_npz_path",
 ]
 
-ModelName = Literal["resnet18", "small_resnet", "cnn", "mlp"]
+#: A model's name as the registry lists it (GET /v1/models): a built-in, a plugin's entry point, or
+#: `torchvision/<name>`. Only the syntax is checked here; the service checks that it can build the name at submit.
+ModelName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?$"),
+]
+#: The built-in models (service.engine.models); the registry may offer more.
+BUILTIN_MODELS: tuple[str, ...] = ("resnet18", "small_resnet", "cnn", "mlp")
 #: Ray placement-group strategies for the workers (ScalingConfig.placement_strategy).
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD"]
+#: Arithmetic of a training step: float32, bfloat16 autocast, or float16 autocast with gradient scaling.
+Precision = Literal["fp32", "bf16", "fp16"]
 #: Models made of 2-D convolutions: they need image-shaped inputs (channels, height, width).
 CONV_MODELS: frozenset[str] = frozenset({"resnet18", "small_resnet", "cnn"})
 
 #: Images of scikit-learn's bundled digits data set: 1,797 grey 8x8 images, 10 classes.
 DIGITS_SAMPLES = 1797
 DIGITS_SHAPE = (1, 8, 8)
+#: Dataset kinds streamed through Ray Data (the others are loaded into memory on the job's driver).
+STREAMED_KINDS: frozenset[str] = frozenset({"image_folder", "parquet"})
+#: Logical CPUs a streamed job keeps free for its Ray Data read/decode tasks (counted by admission).
+STREAMED_DATA_CPUS = 1.0
 
 
 class _Strict(BaseModel):
@@ -163,15 +181,24 @@ class DatasetSpec(_Strict):
     - `synthetic`: seeded class-conditional Gaussian images/vectors of `input_shape`.
     - `npz`: a user file under the operator's data root with arrays `x` (N, ...) and `y` (N,) of integer
       labels, optionally `x_val`/`y_val` (otherwise `val_fraction` of `x` is held out).
+    - `image_folder`: a folder `uri` laid out `<class_name>/<image files>` (png, jpeg); classes sorted by name
+      get labels 0..K-1. Streamed through Ray Data: no process ever holds the whole set.
+    - `parquet`: a Parquet file or folder `uri` with an encoded-image column and an integer label column.
+      Streamed through Ray Data.
+
+    Image kinds are decoded, converted to `channels` and resized to `image_size`, scaled to [0, 1] and
+    normalised per channel with `mean`/`std` (default 0.5/0.5).
     """
 
-    kind: Literal["digits", "synthetic", "npz"] = Field("digits", description="Data source: digits, synthetic or npz.")
+    kind: Literal["digits", "synthetic", "npz", "image_folder", "parquet"] = Field(
+        "digits", description="Data source: digits, synthetic, npz, image_folder or parquet."
+    )
     val_fraction: float = Field(
         0.2,
         ge=0.05,
         le=0.5,
         description="Share of the samples held out for validation (seeded split; npz files with x_val/y_val "
-        "use those instead).",
+        "and image data with val_uri use those instead).",
     )
     num_samples: int = Field(
         2048,
@@ -194,6 +221,53 @@ class DatasetSpec(_Strict):
         "absolute paths and '..' are refused.",
         examples=["mnist_small.npz"],
     )
+    uri: str | None = Field(
+        None,
+        max_length=1024,
+        description="Where the images are (image_folder, parquet): a path relative to the data root, or an "
+        "s3:// or gs:// URI where the operator allows that scheme. image_folder: a folder of "
+        "<class_name>/<image files>; parquet: a .parquet file or a folder of them.",
+        examples=["digits_images"],
+    )
+    val_uri: str | None = Field(
+        None,
+        max_length=1024,
+        description="A separate validation set laid out like uri (image_folder, parquet); null: hold out "
+        "val_fraction of uri.",
+    )
+    image_column: str = Field(
+        "image", min_length=1, max_length=256, description="Column of encoded images, png or jpeg (parquet only)."
+    )
+    label_column: str = Field(
+        "label", min_length=1, max_length=256, description="Column of integer class labels 0..K-1 (parquet only)."
+    )
+    image_size: list[int] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="[height, width] every image is resized to (image_folder, parquet; required there); each 1-4096.",
+        examples=[[32, 32]],
+    )
+    channels: int = Field(
+        3, ge=1, le=3, description="Channels after decoding (image_folder, parquet): 1 (grey) or 3 (RGB)."
+    )
+    mean: list[float] | None = Field(
+        None,
+        min_length=1,
+        max_length=3,
+        description="Per-channel mean subtracted from pixels scaled to [0, 1] (image kinds; default 0.5).",
+    )
+    std: list[float] | None = Field(
+        None,
+        min_length=1,
+        max_length=3,
+        description="Per-channel standard deviation pixels are divided by (image kinds; default 0.5; > 0).",
+    )
+
+    @property
+    def is_streamed(self) -> bool:
+        """Whether the data is streamed through Ray Data (image kinds) rather than loaded into memory."""
+        return self.kind in STREAMED_KINDS
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> DatasetSpec:
@@ -221,13 +295,64 @@ class DatasetSpec(_Strict):
                     "dataset.path is required when dataset.kind is 'npz': give the file's path relative to "
                     "the data root, e.g. 'my_data.npz'."
                 )
-            _check_relative_path(self.path)
+            check_npz_path(self.path)
         elif self.path is not None:
             raise ValueError(
                 f"dataset.path applies to npz data only (got kind={self.kind!r}): remove dataset.path or set "
                 "dataset.kind to 'npz'."
             )
+        self._check_image_fields()
         return self
+
+    def _check_image_fields(self) -> None:
+        """The fields of the streamed image kinds: present where needed, absent elsewhere, consistent."""
+        if not self.is_streamed:
+            for field in ("uri", "val_uri", "image_size", "mean", "std", "image_column", "label_column", "channels"):
+                if self._changed(field):
+                    raise ValueError(
+                        f"dataset.{field} applies to image_folder and parquet data only (got kind={self.kind!r}): "
+                        f"remove dataset.{field} or set dataset.kind to 'image_folder' or 'parquet'."
+                    )
+            return
+        if self.kind != "parquet":
+            for field in ("image_column", "label_column"):
+                if self._changed(field):
+                    raise ValueError(
+                        f"dataset.{field} applies to parquet data only (got kind={self.kind!r}): "
+                        f"remove dataset.{field} or set dataset.kind to 'parquet'."
+                    )
+        if self.uri is None:
+            example = "'my_images'" if self.kind == "image_folder" else "'my_data.parquet'"
+            raise ValueError(
+                f"dataset.uri is required when dataset.kind is {self.kind!r}: give the path relative to the "
+                f"data root, e.g. {example}."
+            )
+        check_data_uri(self.uri, "dataset.uri")
+        if self.val_uri is not None:
+            check_data_uri(self.val_uri, "dataset.val_uri")
+            if self._changed("val_fraction"):
+                raise ValueError(
+                    "dataset.val_fraction and dataset.val_uri exclude each other (the validation set is either "
+                    "held out of uri or read from val_uri): remove one of them."
+                )
+        if self.channels not in (1, 3):
+            raise ValueError(f"dataset.channels must be 1 (grey) or 3 (RGB) (got {self.channels}).")
+        if self.image_size is None:
+            raise ValueError(
+                f"dataset.image_size is required when dataset.kind is {self.kind!r}: give [height, width] every "
+                "image is resized to, e.g. [32, 32]."
+            )
+        if any(not 1 <= d <= 4096 for d in self.image_size):
+            raise ValueError(f"dataset.image_size entries must lie in 1-4096 (got {self.image_size}).")
+        for field in ("mean", "std"):
+            values = getattr(self, field)
+            if values is not None and len(values) != self.channels:
+                raise ValueError(
+                    f"dataset.{field} needs one value per channel (got {len(values)} for channels="
+                    f"{self.channels}): give {self.channels} value(s)."
+                )
+        if self.std is not None and any(not s > 0 for s in self.std):
+            raise ValueError(f"dataset.std values must be > 0 (got {self.std}).")
 
     def sample_shape(self) -> tuple[int, ...] | None:
         """Shape of one input sample when it is known before loading (None for npz files)."""
@@ -235,60 +360,16 @@ class DatasetSpec(_Strict):
             return DIGITS_SHAPE
         if self.kind == "synthetic":
             return tuple(self.input_shape)
+        if self.is_streamed and self.image_size is not None:
+            return (self.channels, *self.image_size)
         return None
 
     def train_size(self) -> int | None:
-        """Number of training samples when it is known before loading (None for npz files)."""
+        """Number of training samples when it is known before loading (None for files)."""
         total = {"digits": DIGITS_SAMPLES, "synthetic": self.num_samples}.get(self.kind)
         if total is None:
             return None
         return total - max(1, round(total * self.val_fraction))
-
-
-def _check_relative_path(path: str) -> None:
-    """Refuse absolute paths, `..` components and odd characters in a user-supplied data path."""
-    if not path or path.strip() != path:
-        raise ValueError(f"dataset.path must be a non-empty relative path without surrounding spaces (got {path!r}).")
-    if "\\" in path or "\x00" in path:
-        raise ValueError(f"dataset.path must use '/' separators and no NUL bytes (got {path!r}).")
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or (len(path) > 1 and path[1] == ":"):
-        raise ValueError(
-            f"dataset.path must be relative to the data root (got the absolute path {path!r}): "
-            "drop the leading '/' and place the file under the data root."
-        )
-    if ".." in pure.parts:
-        raise ValueError(
-            f"dataset.path must stay under the data root (got {path!r}, which contains '..'): "
-            "place the file under the data root and give its path from there."
-        )
-    if pure.suffix != ".npz":
-        raise ValueError(f"dataset.path must name a .npz file (got {path!r}).")
-
-
-def resolve_npz_path(path: str, data_root: Path | str) -> Path:
-    """Resolve a spec's relative npz path against the operator's data root, refusing anything outside it.
-
-    Symlinks are followed before the check, so a link inside the root that points elsewhere is refused too.
-
-    Args:
-        path: `DatasetSpec.path` (already checked to be relative, without `..`).
-        data_root: the directory the operator allows data files to be read from.
-
-    Raises:
-        ValueError: the path escapes the root, or no such file exists.
-    """
-    _check_relative_path(path)
-    root = Path(data_root).resolve()
-    resolved = (root / path).resolve()
-    if not resolved.is_relative_to(root):
-        raise ValueError(
-            f"dataset.path {path!r} resolves to {resolved}, outside the data root {root}: "
-            "place the file itself under the data root."
-        )
-    if not resolved.is_file():
-        raise ValueError(f"dataset.path {path!r} does not exist under the data root {root}: upload it there first.")
-    return resolved
 
 
 _EXAMPLE: dict[str, Any] = {
@@ -330,9 +411,12 @@ class JobSpec(_Strict):
     )
     model: ModelName = Field(
         "small_resnet",
-        description="Built-in architecture: resnet18 (CIFAR-style ResNet-18), small_resnet (3 stages, 16-64 "
-        "channels), cnn (plain conv net) or mlp (BatchNorm1d multi-layer perceptron). Built with "
-        "nn.BatchNorm*d and converted to syncbn.SyncBatchNorm when sync_bn is true.",
+        description="A model the service can build, by name (GET /v1/models lists them): a built-in "
+        "(resnet18: CIFAR-style ResNet-18, small_resnet: 3 stages of 16-64 channels, cnn: plain conv net, mlp: "
+        "BatchNorm1d multi-layer perceptron), a model of an installed plugin package (entry point group "
+        "syncbn.models) or torchvision/<name> where torchvision is installed. Built with nn.BatchNorm*d and "
+        "converted to syncbn.SyncBatchNorm when sync_bn is true.",
+        json_schema_extra={"x-options-from": "/v1/models"},
     )
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="Data source and validation split.")
     workers: int = Field(2, ge=1, le=512, description="Number of Ray Train workers (data-parallel ranks).")
@@ -376,6 +460,22 @@ class JobSpec(_Strict):
         le=512,
         description="Synchronise BatchNorm within groups of this many consecutive ranks instead of all ranks "
         "(must divide workers; needs sync_bn).",
+    )
+    precision: Precision = Field(
+        "fp32",
+        description="Arithmetic of the forward and backward passes: fp32; bf16 (torch.autocast to bfloat16, CPU "
+        "and GPU); fp16 (autocast to float16 with a GradScaler, GPU only). Weights, optimizer state and "
+        "BatchNorm statistics stay float32.",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Keep image tensors and conv weights in channels_last (NHWC) memory format, the fast layout "
+        "for convolutions on GPUs with tensor cores and on recent CPUs; image data only.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (after wrapping it in DDP, as torch recommends); the first steps "
+        "pay the compilation time.",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for weights, data split, shuffling and synthetic data.")
     stats_every: int = Field(
@@ -422,7 +522,17 @@ class JobSpec(_Strict):
                     f"sync_group_size must divide workers (got sync_group_size={self.sync_group_size}, "
                     f"workers={self.workers}): pick a divisor of {self.workers} or change workers."
                 )
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError(
+                "precision 'fp16' needs use_gpu=true (float16 training with a GradScaler runs on GPUs only): "
+                "use precision 'bf16' on CPU workers, or set use_gpu to true."
+            )
         shape = self.dataset.sample_shape()
+        if self.channels_last and shape is not None and len(shape) != 3:
+            raise ValueError(
+                f"channels_last applies to image samples [channels, height, width], but dataset.input_shape is "
+                f"{list(shape)}: set channels_last to false or use image data."
+            )
         if self.model in CONV_MODELS and shape is not None and len(shape) != 3:
             raise ValueError(
                 f"model {self.model!r} needs image samples [channels, height, width], but "
@@ -451,8 +561,16 @@ class JobSpec(_Strict):
         return max(1, int(self.cpus_per_worker))
 
     def resources(self) -> dict[str, float]:
-        """Logical resources the whole run reserves: `{"CPU": ..., "GPU": ...}` (for admission checks)."""
-        return {"CPU": self.workers * self.cpus_per_worker, "GPU": float(self.workers if self.use_gpu else 0)}
+        """Logical resources the whole run reserves: `{"CPU": ..., "GPU": ...}` (for admission checks).
+
+        Streamed data sets add `STREAMED_DATA_CPUS` for the Ray Data tasks that read and decode beside the workers:
+        with every CPU taken by the workers those tasks could never be scheduled and the run would wait forever.
+        """
+        data_cpus = STREAMED_DATA_CPUS if self.dataset.is_streamed else 0.0
+        return {
+            "CPU": self.workers * self.cpus_per_worker + data_cpus,
+            "GPU": float(self.workers if self.use_gpu else 0),
+        }
 
 
 def load_spec_file(path: Path | str) -> JobSpec:

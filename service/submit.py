@@ -1,69 +1,29 @@
 """`syncbn submit SPEC`: send a job spec to a running service and, with `--follow`, print its progress live.
 
-The client validates the spec locally first (the same `JobSpec` the service uses), posts it with an
-`Idempotency-Key` (so its own retries after a dropped connection never create a second job), and follows the
-job's Server-Sent Events, reconnecting with `Last-Event-ID` when the connection drops, until the job ends.
+A thin layer over `service.client.Client`: the spec file is validated locally first (the same `JobSpec` the
+service uses), posted with an `Idempotency-Key` (so the client's retries after a dropped connection never create
+a second job), and with `--follow` the job's Server-Sent Events are printed until it ends (the client resumes a
+dropped stream with `Last-Event-ID` by itself).
 Exit code: 0 when the job was queued (or, with --follow, succeeded); 1 when it failed or was cancelled; 2 for
-a spec or request the service refused.
+a spec or request the service refused, or a service that could not be reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
-import time
-import uuid
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TextIO
 
-import httpx
+if TYPE_CHECKING:  # the client (and the API models it loads) is imported in run_submit: `syncbn --help` stays fast
+    from service.api.models import JobPublic
+    from service.client import Client, Event
 
-from service.spec import load_spec_file
-
-__all__ = ["SseEvent", "add_submit_arguments", "follow_job", "parse_sse", "run_submit"]
-
-#: Attempts for the POST and for each reconnection of the event stream.
-ATTEMPTS = 5
-
-
-@dataclass
-class SseEvent:
-    """One Server-Sent Event: its id, kind (`event:` field) and JSON data."""
-
-    id: int | None
-    kind: str
-    data: Any
-
-
-def parse_sse(lines: Iterable[str]) -> Iterator[SseEvent]:
-    """Events from the lines of a `text/event-stream` (comments and retry fields are skipped)."""
-    event_id: int | None = None
-    kind = "message"
-    data: list[str] = []
-    for line in lines:
-        if line == "":
-            if data:
-                text = "\n".join(data)
-                try:
-                    payload = json.loads(text)
-                except ValueError:
-                    payload = text
-                yield SseEvent(event_id, kind, payload)
-            event_id, kind, data = None, "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            data.append(value)
-        elif field == "event":
-            kind = value
-        elif field == "id" and value.isdigit():
-            event_id = int(value)
+__all__ = ["add_submit_arguments", "event_line", "run_submit"]
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,115 +47,97 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="Seconds per HTTP request (default: 30).")
 
 
-def _client(args: argparse.Namespace) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    return httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=args.timeout)
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
-def _post_job(client: httpx.Client, body: dict[str, Any], key: str) -> httpx.Response:
-    """POST /v1/jobs, retried on connection errors and 5xx with the same Idempotency-Key."""
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            response = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
-        except httpx.TransportError:
-            if attempt == ATTEMPTS:
-                raise
-        else:
-            if response.status_code < 500 or attempt == ATTEMPTS:
-                return response
-        time.sleep(min(2.0**attempt * 0.25, 5.0))
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _line(event: SseEvent) -> str | None:
+def event_line(event: Event) -> str | None:
+    """The progress line printed for an event (None for events that are not printed, e.g. layer statistics)."""
     data = event.data if isinstance(event.data, dict) else {}
-    if event.kind == "status":
+    if event.type == "status":
         extra = f": {data['error']}" if data.get("error") else ""
         return f"status {data.get('status')}{extra}"
-    if event.kind == "epoch":
+    if event.type == "epoch":
         return (
             f"epoch {data.get('epoch')}  step {data.get('step')}  train loss {_num(data.get('train_loss'))}  "
             f"train acc {_num(data.get('train_acc'))}  val loss {_num(data.get('val_loss'))}  "
             f"val acc {_num(data.get('val_acc'))}"
         )
-    if event.kind == "step":
+    if event.type == "step":
         return f"  step {data.get('step')}  loss {_num(data.get('train_loss'))}  lr {_num(data.get('lr'))}"
-    if event.kind == "log":
+    if event.type == "log":
         return f"[{data.get('level')}] {data.get('message')}"
     return None
 
 
-def _num(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+def _follow(client: Client, job_id: str, out: TextIO) -> JobPublic:
+    """Print the job's events until it ends; return the final job."""
+    for event in client.events(job_id):
+        line = event_line(event)
+        if line:
+            out.write(line + "\n")
+            out.flush()
+    return client.wait(job_id)
 
 
-def follow_job(client: httpx.Client, job_id: str, out: Any = sys.stdout) -> dict[str, Any]:
-    """Print a job's events until it ends, reconnecting with Last-Event-ID; returns the final job."""
-    last_id = 0
-    failures = 0
-    while True:
-        try:
-            headers = {"Last-Event-ID": str(last_id)} if last_id else {}
-            with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as response:
-                response.raise_for_status()
-                for event in parse_sse(response.iter_lines()):
-                    failures = 0
-                    if event.id is not None:
-                        last_id = event.id
-                    line = _line(event)
-                    if line:
-                        out.write(line + "\n")
-                        out.flush()
-        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
-            failures += 1
-            if failures >= ATTEMPTS:
-                raise
-            out.write(f"(connection lost: {exc}; reconnecting after event {last_id})\n")
-            time.sleep(min(0.5 * failures, 5.0))
-            continue
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job.get("status") in ("succeeded", "failed", "cancelled"):
-            return job
+def _job_json(job: JobPublic) -> str:
+    return json.dumps(job.model_dump(mode="json"), indent=2)
+
+
+@contextlib.contextmanager
+def _client_notes(stream: TextIO) -> Iterator[None]:
+    """Show the client's retry and reconnection notes ("(connection lost: ...; reconnecting after event N)")."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("(%(message)s)"))
+    client_logger = logging.getLogger("service.client")
+    client_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        client_logger.removeHandler(handler)
 
 
 def run_submit(args: argparse.Namespace) -> int:
     """Submit the spec file; with --follow, stream the job until it ends. Returns the exit code."""
-    try:
-        spec = load_spec_file(args.spec)
-    except (OSError, ValueError) as exc:
-        sys.stderr.write(f"syncbn submit: {args.spec}: {exc}\n")
-        return 2
-    key = args.idempotency_key or uuid.uuid4().hex
-    with _client(args) as client:
+    with _client_notes(sys.stderr):
+        return _submit(args)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from service.client import APIError, Client, ClientError, ConnectionFailedError, SpecError
+
+    with Client(args.url, args.token, timeout=args.timeout) as client:
         try:
-            response = _post_job(client, spec.model_dump(mode="json"), key)
-        except httpx.TransportError as exc:
+            job = client.submit(args.spec, idempotency_key=args.idempotency_key)
+        except SpecError as exc:
+            sys.stderr.write(f"syncbn submit: {exc}\n")
+            return 2
+        except ConnectionFailedError as exc:
             sys.stderr.write(f"syncbn submit: cannot reach the service at {args.url}: {exc}\n")
             return 2
-        if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail")
-            except ValueError:
-                detail = response.text
-            sys.stderr.write(f"syncbn submit: the service refused the job ({response.status_code}): {detail}\n")
+        except APIError as exc:
+            sys.stderr.write(f"syncbn submit: the service refused the job ({exc.status_code}): {exc.detail}\n")
             return 2
-        job = response.json()
         if not args.json:
-            position = f", position {job['queue_position']} in the queue" if job.get("queue_position") else ""
-            sys.stdout.write(f"submitted job {job['id']} ({job['status']}{position})\n")
+            position = f", position {job.queue_position} in the queue" if job.queue_position else ""
+            sys.stdout.write(f"submitted job {job.id} ({job.status.value}{position})\n")
             sys.stdout.flush()
         if not args.follow:
             if args.json:
-                sys.stdout.write(json.dumps(job, indent=2) + "\n")
+                sys.stdout.write(_job_json(job) + "\n")
             return 0
-        final = follow_job(client, job["id"], out=sys.stderr if args.json else sys.stdout)
+        try:
+            final = _follow(client, job.id, out=sys.stderr if args.json else sys.stdout)
+        except ClientError as exc:
+            sys.stderr.write(f"syncbn submit: lost job {job.id} while following it: {exc}\n")
+            return 2
     if args.json:
-        sys.stdout.write(json.dumps(final, indent=2) + "\n")
+        sys.stdout.write(_job_json(final) + "\n")
     else:
-        summary = final.get("summary", {})
+        summary = final.summary
         sys.stdout.write(
-            f"job {final['id']} {final['status']}: epochs {summary.get('epochs_done')}, best val acc "
-            f"{_num(summary.get('best_val_acc'))}, final train loss {_num(summary.get('final_train_loss'))}, "
-            f"verdict {summary.get('verdict')}" + (f", error: {final['error']}" if final.get("error") else "") + "\n"
+            f"job {final.id} {final.status.value}: epochs {summary.epochs_done}, best val acc "
+            f"{_num(summary.best_val_acc)}, final train loss {_num(summary.final_train_loss)}, "
+            f"verdict {summary.verdict}" + (f", error: {final.error}" if final.error else "") + "\n"
         )
-    return 0 if final["status"] == "succeeded" else 1
+    return 0 if final.status.value == "succeeded" else 1

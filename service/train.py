@@ -7,7 +7,8 @@ on a 2-core laptop (oversubscribed, and said so) rather than waiting forever.
 Output folder (default `runs/<job id>`):
   - `metrics.jsonl`: every record of the run (step, epoch, layers, log, end), one JSON object per line (a layer
     record's float32 per-channel vectors are written back into its layers as lists: `mean`, `var`, ...);
-  - `model.pt`: the final model, a plain `nn.BatchNorm*d` state dict;
+  - `model.pt`: the final model, a plain `nn.BatchNorm*d` state dict (copied from the run storage, where Ray Train
+    keeps the run's checkpoints: `--storage-uri`, default `<output>/ray`);
   - `spec.json`: the validated spec; `summary.json`: the end record plus the wall time.
 
 Exit code: 0 succeeded, 1 failed (including diverged), 2 bad spec or arguments, 130 cancelled (Ctrl-C).
@@ -22,9 +23,11 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
+from service.data_location import check_dataset_locations
 from service.spec import JobSpec, load_spec_file
 
 __all__ = ["add_train_arguments", "run_train"]
@@ -40,8 +43,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-root",
         type=Path,
-        default=os.environ.get("SYNCBN_NPZ_ROOT"),
-        help="Folder that npz dataset paths are relative to [env SYNCBN_NPZ_ROOT].",
+        default=None,
+        help="Folder that dataset paths (npz, image_folder, parquet) are relative to and confined to "
+        "[env SYNCBN_DATA_ROOT; the deprecated SYNCBN_NPZ_ROOT still works].",
+    )
+    parser.add_argument(
+        "--storage-uri",
+        default=os.environ.get("SYNCBN_STORAGE_URI"),
+        help="Where Ray Train keeps checkpoints and the final model: a folder every node reaches, or s3:// / gs:// "
+        "(default: <output>/ray) [env SYNCBN_STORAGE_URI].",
     )
     parser.add_argument(
         "--address",
@@ -61,9 +71,26 @@ def run_train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
         return 2
+    from service.engine.model_registry import check_model_name
+    from service.engine.storage import RunStorage
+
+    data_root = args.data_root if args.data_root is not None else _data_root_from_env()
+    schemes_env = os.environ.get("SYNCBN_ALLOWED_URI_SCHEMES", "")
+    allowed_schemes = [s.strip().lower() for s in schemes_env.split(",") if s.strip()]
+    try:
+        check_model_name(spec.model)
+        check_dataset_locations(spec.dataset, data_root, allowed_schemes)
+    except ValueError as exc:
+        sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
+        return 2
     job_id = f"train-{uuid.uuid4().hex[:10]}"
     output = (args.output or Path("runs") / job_id).resolve()
     output.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = RunStorage(args.storage_uri or str(output / "ray"))
+    except ValueError as exc:
+        sys.stderr.write(f"syncbn train: {exc}\n")
+        return 2
     (output / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
     import ray
@@ -74,6 +101,7 @@ def run_train(args: argparse.Namespace) -> int:
     embedded = not args.address and not ray.is_initialized()
     num_cpus = args.num_cpus
     if embedded and num_cpus is None:
+        # (Streamed data sets count one more CPU, for the Ray Data tasks that read and decode beside the workers.)
         num_cpus = max(os.cpu_count() or 1, math.ceil(spec.resources()["CPU"]))
     if embedded and num_cpus is not None and num_cpus > (os.cpu_count() or 1):
         sys.stderr.write(
@@ -82,13 +110,20 @@ def run_train(args: argparse.Namespace) -> int:
         )
     ensure_ray(args.address, num_cpus, log_to_driver=False)
     try:
-        run = launch_run(spec, job_id, output, data_root=args.data_root)
+        run = launch_run(
+            spec, job_id, output, data_root=data_root, storage_uri=storage.uri, allowed_schemes=allowed_schemes
+        )
         end = _follow(run, spec, output / "metrics.jsonl", quiet=args.json)
         run.close()
     finally:
         if embedded:
             ray.shutdown()
     summary = {"job_id": job_id, **end, "wall_time_s": time.perf_counter() - started, "output_dir": str(output)}
+    stored = storage.find_model(job_id, end.get("model_path"))
+    if stored is not None:
+        # The run storage may be a bucket: the output folder gets its own copy, next to the metrics.
+        summary["model_uri"] = end["model_path"]
+        summary["model_path"] = str(storage.copy_to(stored, output / "model.pt"))
     summary.pop("kind", None)
     summary.pop("seq", None)
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -97,6 +132,18 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary, spec)
     return {"succeeded": 0, "cancelled": 130}.get(end["status"], 1)
+
+
+def _data_root_from_env() -> Path | None:
+    """`SYNCBN_DATA_ROOT`, or its deprecated name `SYNCBN_NPZ_ROOT` (with a warning)."""
+    if os.environ.get("SYNCBN_DATA_ROOT"):
+        return Path(os.environ["SYNCBN_DATA_ROOT"])
+    if os.environ.get("SYNCBN_NPZ_ROOT"):
+        message = "SYNCBN_NPZ_ROOT is deprecated: set SYNCBN_DATA_ROOT (or pass --data-root) instead."
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        sys.stderr.write(f"syncbn train: {message}\n")
+        return Path(os.environ["SYNCBN_NPZ_ROOT"])
+    return None
 
 
 def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[str, Any]:
@@ -196,6 +243,10 @@ def _print_summary(summary: dict[str, Any], spec: JobSpec) -> None:
         table.add_row("error", str(summary["error"]))
     table.add_row(
         "model / data", f"{spec.model} on {spec.dataset.kind}, {spec.workers} workers, sync_bn={spec.sync_bn}"
+    )
+    table.add_row(
+        "precision",
+        f"{spec.precision}, channels_last={spec.channels_last}, compile={spec.compile}",
     )
     table.add_row("epochs done", f"{summary.get('epochs_done')}/{spec.epochs}")
     table.add_row("best val acc", pct(summary.get("best_val_acc")))

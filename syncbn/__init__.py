@@ -31,4 +31,4 @@ __all__ = [
     "revert_sync_batchnorm",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -20,6 +20,11 @@ Backward:
    batch-norm pass over ``x`` plus one fused ``addcmul`` with ``dy``.
 
 Neither pass gathers per-rank tensors: the volume per layer is independent of the number of ranks.
+
+On CUDA tensors with ``SYNCBN_CUDA_KERNELS=1`` the local steps (forward 1 and 4, backward 1 and 3) use torch's
+single-pass CUDA kernels instead (:mod:`syncbn._cuda_kernels`); the packet layout and everything between is shared.
+:func:`sync_forward` and :func:`sync_backward` are the two passes; the eager autograd Function below and the
+custom ops ``torch.compile`` traces (:mod:`syncbn._compile_ops`) both call them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from syncbn._cuda_kernels import cuda_backward, cuda_local_packet, cuda_normalize, kernel_layout, use_cuda_kernels
 
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -126,8 +133,130 @@ def kernel_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
 _BATCH_NORM_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
+def sync_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    process_group: dist.ProcessGroup | None,
+    record: list[BatchMoments] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass on one rank: local packet, one all-reduce, global statistics, normalised output.
+
+    Returns ``(y, stats_k, total)``: the output; ``stats_k`` (3, C) = global mean, biased variance (what the
+    output and backward use) and unbiased variance (for the running average), in the kernels' dtype; and the
+    global element count per channel (float64, shape ``(1,)``). Shared by the eager autograd Function and the
+    custom op ``torch.compile`` sees, so both compute the same numbers; the caller updates the running
+    statistics with :func:`update_running_stats`.
+    """
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    cuda_kernels = use_cuda_kernels(x)
+    if cuda_kernels:
+        x = kernel_layout(x)
+        packed = cuda_local_packet(x, count, eps, record is not None)
+    else:
+        packed = _local_packet(x, count, record is not None)
+    if record is not None:
+        local = packed[1 : 2 * channels + 1].view(2, channels) / max(count, 1)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+
+    total = packed[0:1]
+    safe_total = total.clamp(min=1.0)
+    moments = packed[1 : 2 * channels + 1].view(2, channels) / safe_total  # E[x], E[x^2], float64
+    mean, var = moments[0], moments[1]  # indexing, not tuple unpacking: Tensor.__iter__ is slow
+    var.addcmul_(mean, mean, value=-1.0).clamp_(min=0.0)  # moments now holds [mean, biased variance]
+
+    # One conversion to the kernels' dtype for mean, variance and unbiased variance together.
+    unbiased = var * (total / (total - 1.0).clamp(min=1.0))
+    stats_k = torch.cat((moments, unbiased[None])).to(kernel_dtype(x, weight))
+    mean_k, var_k = stats_k[0], stats_k[1]
+
+    if record is not None:
+        record.append(
+            BatchMoments(
+                count_local=torch.tensor(float(count), dtype=torch.float64),
+                mean_local=local[0],
+                var_local=torch.addcmul(local[1], local[0], local[0], value=-1.0).clamp_(min=0.0),
+                count_global=total[0].clone(),
+                mean_global=mean,
+                var_global=var,
+                between_var=(packed[2 * channels + 1 :] / safe_total - mean * mean).clamp_(min=0.0),
+            )
+        )
+
+    if count == 0:
+        y = torch.empty_like(x)
+    elif cuda_kernels:
+        y = cuda_normalize(x, weight, bias, mean_k, var_k, eps)
+    else:
+        y = torch.batch_norm(x, weight, bias, mean_k, var_k, False, 0.0, eps, torch.backends.cudnn.enabled)
+    return y, stats_k, total
+
+
+def sync_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean_k: torch.Tensor,
+    var_k: torch.Tensor,
+    total: torch.Tensor,
+    eps: float,
+    process_group: dist.ProcessGroup | None,
+    need_input_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The backward pass on one rank: local reductions, one all-reduce, input gradient.
+
+    Returns ``(grad_input, grad_weight, grad_bias)``; ``grad_input`` is None when not needed, the weight and bias
+    gradients are this rank's contributions (zeros where the rank had no data). Every rank all-reduces, needed or
+    not, so that the collectives match across ranks.
+    """
+    if use_cuda_kernels(x):
+        return cuda_backward(grad_out, x, weight, mean_k, var_k, total, eps, process_group, need_input_grad)
+    channels = x.shape[1]
+    upcast = x.dtype in _REDUCED_PRECISION
+    x_c = x.float() if upcast else x
+    dy = grad_out.float() if upcast else grad_out
+    invstd = torch.rsqrt(var_k + eps)
+
+    if x.numel() == 0:
+        grad_weight = torch.zeros_like(var_k)
+        grad_bias = torch.zeros_like(var_k)
+    else:
+        # Reduction outputs only, with the *global* mean and invstd: this rank's sum(dy * x_hat) (its weight
+        # gradient) and sum(dy) (its bias gradient).
+        _, grad_weight, grad_bias = _BATCH_NORM_BACKWARD(
+            dy, x_c, weight, None, None, mean_k, invstd, True, eps, [False, True, True]
+        )
+    packed = torch.cat((grad_bias, grad_weight))
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+
+    grad_input = None
+    if need_input_grad and x.numel() > 0:
+        means = packed.view(2, channels) / total.to(packed.dtype)
+        mean_dy, mean_dy_xhat = means[0], means[1]
+        scale = invstd if weight is None else invstd * weight
+        # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)): the x part as one native inference
+        # batch-norm pass ((x - mean) * k_x + k_0), then one fused multiply-add with dy.
+        k_x = (scale * invstd).mul_(mean_dy_xhat).neg_()
+        k_0 = (scale * mean_dy).neg_()
+        affine_part = torch.batch_norm(
+            x_c, k_x, k_0, mean_k, torch.ones_like(mean_k), False, 0.0, 0.0, torch.backends.cudnn.enabled
+        )
+        grad_input = affine_part.addcmul_(dy, scale.view(channel_view_shape(x.dim(), channels)))
+        if upcast:
+            grad_input = grad_input.to(x.dtype)
+    elif need_input_grad:
+        grad_input = torch.empty_like(x)
+    return grad_input, grad_weight, grad_bias
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Synchronized batch normalisation: one all-reduce forward, one backward. Private; use the module."""
+    """Synchronized batch normalisation in eager mode: one all-reduce forward, one backward. Private.
+
+    Under ``torch.compile`` the module calls the custom op in :mod:`syncbn._compile_ops` instead, which runs the
+    same :func:`sync_forward` / :func:`sync_backward`.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -143,110 +272,41 @@ class SyncBatchNormFunction(torch.autograd.Function):
         process_group: dist.ProcessGroup | None,
         record: list[BatchMoments] | None,
     ) -> torch.Tensor:
-        channels = x.shape[1]
-        count = x.numel() // channels if channels else 0
-        packed = _local_packet(x, count, record is not None)
-        if record is not None:
-            local = packed[1 : 2 * channels + 1].view(2, channels) / max(count, 1)
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
-
-        total = packed[0:1]
-        safe_total = total.clamp(min=1.0)
-        moments = packed[1 : 2 * channels + 1].view(2, channels) / safe_total  # E[x], E[x^2], float64
-        mean, var = moments[0], moments[1]  # indexing, not tuple unpacking: Tensor.__iter__ is slow
-        var.addcmul_(mean, mean, value=-1.0).clamp_(min=0.0)  # moments now holds [mean, biased variance]
-
-        stat_dtype = kernel_dtype(x, weight)
-        tracking = running_mean is not None and running_var is not None
-        if tracking:
-            # One conversion to the kernels' dtype for mean, variance and unbiased variance together.
-            unbiased = var * (total / (total - 1.0).clamp(min=1.0))
-            stats_k = torch.cat((moments, unbiased[None])).to(stat_dtype)
-            mean_k, var_k, unbiased_k = stats_k[0], stats_k[1], stats_k[2]
-            _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean_k, unbiased_k, total)
-        else:
-            stats_k = moments.to(stat_dtype)
-            mean_k, var_k = stats_k[0], stats_k[1]
-
-        if record is not None:
-            record.append(
-                BatchMoments(
-                    count_local=torch.tensor(float(count), dtype=torch.float64),
-                    mean_local=local[0],
-                    var_local=torch.addcmul(local[1], local[0], local[0], value=-1.0).clamp_(min=0.0),
-                    count_global=total[0].clone(),
-                    mean_global=mean,
-                    var_global=var,
-                    between_var=(packed[2 * channels + 1 :] / safe_total - mean * mean).clamp_(min=0.0),
-                )
-            )
-
-        ctx.save_for_backward(x, weight, mean_k, var_k)
+        y, stats_k, total = sync_forward(x, weight, bias, eps, process_group, record)
+        if running_mean is not None and running_var is not None:
+            update_running_stats(running_mean, running_var, num_batches_tracked, momentum, stats_k, total)
+        ctx.save_for_backward(x, weight, stats_k[0], stats_k[1])
         ctx.eps = eps
         ctx.total = total
         ctx.process_group = process_group
-        if count == 0:
-            return torch.empty_like(x)
-        return torch.batch_norm(x, weight, bias, mean_k, var_k, False, 0.0, eps, torch.backends.cudnn.enabled)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean_k, var_k = ctx.saved_tensors
-        channels = x.shape[1]
-        upcast = x.dtype in _REDUCED_PRECISION
-        x_c = x.float() if upcast else x
-        dy = grad_out.float() if upcast else grad_out
-        invstd = torch.rsqrt(var_k + ctx.eps)
-
-        if x.numel() == 0:
-            grad_weight = torch.zeros_like(var_k)
-            grad_bias = torch.zeros_like(var_k)
-        else:
-            # Reduction outputs only, with the *global* mean and invstd: this rank's sum(dy * x_hat) (its weight
-            # gradient) and sum(dy) (its bias gradient).
-            _, grad_weight, grad_bias = _BATCH_NORM_BACKWARD(
-                dy, x_c, weight, None, None, mean_k, invstd, True, ctx.eps, [False, True, True]
-            )
-        packed = torch.cat((grad_bias, grad_weight))
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.process_group)
-
-        grad_input = None
-        if ctx.needs_input_grad[0] and x.numel() > 0:
-            means = packed.view(2, channels) / ctx.total.to(packed.dtype)
-            mean_dy, mean_dy_xhat = means[0], means[1]
-            scale = invstd if weight is None else invstd * weight
-            # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)): the x part as one native inference
-            # batch-norm pass ((x - mean) * k_x + k_0), then one fused multiply-add with dy.
-            k_x = (scale * invstd).mul_(mean_dy_xhat).neg_()
-            k_0 = (scale * mean_dy).neg_()
-            affine_part = torch.batch_norm(
-                x_c, k_x, k_0, mean_k, torch.ones_like(mean_k), False, 0.0, 0.0, torch.backends.cudnn.enabled
-            )
-            grad_input = affine_part.addcmul_(dy, scale.view(channel_view_shape(x.dim(), channels)))
-            if upcast:
-                grad_input = grad_input.to(x.dtype)
-        elif ctx.needs_input_grad[0]:
-            grad_input = torch.empty_like(x)
-
+        grad_input, grad_weight, grad_bias = sync_backward(
+            grad_out, x, weight, mean_k, var_k, ctx.total, ctx.eps, ctx.process_group, ctx.needs_input_grad[0]
+        )
         if weight is None:
-            grad_weight = grad_bias = None
+            return grad_input, None, None, None, None, None, None, None, None, None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _update_running_stats(
+def update_running_stats(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     num_batches_tracked: torch.Tensor | None,
     momentum: float | None,
-    mean: torch.Tensor,
-    unbiased_var: torch.Tensor,
+    stats_k: torch.Tensor,
     total: torch.Tensor,
 ) -> None:
     """Exponential (or, with ``momentum=None``, cumulative) running averages of the global statistics.
 
-    Everything stays on the device: a batch that is empty on every rank gets weight 0 (stats and batch counter
-    unchanged) instead of a host-side check. The running variance is unbiased with the *global* count.
+    ``stats_k`` and ``total`` are :func:`sync_forward`'s. Everything stays on the device: a batch that is empty
+    on every rank gets weight 0 (stats and batch counter unchanged) instead of a host-side check. The running
+    variance is unbiased with the *global* count. Plain tensor ops, so ``torch.compile`` traces them.
     """
+    mean, unbiased_var = stats_k[0], stats_k[2]
     has_data = total > 0
     if num_batches_tracked is not None:
         num_batches_tracked.add_(has_data[0])

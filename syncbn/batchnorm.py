@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from syncbn._compile_ops import DEFAULT_GROUP, sync_batch_norm
 from syncbn._functions import BatchMoments, SyncBatchNormFunction
 
 
@@ -48,6 +53,13 @@ class SyncBatchNorm(_BatchNorm):
           gradient, so DDP's gradient averaging gives the same update as :class:`torch.nn.SyncBatchNorm`.
         - With DDP, turn off the per-forward buffer broadcast (``forward_sync_buffers=False``, or
           ``broadcast_buffers=False`` before torch 2.13): the running stats are already identical on every rank.
+        - ``torch.compile`` traces the layer with no graph break (``fullgraph=True`` works): it becomes two custom
+          ops (forward, backward) that run the eager code. Steps recorded by :class:`~syncbn.BatchStatsRecorder`
+          run eagerly (a graph break on those steps only).
+        - ``copy.deepcopy`` gives a layer that shares ``process_group``. Pickling (``torch.save(model)``) works
+          when ``process_group`` is None and refuses with the remedy (save the state_dict) otherwise.
+        - On CUDA tensors, ``SYNCBN_CUDA_KERNELS=1`` selects torch's single-pass CUDA kernels for the local work
+          (off by default until they have passed the GPU tests; see :mod:`syncbn._cuda_kernels`).
 
     Example::
 
@@ -73,6 +85,57 @@ class SyncBatchNorm(_BatchNorm):
         # Set by BatchStatsRecorder around a recording forward pass; the Function appends its moments here.
         self._moments_sink: list[BatchMoments] | None = None
 
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The ranks whose batches are pooled; ``None`` means the default (world) group."""
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group: dist.ProcessGroup | None) -> None:
+        self._process_group = group
+        # The name is what crosses into the compiled graph (custom ops take strings, not ProcessGroups).
+        # None where the object has no name (not a ProcessGroup): compiling such a layer then raises.
+        self._group_name: str | None = DEFAULT_GROUP if group is None else getattr(group, "group_name", None)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+        """Every BatchNorm layer of ``module`` replaced by :class:`SyncBatchNorm`, like torch's classmethod.
+
+        Same as :func:`syncbn.convert_sync_batchnorm`, which documents the details.
+        """
+        from syncbn.convert import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module, process_group)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
+        """A copy with its own parameters and buffers that synchronises in the *same* process group.
+
+        A ProcessGroup is a live connection that cannot be copied; the copy shares it, as modules share a device.
+        """
+        if self._process_group is not None:
+            memo[id(self._process_group)] = self._process_group
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return copied
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``torch.save(model)``) keeps everything but a live process group, which it cannot store.
+
+        A layer on the default group (``process_group=None``) pickles and, once loaded, synchronises in the
+        default group of the loading process. A layer with an explicit group refuses with the remedy, instead of
+        silently synchronising in a different group after loading.
+        """
+        if self._process_group is not None:
+            raise TypeError(
+                "cannot pickle a SyncBatchNorm whose process_group is set (a live connection): save "
+                "model.state_dict() with torch.save and load it into a model built and converted in the new "
+                "process, or convert with process_group=None to pickle the whole model"
+            )
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_moments_sink"] = None  # a recording in progress is not part of the model
+        return state
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2 or input.dim() > 5:
             raise ValueError(f"expected a 2D to 5D input (N, C, ...) for SyncBatchNorm (got {input.dim()}D input)")
@@ -81,7 +144,7 @@ class SyncBatchNorm(_BatchNorm):
         """Ranks in this layer's group, or 1 where there is no initialised process group."""
         if not (dist.is_available() and dist.is_initialized()):
             return 1
-        return dist.get_world_size(self.process_group)
+        return dist.get_world_size(self._process_group)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -90,7 +153,8 @@ class SyncBatchNorm(_BatchNorm):
                 f"expected input with {self.num_features} channels in dim 1 (got {input.shape[1]}, "
                 f"input shape {tuple(input.shape)})"
             )
-        self.input_dims_hint = input.dim()
+        if self.input_dims_hint != input.dim():  # write only on change: no side effect in a compiled steady state
+            self.input_dims_hint = input.dim()
 
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         need_sync = self.training and bn_training and self._world_size() > 1
@@ -98,9 +162,28 @@ class SyncBatchNorm(_BatchNorm):
             # No peers to agree with: exactly torch's BatchNorm (its native fused kernels, its bookkeeping).
             return super().forward(input)
 
+        if self._moments_sink is not None:
+            return self._recording_forward(input)
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         num_batches_tracked = self.num_batches_tracked if self.track_running_stats else None
+        if torch.compiler.is_compiling():
+            if self._group_name is None:
+                raise TypeError(
+                    "torch.compile needs SyncBatchNorm.process_group to be a torch.distributed.ProcessGroup or None "
+                    f"(got {type(self._process_group).__name__})"
+                )
+            return sync_batch_norm(
+                input,
+                self.weight,
+                self.bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                self.momentum,
+                self.eps,
+                self._group_name,
+            )
         return SyncBatchNormFunction.apply(
             input,
             self.weight,
@@ -110,6 +193,27 @@ class SyncBatchNorm(_BatchNorm):
             num_batches_tracked,
             self.momentum,
             self.eps,
-            self.process_group,
+            self._process_group,
+            None,
+        )
+
+    @torch.compiler.disable
+    def _recording_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """A recording step (BatchStatsRecorder) runs eagerly: it appends this pass's moments to a Python list.
+
+        Under ``torch.compile`` this is a graph break on recording steps only (an error with ``fullgraph=True``:
+        record with the uncompiled model there); ordinary steps stay break-free.
+        """
+        tracking = self.track_running_stats
+        return SyncBatchNormFunction.apply(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.num_batches_tracked if tracking else None,
+            self.momentum,
+            self.eps,
+            self._process_group,
             self._moments_sink,
         )

@@ -17,12 +17,14 @@ from service.api.body_limit import BodySizeLimitMiddleware
 from service.api.deps import require_token
 from service.api.errors import register_error_handlers
 from service.api.prometheus import RequestMetricsMiddleware, ServiceMetrics
-from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, prometheus
+from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, models, prometheus, whoami
 from service.api.storable_text import reject_unstorable_parameters
 from service.dashboard import mount_dashboard
+from service.engine.model_registry import list_models
 from service.jobs.manager import JobManager
 from service.settings import Settings
 from service.store import JobStore
+from syncbn import __version__
 
 __all__ = ["create_app"]
 
@@ -32,7 +34,8 @@ DESCRIPTION = """\
 Submit distributed training jobs that use exact synchronized BatchNorm, follow them live, and read their
 convergence metrics and per-layer BatchNorm statistics (including cross-worker skew).
 
-All job routes live under `/v1`. When the service has API tokens, send `Authorization: Bearer <token>`.
+All job routes live under `/v1`. When the service has API tokens, send `Authorization: Bearer <token>`: each
+token stands for a principal who sees only its own jobs (another principal's job is a 404), admins see all.
 Errors are JSON `{"detail": "<sentence>"}`: 404 unknown job, 409 wrong state, 422 invalid input.
 """
 
@@ -50,6 +53,10 @@ def create_app(settings: Settings) -> FastAPI:
         except BaseException:
             store.close()
             raise
+        # Read the model registry once now: it imports torch and the installed plugins, which would otherwise
+        # make the first GET /v1/models (the dashboard's form) wait for them.
+        entries = await run_in_threadpool(list_models)
+        logger.info("models: %s", ", ".join(entry.name for entry in entries))
         app.state.store = store
         app.state.manager = manager
         metrics.bind(manager)
@@ -63,7 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(
         title="syncbn",
-        version="0.1.0",
+        version=__version__,
         summary="Distributed training with exact synchronized BatchNorm, as a service.",
         description=DESCRIPTION,
         lifespan=lifespan,
@@ -79,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(prometheus.router, dependencies=secured)
     # Parameters the database cannot store are refused before any route reads it (422 naming the parameter).
     guarded = [*secured, Depends(reject_unstorable_parameters)]
-    for resource in (jobs, job_metrics, layers, logs, events, cluster):
+    for resource in (jobs, job_metrics, layers, logs, events, cluster, models, whoami):
         app.include_router(resource.router, dependencies=guarded)
     mount_dashboard(app)  # the web page at / and its files under /ui/static (public; its data comes from /v1)
     return app

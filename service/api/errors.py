@@ -3,6 +3,7 @@
 ```
 RequestValidationError ─────────────────── 422  field-by-field sentences (+ `errors` list)
 JobCannotFitError, IdempotencyKeyReusedError 422  the sentence of the exception
+UnknownModelError ──────────────────────── 422  names the field `model`, with close matches (+ `errors` list)
 JobNotFoundError ───────────────────────── 404
 JobStateError ──────────────────────────── 409
 ClusterUnavailableError ────────────────── 503  Ray does not answer; retry later
@@ -21,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.engine.model_registry import UnknownModelError
 from service.jobs.manager import ClusterUnavailableError, JobCannotFitError, JobNotFoundError, JobStateError
 from service.store import IdempotencyKeyReusedError
 
@@ -110,6 +112,17 @@ async def _unprocessable(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": str(exc)})
 
 
+async def _unknown_model(_: Request, exc: Exception) -> JSONResponse:
+    sentence = str(exc)
+    return JSONResponse(
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        content={
+            "detail": sentence,
+            "errors": [{"field": "model", "loc": ["body", "model"], "type": "unknown_model", "message": sentence}],
+        },
+    )
+
+
 async def _not_found(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_404_NOT_FOUND, content={"detail": str(exc)})
 
@@ -161,6 +174,7 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(JobCannotFitError, _unprocessable)
     app.add_exception_handler(IdempotencyKeyReusedError, _unprocessable)
+    app.add_exception_handler(UnknownModelError, _unknown_model)
     app.add_exception_handler(JobNotFoundError, _not_found)
     app.add_exception_handler(JobStateError, _conflict)
     app.add_exception_handler(ClusterUnavailableError, _unavailable)

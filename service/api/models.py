@@ -32,8 +32,11 @@ __all__ = [
     "LogLine",
     "LogsPublic",
     "MetricsPublic",
+    "ModelPublic",
+    "ModelsPublic",
     "ReadinessPublic",
     "StepPoint",
+    "WhoAmIPublic",
 ]
 
 
@@ -79,6 +82,7 @@ class JobPublic(BaseModel):
     """A job as the API shows it."""
 
     id: str = Field(description="Job id (32 hex digits).")
+    owner: str = Field(description="The principal whose token submitted the job.")
     name: str | None = Field(description="The spec's optional label.")
     status: JobStatus = Field(description="queued, running, succeeded, failed or cancelled.")
     spec: JobSpec = Field(description="The submitted spec, with defaults filled in.")
@@ -97,6 +101,7 @@ class JobPublic(BaseModel):
     def from_row(cls, job: JobRow, *, queue_position: int | None = None, has_model: bool = False) -> JobPublic:
         return cls(
             id=job.id,
+            owner=job.owner,
             name=job.name,
             status=JobStatus(job.status),
             spec=JobSpec.model_validate(job.spec),
@@ -292,8 +297,16 @@ class ClusterPublic(BaseModel):
     available_gpus: float = Field(description="GPUs not reserved right now.")
     nodes: list[dict[str, Any]] = Field(description="Per node: its resources.")
     max_concurrent_jobs: int = Field(description="Jobs that may run at once.")
-    running_jobs: int = Field(description="Jobs running now.")
-    queued_jobs: int = Field(description="Jobs waiting in the queue.")
+    running_jobs: int = Field(description="Your jobs running now (an admin's view: everyone's).")
+    queued_jobs: int = Field(description="Your jobs waiting in the queue (an admin's view: everyone's).")
+
+
+class WhoAmIPublic(BaseModel):
+    """Who the service takes the caller for."""
+
+    principal: str = Field(description="The principal your token stands for ('default' for a bare token).")
+    admin: bool = Field(description="You see and manage every principal's jobs.")
+    authenticated: bool = Field(description="The service checks tokens (false: open, everyone is 'default').")
 
 
 class ReadinessPublic(BaseModel):
@@ -302,3 +315,18 @@ class ReadinessPublic(BaseModel):
     ready: bool = Field(description="Both checks passed.")
     database: str = Field(description="'ok' or the error.")
     ray: str = Field(description="'ok' or the error.")
+
+
+class ModelPublic(BaseModel):
+    """One model the service can build, by the name a job spec gives in `model`."""
+
+    name: str = Field(description="The name to put in a job spec's `model` field.")
+    package: str = Field(description="The installed package that provides it (syncbn for the built-ins).")
+    summary: str = Field(description="One line about the architecture.")
+
+
+class ModelsPublic(BaseModel):
+    """Every model the service can build: built-ins, installed plugins (entry points), torchvision's."""
+
+    data: list[ModelPublic] = Field(description="The models, built-ins first.")
+    count: int = Field(description="Number of models.")

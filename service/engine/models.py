@@ -1,8 +1,8 @@
-"""Built-in architectures, all made of plain `nn.BatchNorm*d` layers.
+"""Built-in architectures, all made of plain `nn.BatchNorm*d` layers, registered in the model registry.
 
 The engine converts them with `syncbn.convert_sync_batchnorm` when a job asks for synchronized BatchNorm, and the
 saved model is reverted with `syncbn.revert_sync_batchnorm`, so a user loads it into the very module
-`build_model` returns here.
+`service.engine.model_registry.build_model` returns.
 
 - `resnet18`: the CIFAR-style ResNet-18 (3x3 stem, no max-pool, stages of 64-512 channels, 2 basic blocks each).
 - `small_resnet`: a ResNet with one basic block per stage and 16-32-64 channels (9 BatchNorm layers); quick on CPU.
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from service.spec import CONV_MODELS
+from service.engine.model_registry import register_model
 
-__all__ = ["build_model"]
+__all__ = ["MLP", "PlainCNN", "ResNet", "cnn", "mlp", "resnet18", "small_resnet"]
 
 
 class BasicBlock(nn.Module):
@@ -118,30 +118,37 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def build_model(name: str, sample_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build a built-in model with plain `nn.BatchNorm*d` layers, initialised from torch's current RNG.
-
-    Args:
-        name: `resnet18`, `small_resnet`, `cnn` or `mlp` (see `service.spec.ModelName`).
-        sample_shape: shape of one input sample: `(channels, height, width)` for the conv models, anything for
-            the MLP (it flattens).
-        num_classes: number of output logits.
-
-    Raises:
-        ValueError: unknown name, or a conv model given non-image samples.
-    """
-    shape = tuple(int(d) for d in sample_shape)
-    if name in CONV_MODELS and len(shape) != 3:
+def _image_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) != 3:
         raise ValueError(
             f"model {name!r} expects image samples (channels, height, width), got sample shape {shape}: "
             "use model 'mlp' for vectors."
         )
-    if name == "resnet18":
-        return ResNet(shape[0], num_classes, widths=(64, 128, 256, 512), blocks_per_stage=(2, 2, 2, 2))
-    if name == "small_resnet":
-        return ResNet(shape[0], num_classes, widths=(16, 32, 64), blocks_per_stage=(1, 1, 1))
-    if name == "cnn":
-        return PlainCNN(shape[0], num_classes)
-    if name == "mlp":
-        return MLP(math.prod(shape), num_classes)
-    raise ValueError(f"unknown model {name!r}: expected one of resnet18, small_resnet, cnn, mlp")
+    return shape
+
+
+@register_model("resnet18")
+def resnet18(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """CIFAR-style ResNet-18: 3x3 stem, no max-pool, 4 stages of 64-512 channels, 2 basic blocks each."""
+    shape = _image_shape("resnet18", sample_shape)
+    return ResNet(shape[0], num_classes, widths=(64, 128, 256, 512), blocks_per_stage=(2, 2, 2, 2))
+
+
+@register_model("small_resnet")
+def small_resnet(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Small ResNet: one basic block per stage, 16-32-64 channels (9 BatchNorm layers); quick on CPU."""
+    shape = _image_shape("small_resnet", sample_shape)
+    return ResNet(shape[0], num_classes, widths=(16, 32, 64), blocks_per_stage=(1, 1, 1))
+
+
+@register_model("cnn")
+def cnn(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Plain conv net: three conv-BN-ReLU layers (the last two strided) and a linear head."""
+    shape = _image_shape("cnn", sample_shape)
+    return PlainCNN(shape[0], num_classes)
+
+
+@register_model("mlp")
+def mlp(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multi-layer perceptron: two hidden layers with BatchNorm1d, for vectors or flattened images."""
+    return MLP(math.prod(sample_shape), num_classes)

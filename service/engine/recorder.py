@@ -8,7 +8,10 @@ Two kinds pushed by the controller are kept as state instead of being published:
 workers and step counts) and `summary` (the train loop's final report, from which the `end` record is built).
 
 After a worker-group restart, the train loop resumes from its last checkpoint and reports some steps and epochs
-again; the log keeps the first record of each step and epoch, so consumers see increasing step numbers.
+again; the log keeps the first record of each step and epoch, so consumers see increasing step numbers. A run
+resumed after a restart of the service starts a new log told what the store already holds (`resume_after`), so
+the steps and epochs stored before the crash are not published twice either.
+
 
 A `layers` record's per-channel `vectors` (float32 bytes, the bulk of a record for a wide model) are released
 once a reader polls past it: `poll(after_seq)` means everything up to `after_seq` has been consumed (the service
@@ -40,13 +43,19 @@ class RecordLog:
       - drop steps and epochs a resumed attempt reports a second time;
       - keep the latest worker info and the final summary;
       - write exactly one `end` record (the first `finish` wins) and refuse records after it.
+
+    Args:
+        job_id: the job's id.
+        resume_after: for a run resumed after a service restart, the last `step`, `layers` step and `epoch`
+            the store already holds: records up to them are dropped as repeats.
     """
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, resume_after: dict[str, int] | None = None) -> None:
+        after = resume_after or {}
         self.job_id = job_id
         self._records: list[dict[str, Any]] = []
-        self._last_step = {"step": 0, "layers": 0}
-        self._last_epoch = 0
+        self._last_step = {"step": int(after.get("step", 0)), "layers": int(after.get("layers", 0))}
+        self._last_epoch = int(after.get("epoch", 0))
         self._best_val_acc: float | None = None
         self._last_epoch_record: dict[str, Any] | None = None
         self._info: dict[str, Any] = {}
@@ -54,6 +63,7 @@ class RecordLog:
         self._end: dict[str, Any] | None = None
         self._controller: Any = None
         self._released = 0  # records up to this seq no longer hold their per-channel vectors
+        self._placement_groups: list[str] = []
 
     # ------------------------------------------------------------ writing
 
@@ -93,6 +103,15 @@ class RecordLog:
     def controller(self) -> Any:
         """The Ray Train controller's actor handle, or None before it starts or after the run ended."""
         return self._controller
+
+    def add_placement_group(self, placement_group_id: str) -> None:
+        """Remember a placement group (hex id) reserved for the run's workers, so it can be removed at the end."""
+        if placement_group_id not in self._placement_groups:
+            self._placement_groups.append(placement_group_id)
+
+    def placement_groups(self) -> list[str]:
+        """Hex ids of every placement group reserved for the run's workers, oldest first."""
+        return list(self._placement_groups)
 
     def log(self, level: str, message: str) -> int:
         """Append a `log` record; returns its `seq`."""

@@ -16,13 +16,13 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 from ray.train import Checkpoint, UserCallback
-from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 from service.engine.reports import records_from_reports
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ControllerHandleCallback", "RecordingCallback", "describe_worker_error"]
+__all__ = ["ControllerHandleCallback", "PlacementGroupCallback", "RecordingCallback", "describe_worker_error"]
 
 _PUSH_TIMEOUT_S = 60.0
 
@@ -94,3 +94,22 @@ class ControllerHandleCallback(ControllerCallback):
     def after_controller_start(self, train_run_context: Any) -> None:
         handle = ray.get_runtime_context().current_actor
         ray.get([holder.set_controller.remote(handle) for holder in self._holders], timeout=_PUSH_TIMEOUT_S)
+
+
+class PlacementGroupCallback(WorkerGroupCallback):
+    """Tells the job's record log the id of every placement group Ray Train reserves for the run's workers.
+
+    Ray ties a placement group to the Ray job that created it: the service's, since the controller runs inside
+    it. When a run ends without the controller's own clean-up (its driver actor was killed, its node died), the
+    group stays reserved until the service exits. With the ids in the record log, `JobRun.close` removes what is
+    left. (Ray Train's own cleaner needs the dashboard's state API, which an embedded Ray without dashboard lacks.)
+
+    `WorkerGroupCallback` is Ray Train's internal worker-group hook, passed through like `ControllerCallback`.
+    """
+
+    def __init__(self, recorder: ActorHandle) -> None:
+        self._recorder = recorder
+
+    def after_worker_group_start(self, worker_group: Any) -> None:
+        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        ray.get(self._recorder.add_placement_group.remote(group.id.hex()), timeout=_PUSH_TIMEOUT_S)

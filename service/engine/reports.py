@@ -9,8 +9,8 @@ Every rank calls `ray.train.report` at the same points (it is a barrier), with a
   tensors for all layers; the per-layer dicts of `snapshot()` are still understood);
 - `epoch` (after each epoch's validation): `epoch, step, train_loss, train_acc, val_loss, val_acc, epoch_time_s`
   (global values);
-- `final` (once, at the end): `verdict, reason, epochs_done, best_val_acc, final_val_acc, final_train_loss,
-  model_path`.
+- `final` (once, at the end): `verdict, reason, epochs_done, best_val_acc, final_val_acc, final_train_loss`
+  (rank 0 attaches the final model as a checkpoint; the driver reads its location from Ray Train's result).
 
 Layer statistics are merged over all ranks: with `sync_group_size`, `ranks_agree` is False by design (each group
 normalises with its own global statistics) while `count`, `mean`, `var` and the skew measures describe the whole
@@ -44,7 +44,6 @@ SUMMARY_FIELDS = (
     "best_val_acc",
     "final_val_acc",
     "final_train_loss",
-    "model_path",
 )
 _INFO_FIELDS = ("world_size", "device", "steps_per_epoch", "total_steps", "resumed_from_epoch")
 

@@ -9,6 +9,10 @@ on the node of the process that launches them, so losing another node does not t
 - `syncbn-recorder-{job_id}` (`RecordLog`): the records, filled by the controller's `RecordingCallback`.
 
 Both being detached, a service restart does not stop the run: `attach_run(job_id)` finds it again by name.
+When the run died with the service (an embedded Ray goes down with it), `launch_run(..., resume_from=...)` starts
+it again from a checkpoint that `service.engine.checkpoints.resume_point` picked: the train loop restores it
+when Ray Train has none of its own to hand over (Ray Train V2's way to resume a run in a new cluster), and later
+worker failures of that launch resume from its own newer checkpoints as usual.
 Cancelling asks the Ray Train controller to abort (its worker group and placement group go away, so the run's CPUs
 and GPUs come back), then kills the driver.
 
@@ -30,6 +34,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from service.engine.recorder import RECORDER_NAMESPACE, RecordLog, recorder_name
+from service.engine.storage import RunStorage
 from service.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -61,7 +67,8 @@ class JobDriver:
     """Runs one job's `TorchTrainer.fit()` inside the cluster and records how it ended.
 
     Responsibilities:
-      - load the data set (a bad npz fails here, before any worker starts) and share it via the object store;
+      - prepare the data set (a bad npz, a missing folder or column fails here, before any worker starts): share
+        in-memory tensors via the object store, hand Ray Data datasets to the trainer as `datasets=`;
       - configure Ray Train: scaling, gloo/NCCL, failure and checkpoint policy, the recording callback;
       - translate the outcome into the `end` record: status, verdict, error (rank and message), model path;
       - keep a second copy of the Ray Train controller's handle, so a cancel can still abort the controller (and
@@ -69,11 +76,25 @@ class JobDriver:
         started with a second thread for these small calls.
     """
 
-    def __init__(self, job_id: str, spec: dict[str, Any], output_dir: str, data_root: str | None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        spec: dict[str, Any],
+        output_dir: str,
+        data_root: str | None,
+        storage_uri: str,
+        run_name: str,
+        allowed_schemes: list[str] | None = None,
+        resume_from: str | None = None,
+    ) -> None:
         self.job_id = job_id
+        self.run_name = run_name
+        self.resume_from = resume_from
         self.spec = JobSpec.model_validate(spec)
         self.output_dir = Path(output_dir)
         self.data_root = data_root
+        self.storage = RunStorage(storage_uri)
+        self.allowed_schemes = list(allowed_schemes or [])
         self.recorder = ray.get_actor(recorder_name(job_id), namespace=RECORDER_NAMESPACE)
         self._controller: ActorHandle | None = None
 
@@ -89,13 +110,15 @@ class JobDriver:
         """Train, write the `end` record, then exit this actor."""
         status, error, model_path = "failed", None, None
         try:
-            summary = self._fit()
+            summary, model_path = self._fit()
             if summary is None:
                 error = "training ended without a final report (see the log records)"
             elif summary.get("verdict") == "diverged":
-                error = summary.get("reason") or "diverged"
+                error, model_path = summary.get("reason") or "diverged", None
+            elif model_path is None:
+                error = f"training ended but its final model is missing from the storage {self.storage.uri}"
             else:
-                status, model_path = "succeeded", summary.get("model_path")
+                status = "succeeded"
         except Exception as exc:  # every failure must end as a record, never as a silent dead actor
             error = _describe_failure(exc)
             logger.warning("job %s failed: %s", self.job_id, error)
@@ -104,43 +127,50 @@ class JobDriver:
         ray.get(self.recorder.finish.remote(status, error, model_path), timeout=_RPC_TIMEOUT_S)
         ray.actor.exit_actor()
 
-    def _fit(self) -> dict[str, Any] | None:
+    def _fit(self) -> tuple[dict[str, Any] | None, str | None]:
+        """Run `TorchTrainer.fit()`; returns the final report and the final model's location in the storage."""
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from service.engine.data import load_data
-        from service.engine.recording_callback import ControllerHandleCallback, RecordingCallback
+        from service.engine.data import prepare_data
+        from service.engine.model_registry import check_model_name
+        from service.engine.recording_callback import (
+            ControllerHandleCallback,
+            PlacementGroupCallback,
+            RecordingCallback,
+        )
         from service.engine.train_loop import train_loop_per_worker
         from service.spec import CONV_MODELS
 
         spec = self.spec
-        data = load_data(spec.dataset, spec.seed, self.data_root)
-        if spec.model in CONV_MODELS and len(data.sample_shape) != 3:
+        check_model_name(spec.model)  # a clear failure here rather than one per worker
+        # In-memory kinds are loaded here; streamed kinds are listed and checked here, and read by Ray Data.
+        data = prepare_data(spec.dataset, spec.seed, self.data_root, self.allowed_schemes)
+        info = data.info
+        if spec.model in CONV_MODELS and len(info.sample_shape) != 3:
             raise ValueError(
                 f"model {spec.model!r} needs image samples (channels, height, width), but the data set's samples "
-                f"have shape {data.sample_shape}: use model 'mlp' or save x as (N, C, H, W)."
+                f"have shape {info.sample_shape}: use model 'mlp' or save x as (N, C, H, W)."
             )
-        if len(data.y_train) < spec.workers:
+        if info.train_size < spec.workers or (info.streamed and info.val_size < spec.workers):
             raise ValueError(
-                f"the data set has {len(data.y_train)} training samples, fewer than workers={spec.workers}: "
-                "use fewer workers or more data."
+                f"the data set has {info.train_size} training and {info.val_size} validation samples, fewer than "
+                f"workers={spec.workers}: use fewer workers or more data."
             )
-        ray.get(
-            self.recorder.log.remote(
-                "info",
-                f"data: {len(data.y_train)} train / {len(data.y_val)} val samples of shape "
-                f"{list(data.sample_shape)}, {data.num_classes} classes",
-            ),
-            timeout=_RPC_TIMEOUT_S,
-        )
+        ray.get(self.recorder.log.remote("info", info.describe()), timeout=_RPC_TIMEOUT_S)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "spec": spec.model_dump(mode="json"),
-                "data": ray.put(data),
-                "output_dir": str(self.output_dir),
+                "data": {
+                    "info": info.to_dict(),
+                    "splits": ray.put(data.splits) if data.splits is not None else None,
+                },
+                "resume_from": self.resume_from,
             },
+            # Streamed kinds: Ray Train splits each dataset over the ranks (streaming_split, equal=True).
+            datasets=data.datasets or None,
             torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=spec.workers,
@@ -149,21 +179,29 @@ class JobDriver:
                 resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=f"syncbn-{self.job_id}",
-                storage_path=str(self.output_dir / "ray"),
+                name=self.run_name,
+                storage_path=self.storage.storage_path(),
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=[
                     RecordingCallback(self.recorder),
                     ControllerHandleCallback([self.recorder, ray.get_runtime_context().current_actor]),
+                    PlacementGroupCallback(self.recorder),
                 ],
                 # Ray Train logs every report at INFO (with its metrics: whole layer statistics); ours go to
                 # the recorder instead.
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
-        trainer.fit()
-        return ray.get(self.recorder.summary.remote(), timeout=_RPC_TIMEOUT_S)
+        result = trainer.fit()
+        summary = ray.get(self.recorder.summary.remote(), timeout=_RPC_TIMEOUT_S)
+        model_path = None
+        if result.checkpoint is not None:
+            # The last checkpoint is the final report's, with the model in it (none when the run diverged).
+            location = self.storage.model_location(result.checkpoint.path)
+            model_path = self.storage.find_model(self.job_id, location)
+            model_path = location if model_path is not None else None
+        return summary, model_path
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -261,13 +299,48 @@ class JobRun:
             time.sleep(0.2)
 
     def close(self) -> None:
-        """Remove the run's actors from the cluster (call once its records are stored elsewhere).
+        """Remove the run's actors, and any placement group it left reserved, from the cluster (call once its
+        records are stored elsewhere).
 
         Cancels the run first if it is still going.
         """
         if not self.done():
             self.cancel()
+        self.release_placement_groups()
         ray.kill(self._recorder, no_restart=True)
+        # ray.kill returns before the name is released; wait for it, so that whoever looks the run up next (a
+        # re-attach, a relaunch under the same id) finds it gone.
+        deadline = time.monotonic() + _RPC_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(recorder_name(self.job_id), namespace=RECORDER_NAMESPACE)
+            except ValueError:
+                return
+            time.sleep(0.05)
+        logger.warning("job %s: the record log was still there %gs after it was killed", self.job_id, _RPC_TIMEOUT_S)
+
+    def release_placement_groups(self) -> list[str]:
+        """Remove the placement groups of a run that is over but left them reserved; returns their hex ids.
+
+        A run that ends through Ray Train (success, failure, cancel) removes its own; one whose driver actor died
+        does not (its controller died with it, and Ray ties the group to the service's Ray job). Does nothing
+        while the run goes on.
+        """
+        if not ray.get(self._recorder.done.remote(), timeout=_RPC_TIMEOUT_S):
+            return []
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        removed = []
+        for group_id in ray.get(self._recorder.placement_groups.remote(), timeout=_RPC_TIMEOUT_S):
+            group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
+            state = ray.util.placement_group_table(group).get("state")
+            if state in (None, "REMOVED"):
+                continue
+            remove_placement_group(group)
+            removed.append(group_id)
+        if removed:
+            logger.warning("job %s: removed %d placement group(s) its run left reserved", self.job_id, len(removed))
+        return removed
 
     def _controller_from_driver(self) -> ActorHandle | None:
         driver = self._driver()
@@ -285,18 +358,34 @@ class JobRun:
             return None
 
 
-def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path | str | None = None) -> JobRun:
+def launch_run(
+    spec: JobSpec,
+    job_id: str,
+    output_dir: Path,
+    *,
+    data_root: Path | str | None = None,
+    storage_uri: str | None = None,
+    allowed_schemes: Sequence[str] = (),
+    resume_from: Path | None = None,
+    resume_after: dict[str, int] | None = None,
+) -> JobRun:
     """Start a run without waiting for it (Ray must already be initialised, see `cluster.ensure_ray`).
 
     Args:
         spec: the job.
         job_id: a unique id (letters, digits, `_.-`, at most 64 characters); names the actors.
-        output_dir: where the final model (`model.pt`) and Ray Train's checkpoints go; must be reachable from the
-            driver's and rank 0's nodes (always true on a single machine).
-        data_root: directory `npz` paths are resolved against (required for `npz` data sets).
+        output_dir: the job's local folder (on the launching node).
+        data_root: directory data paths are resolved under (required for npz, and for local image_folder/parquet).
+        storage_uri: where Ray Train keeps the run's checkpoints and final model (`service.engine.storage`): a
+            folder every node reaches (local disk on one machine, an NFS mount on a cluster) or `s3://`/`gs://`.
+            Default: `output_dir/ray`. The end record's `model_path` points into it.
+        allowed_schemes: remote URI schemes (`s3`, `gs`) the data may be read from.
+        resume_from: a checkpoint folder to start from (a run started again after a service restart).
+        resume_after: for such a run, the last `step`, `layers` step and `epoch` already stored, so the new
+            record log drops the steps and epochs the resumed run reports a second time.
 
     Raises:
-        ValueError: a malformed job id, or a run with this id still exists in the cluster.
+        ValueError: a malformed job id, an unusable storage URI, or a run with this id still exists in the cluster.
         RuntimeError: Ray is not initialised.
     """
     if not ray.is_initialized():
@@ -309,6 +398,7 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
         raise ValueError(f"a run with job_id {job_id!r} still exists in the cluster: close it or use another id")
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    storage = RunStorage(storage_uri if storage_uri is not None else str(output_dir / "ray"))
     # Left to Ray, these zero-CPU actors may land on any node (on a multi-node cluster they often do), and a worker
     # node that dies or is scaled away would take the run's record log or driver, and so the whole run, with it.
     # On the launching node (the head, for the service) they live as long as the cluster. The affinity is hard:
@@ -324,7 +414,7 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
             max_restarts=0,
             scheduling_strategy=here,
         )
-        .remote(job_id)
+        .remote(job_id, resume_after)
     )
     driver = JobDriver.options(
         name=driver_name(job_id),
@@ -338,7 +428,16 @@ def launch_run(spec: JobSpec, job_id: str, output_dir: Path, *, data_root: Path 
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _REPORT_POLL_INTERVAL_S,
             }
         },
-    ).remote(job_id, spec.model_dump(mode="json"), str(output_dir), None if data_root is None else str(data_root))
+    ).remote(
+        job_id,
+        spec.model_dump(mode="json"),
+        str(output_dir),
+        None if data_root is None else str(data_root),
+        storage.uri,
+        storage.next_run_name(job_id),
+        list(allowed_schemes),
+        None if resume_from is None else str(resume_from),
+    )
     driver.run.remote()
     logger.info("launched job %s (%d workers, output %s)", job_id, spec.workers, output_dir)
     return JobRun(job_id, recorder)

@@ -5,13 +5,17 @@ starts. One rank's life:
 
 1. pin torch threads to the worker's CPUs, seed, build the model with plain BatchNorm, convert it to
    `syncbn.SyncBatchNorm` (over all ranks or over subgroups of `sync_group_size`) when the job asks for it;
-2. resume from `ray.train.get_checkpoint()` when Ray restarted the worker group after a failure;
-3. train with DDP and a `DistributedSampler` (`set_epoch` every epoch); every `stats_every` steps, record the
-   BatchNorm statistics of that step's forward pass and report them; validate, report and checkpoint every epoch;
+2. resume from `ray.train.get_checkpoint()` when Ray restarted the worker group after a failure, or else from
+   the `resume_from` checkpoint folder the service picked for a run started again after its restart;
+3. train with DDP on this rank's batches (`service.engine.data.rank_batches`: in-memory tensors through a
+   `DistributedSampler`, or this rank's shard of the job's Ray Data datasets; reshuffled every epoch); every
+   `stats_every` steps, record the BatchNorm statistics of that step's forward pass and report them; validate,
+   report and checkpoint every epoch;
 4. stop together: divergence and early-stop decisions use only all-reduced values, so every rank leaves the loop
    at the same step and no collective is left waiting;
-5. rank 0 saves the final model with `syncbn.revert_sync_batchnorm` applied, then every rank sends the final
-   report.
+5. every rank sends the final report; rank 0 attaches a last checkpoint holding the final model
+   (`syncbn.revert_sync_batchnorm` applied), which Ray Train uploads to the run's storage
+   (`service.engine.storage`), so the model outlives the node that trained it.
 
 See `service.engine.reports` for what each report holds.
 """
@@ -37,35 +41,38 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import syncbn
 from service.engine.convergence import ConvergenceTracker, divergence_reason
-from service.engine.data import DataSplits
-from service.engine.models import build_model
+from service.engine.data import DataInfo, DataSplits
+from service.engine.data.rank_batches import MemoryBatches, RankBatches, StreamedBatches
+from service.engine.model_registry import build_model
 from service.engine.optimization import LearningRate, build_optimizer, set_lr
+from service.engine.step_precision import StepPrecision
+from service.engine.storage import MODEL_FILE
 from service.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_FILE", "train_loop_per_worker"]
+__all__ = ["train_loop_per_worker"]
 
-#: Name of the final model file in the job's output directory.
-MODEL_FILE = "model.pt"
 _STATE_FILE = "state.pt"
-_EVAL_BATCH = 512
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker.
 
     Args:
-        config: `spec` (the JobSpec as JSON-ready dict), `data` (an ObjectRef to `DataSplits`) and `output_dir`
-            (where rank 0 writes the final model).
+        config: `spec` (the JobSpec as JSON-ready dict), `data` (`info`: the `DataInfo` as a dict; `splits`: an
+            ObjectRef to the in-memory `DataSplits`, or None for data streamed through Ray Data) and `resume_from`
+            (a checkpoint folder or None).
     """
     spec = JobSpec.model_validate(config["spec"])
-    data: DataSplits = ray.get(config["data"])
-    _WorkerRun(spec, data, Path(config["output_dir"])).run()
+    info = DataInfo.from_dict(config["data"]["info"])
+    splits_ref = config["data"].get("splits")
+    splits: DataSplits | None = ray.get(splits_ref) if splits_ref is not None else None
+    resume_from = config.get("resume_from")
+    _WorkerRun(spec, info, splits, None if resume_from is None else Path(resume_from)).run()
 
 
 def _buffer_sync(enabled: bool) -> dict[str, bool]:
@@ -84,10 +91,10 @@ class _WorkerRun:
       - decide when to stop from globally agreed values only.
     """
 
-    def __init__(self, spec: JobSpec, data: DataSplits, output_dir: Path) -> None:
+    def __init__(
+        self, spec: JobSpec, info: DataInfo, splits: DataSplits | None, resume_from: Path | None = None
+    ) -> None:
         self.spec = spec
-        self.data = data
-        self.output_dir = output_dir
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world = context.get_world_size()
@@ -96,33 +103,28 @@ class _WorkerRun:
 
         # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
         torch.manual_seed(spec.seed)
-        model = build_model(spec.model, data.sample_shape, data.num_classes)
+        model = build_model(spec.model, info.sample_shape, info.num_classes)
         self.sync_group: dist.ProcessGroup | None = None
         if spec.sync_bn:
             if spec.sync_group_size is not None and spec.sync_group_size < self.world:
                 # Every rank must take part in creating every subgroup; we keep the one holding this rank.
                 self.sync_group, _ = dist.new_subgroups(group_size=spec.sync_group_size)
             model = syncbn.convert_sync_batchnorm(model, process_group=self.sync_group)
-        self.model = model.to(self.device)
+        self.precision = StepPrecision(spec.precision, spec.channels_last, spec.compile, self.device)
+        self.model = self.precision.prepare_model(model.to(self.device))
         self.recorder = syncbn.BatchStatsRecorder(self.model)
 
-        sampler_data = TensorDataset(data.x_train, data.y_train)
-        self.sampler = DistributedSampler(
-            sampler_data, num_replicas=self.world, rank=self.rank, shuffle=True, seed=spec.seed
-        )
-        shard = len(self.sampler)
-        # Full batches only (as DDP recipes do) unless a rank's shard is smaller than one batch: a last batch of a
-        # single sample would break plain BatchNorm1d, and every rank has the same number of batches either way.
-        self.loader = DataLoader(
-            sampler_data,
-            batch_size=spec.batch_size,
-            sampler=self.sampler,
-            drop_last=shard >= spec.batch_size,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.steps_per_epoch = len(self.loader)
-        if spec.steps_per_epoch is not None:
-            self.steps_per_epoch = min(self.steps_per_epoch, spec.steps_per_epoch)
+        # This rank's batches, from memory or streamed: the same number of steps per epoch on every rank.
+        self.batches: RankBatches
+        if splits is not None:
+            pin = self.device.type == "cuda"
+            self.batches = MemoryBatches(
+                splits, spec.batch_size, spec.steps_per_epoch, spec.seed, self.rank, self.world, pin
+            )
+        else:
+            world = self.world
+            self.batches = StreamedBatches(info, spec.batch_size, spec.steps_per_epoch, spec.seed, self.rank, world)
+        self.steps_per_epoch = self.batches.steps_per_epoch
         self.lr = LearningRate(spec.optimizer.lr, spec.lr_schedule, self.steps_per_epoch, spec.epochs)
 
         self.optimizer = build_optimizer(spec.optimizer, self.model.parameters())
@@ -131,10 +133,11 @@ class _WorkerRun:
         self.step = 0
         self.final_val_acc: float | None = None
         self.final_train_loss: float | None = None
+        self.verdict: str | None = None  # set when restored from the final checkpoint: the run is already over
         # The current epoch's start time and global sums [loss * n, n, correct], filled by _train_epoch.
         self._epoch_start = 0.0
         self._epoch_sums = torch.zeros(3, dtype=torch.float64)
-        self._restore()
+        self._restore(resume_from)
 
         # With synchronized BatchNorm every rank computes its running statistics from the same global moments,
         # so they are already identical: DDP's default broadcast of rank 0's buffers before each forward would
@@ -142,12 +145,16 @@ class _WorkerRun:
         # group 0's). With local BatchNorm we keep DDP's default, the usual baseline users compare against.
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, **_buffer_sync(not spec.sync_bn))
+        # What each training step calls: the DDP model, compiled when the job asks (DDP first, then compile).
+        self.step_model = self.precision.wrap(self.ddp)
 
     # ---------------------------------------------------------------- checkpoints
 
-    def _restore(self) -> None:
-        """Load model, optimizer and counters from the latest checkpoint, if Ray handed us one."""
+    def _restore(self, resume_from: Path | None) -> None:
+        """Load model, optimizer and counters from the latest checkpoint Ray handed us, else from `resume_from`."""
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and resume_from is not None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(resume_from))
         if checkpoint is None:
             return
         with checkpoint.as_directory() as directory:
@@ -155,10 +162,12 @@ class _WorkerRun:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
+        self.precision.load_state_dict(state.get("precision", {}))
         self.start_epoch = int(state["epoch"]) + 1
         self.step = int(state["step"])
         self.final_val_acc = state["final_val_acc"]
         self.final_train_loss = state["final_train_loss"]
+        self.verdict = state.get("verdict")
         logger.info("rank %d resumed after epoch %d (step %d)", self.rank, self.start_epoch - 1, self.step)
 
     def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
@@ -166,19 +175,24 @@ class _WorkerRun:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "tracker": self.tracker.state_dict(),
+            "precision": self.precision.state_dict(),
             "epoch": epoch,
             "step": self.step,
             "final_val_acc": self.final_val_acc,
             "final_train_loss": self.final_train_loss,
+            "verdict": self.verdict,
         }
 
-    def _report(self, metrics: dict[str, Any], checkpoint_epoch: int | None = None) -> None:
-        """`ray.train.report` on every rank; rank 0 attaches a checkpoint when `checkpoint_epoch` is given."""
+    def _report(self, metrics: dict[str, Any], checkpoint_epoch: int | None = None, final_model: bool = False) -> None:
+        """`ray.train.report` on every rank; rank 0 attaches a checkpoint when `checkpoint_epoch` is given, with the
+        final model in it when `final_model` is set."""
         if checkpoint_epoch is None or self.rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="syncbn-ckpt-") as directory:
             torch.save(self._checkpoint_state(checkpoint_epoch), Path(directory) / _STATE_FILE)
+            if final_model:
+                self._save_final_model(Path(directory) / MODEL_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     # ---------------------------------------------------------------- the run
@@ -197,10 +211,12 @@ class _WorkerRun:
                 "resumed_from_epoch": self.start_epoch - 1,
             }
         )
-        verdict: str | None = None
+        verdict: str | None = self.verdict
         reason: str | None = None
         epochs_done = self.start_epoch - 1
-        for epoch in range(self.start_epoch, self.spec.epochs + 1):
+        # A run restored from its final checkpoint (a failure after the last report) only reports again.
+        epochs = range(self.start_epoch, self.spec.epochs + 1) if verdict is None else range(0)
+        for epoch in epochs:
             reason = self._train_epoch(epoch)
             if reason is not None:
                 verdict = "diverged"
@@ -212,9 +228,7 @@ class _WorkerRun:
         if verdict is None:
             verdict = "completed"
 
-        model_path = None
-        if verdict != "diverged" and self.rank == 0:
-            model_path = str(self._save_final_model())
+        self.verdict = verdict
         self._report(
             {
                 "kind": "final",
@@ -224,8 +238,10 @@ class _WorkerRun:
                 "best_val_acc": self.tracker.best_val_acc if self.tracker.best_epoch else None,
                 "final_val_acc": self.final_val_acc,
                 "final_train_loss": self.final_train_loss,
-                "model_path": model_path,
-            }
+            },
+            # The final model travels in a last checkpoint, which Ray Train uploads to the run's storage.
+            checkpoint_epoch=None if verdict == "diverged" else epochs_done,
+            final_model=True,
         )
         self.recorder.close()
 
@@ -233,30 +249,28 @@ class _WorkerRun:
         """One pass over this rank's shard; returns a divergence reason when the loss stops being finite."""
         spec = self.spec
         self.ddp.train()
-        self.sampler.set_epoch(epoch)
         self._epoch_start = time.perf_counter()
         self._epoch_sums = torch.zeros(3, dtype=torch.float64)
         window = torch.zeros(3, dtype=torch.float64)
         window_compute_s = 0.0
         window_steps = 0
         window_start = time.perf_counter()
-        for index, (x, y) in enumerate(self.loader):
-            if index >= self.steps_per_epoch:
-                break
+        for x, y in self.batches.train(epoch):
             lr = self.lr.at(self.step)
             set_lr(self.optimizer, lr)
             self.step += 1
             recording = self.step % spec.stats_every == 0
             started = time.perf_counter()
-            x = x.to(self.device, non_blocking=True)
+            x = self.precision.prepare_batch(x.to(self.device, non_blocking=True))
             y = y.to(self.device, non_blocking=True)
-            with self.recorder.recording() if recording else contextlib.nullcontext():
-                logits = self.ddp(x)
-            loss = F.cross_entropy(logits, y)
+            with self.recorder.recording() if recording else contextlib.nullcontext(), self.precision.autocast():
+                logits = self.step_model(x)
+                logits = logits.float()  # the loss and the accuracy in float32 whatever the step's precision
+                loss = F.cross_entropy(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.precision.backward(loss, self.optimizer)
             layers = self.recorder.packed_snapshot() if recording else None  # after backward: gradient norms
-            self.optimizer.step()
+            self.precision.step(self.optimizer)
 
             # One tiny all-reduce per step gives the global loss, so every rank sees the same number and a
             # divergence on any rank stops all of them at this very step.
@@ -319,15 +333,14 @@ class _WorkerRun:
     @torch.no_grad()
     def _evaluate(self) -> tuple[float, float]:
         """Global validation loss and accuracy; each rank scores every world-th sample (no padding)."""
-        x_val = self.data.x_val[self.rank :: self.world]
-        y_val = self.data.y_val[self.rank :: self.world]
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64)
         with self._rank0_buffers():
-            for start in range(0, len(y_val), _EVAL_BATCH):
-                x = x_val[start : start + _EVAL_BATCH].to(self.device)
-                y = y_val[start : start + _EVAL_BATCH].to(self.device)
-                logits = self.model(x)
+            for x_batch, y_batch in self.batches.validation():
+                x = self.precision.prepare_batch(x_batch.to(self.device))
+                y = y_batch.to(self.device)
+                with self.precision.autocast():
+                    logits = self.model(x).float()
                 sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
                 sums[1] += y.numel()
                 sums[2] += float((logits.argmax(1) == y).sum())
@@ -362,13 +375,8 @@ class _WorkerRun:
             for b, saved in zip(buffers, own, strict=True):
                 b.copy_(saved)
 
-    def _save_final_model(self) -> Path:
-        """Write the plain-BatchNorm state dict to `output_dir/model.pt` atomically (rank 0 only)."""
+    def _save_final_model(self, path: Path) -> None:
+        """Write the plain-BatchNorm state dict (float32, contiguous layout) to `path` (rank 0 only)."""
         plain: nn.Module = syncbn.revert_sync_batchnorm(self.model)
-        state = {key: value.detach().cpu() for key, value in plain.state_dict().items()}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / MODEL_FILE
-        partial = path.with_suffix(".pt.partial")
-        torch.save(state, partial)
-        partial.replace(path)
-        return path
+        state = {key: value.detach().cpu().contiguous() for key, value in plain.state_dict().items()}
+        torch.save(state, path)

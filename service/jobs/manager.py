@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.data_location import check_dataset_locations
 from service.settings import Settings
-from service.spec import JobSpec, resolve_npz_path
+from service.spec import JobSpec
 from service.status import JobStatus
 from service.store import JobStore
-from service.store.models import JobRow
+from service.store.models import DEFAULT_OWNER, JobRow
 
 if TYPE_CHECKING:
     from service.engine.runner import JobRun
+    from service.engine.storage import RunStorage
 
 __all__ = [
     "Admission",
@@ -38,8 +40,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Reason recorded for a job whose run did not survive a restart of the service.
+#: Reason recorded for a job whose run did not survive a restart of the service (and had no checkpoint).
 RESTART_REASON = "service restarted"
+#: What a run resumed from its checkpoint after a restart of the service is said to have survived.
+RESUME_REASON = "service restart"
 #: Consecutive failed polls of a run after which it is considered lost.
 MAX_POLL_FAILURES = 20
 #: Most records read from a run per poll (each batch is stored in one transaction).
@@ -102,8 +106,9 @@ class JobManager:
     - drain: every `poll_interval_s` each running `JobRun` is polled and its new records are stored in one
       transaction each, so the database holds every record as it arrives;
     - cancellation: queued jobs are cancelled at once; running ones are stopped through `JobRun.cancel`;
-    - restart: running jobs are re-attached with `attach_run`, or failed with the reason "service
-      restarted" when their run is gone; queued jobs simply run.
+    - restart: running jobs are re-attached with `attach_run`; a job whose run is gone but that has a
+      checkpoint is started again ahead of the queue and resumes from it (Ray Train's resume path, as after a
+      worker failure); one without a checkpoint fails with the reason "service restarted"; queued jobs simply run.
     """
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
@@ -111,12 +116,14 @@ class JobManager:
         self.store = store
         self._runs: dict[str, JobRun] = {}
         self._reserved: dict[str, Admission] = {}
+        self._resume: list[str] = []  # running jobs whose run died with the service, oldest first
         self._poll_failures: dict[str, int] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._capacity: dict[str, Any] | None = None
+        self._storage: RunStorage | None = None
         self._capacity_at = 0.0
         self.records_ingested = 0
         self.loop_errors = 0
@@ -129,6 +136,7 @@ class JobManager:
 
         ensure_ray(self.settings.ray_address, self.settings.ray_num_cpus)
         self.settings.jobs_dir().mkdir(parents=True, exist_ok=True)
+        self.run_storage()  # an unusable storage_uri stops the start here, with its reason
         self._recover()
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="syncbn-job-manager", daemon=True)
@@ -152,6 +160,7 @@ class JobManager:
         self._wake.set()
 
     def _recover(self) -> None:
+        from service.engine.checkpoints import job_checkpoints
         from service.engine.runner import attach_run
 
         for job in self.store.jobs_with_status(JobStatus.RUNNING):
@@ -160,6 +169,19 @@ class JobManager:
             except Exception:
                 logger.exception("re-attaching job %s failed", job.id)
                 run = None
+            if run is None and job.cancel_requested:
+                self.store.transition(
+                    job.id,
+                    JobStatus.CANCELLED,
+                    error="cancelled on request",
+                    message="job cancelled: its run stopped with the service before the cancel completed",
+                )
+                continue
+            if run is None and self._checkpoints_dir() is not None and job_checkpoints(self._checkpoints_dir(), job.id):
+                with self._lock:
+                    self._resume.append(job.id)
+                logger.info("job %s has checkpoints: its run will resume", job.id)
+                continue
             if run is None:
                 self.store.transition(
                     job.id,
@@ -208,14 +230,15 @@ class JobManager:
 
         Raises:
             JobCannotFitError: more CPUs/GPUs in total, or per worker, than the cluster has; fewer nodes able
-                to host a worker than `workers` under STRICT_SPREAD; or an npz path that escapes the data root
-                or does not exist.
+                to host a worker than `workers` under STRICT_SPREAD; an npz path that escapes the data root
+                or does not exist; a dataset.uri/val_uri outside the data root or with a scheme not allowed.
         """
-        if spec.dataset.kind == "npz" and spec.dataset.path is not None:
-            try:
-                resolve_npz_path(spec.dataset.path, self.settings.resolved_npz_root())
-            except ValueError as exc:
-                raise JobCannotFitError(str(exc)) from exc
+        try:
+            check_dataset_locations(
+                spec.dataset, self.settings.resolved_data_root(), self.settings.allowed_uri_schemes
+            )
+        except ValueError as exc:
+            raise JobCannotFitError(str(exc)) from exc
         capacity = self.cluster_capacity(fresh=fresh)
         need = Admission.of(spec)
         cpus, gpus = float(capacity.get("cpus", 0.0)), float(capacity.get("gpus", 0.0))
@@ -264,8 +287,11 @@ class JobManager:
 
     # -- requests from the API ------------------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[JobRow, bool]:
-        """Queue a job, or return the one created earlier with the same `idempotency_key` and spec.
+    def submit(
+        self, spec: JobSpec, *, idempotency_key: str | None = None, owner: str = DEFAULT_OWNER
+    ) -> tuple[JobRow, bool]:
+        """Queue a job of `owner`, or return the one the owner created earlier with the same `idempotency_key` and
+        spec (keys are per owner: two principals may use the same key for different jobs).
 
         Returns:
             (job, created): `created` is False when an earlier job was returned for the key.
@@ -277,12 +303,12 @@ class JobManager:
         spec_json = spec.model_dump(mode="json")
         request_hash = hashlib.sha256(json.dumps(spec_json, sort_keys=True).encode()).hexdigest()
         if idempotency_key is not None:
-            earlier = self.store.job_for_idempotency_key(idempotency_key, request_hash)
+            earlier = self.store.job_for_idempotency_key(idempotency_key, request_hash, owner=owner)
             if earlier is not None:
                 return earlier, False
         self.submit_check(spec)
         job, created = self.store.create_job(
-            uuid.uuid4().hex, spec_json, idempotency_key=idempotency_key, request_hash=request_hash
+            uuid.uuid4().hex, spec_json, idempotency_key=idempotency_key, request_hash=request_hash, owner=owner
         )
         if created:
             self.wake()
@@ -352,6 +378,10 @@ class JobManager:
         folder = self.job_dir(job_id)
         if folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
+        try:
+            self.run_storage().delete_run(job_id)
+        except Exception as exc:  # the rows are gone; a storage hiccup leaves files behind, said in the log
+            logger.warning("removing the stored checkpoints of job %s failed: %s", job_id, exc)
 
     def _remove_leftover_run(self, job_id: str) -> None:
         """Remove a finished job's actors if a crash left them in the cluster."""
@@ -368,19 +398,36 @@ class JobManager:
         """The folder of a job's files (model, checkpoints), under the data folder."""
         return self.settings.jobs_dir() / job_id
 
-    def model_file(self, job: JobRow) -> Path | None:
-        """The final state-dict file of a job if it exists inside the job's folder, else None.
+    def run_storage(self) -> RunStorage:
+        """Where runs keep checkpoints and final models (`Settings.storage_uri`)."""
+        from service.engine.storage import RunStorage
 
-        The path reported by the run is used only when it lies in the job's folder: nothing outside the data
-        folder is ever served.
+        if self._storage is None:
+            self._storage = RunStorage(self.settings.resolved_storage_uri())
+        return self._storage
+
+    def _checkpoints_dir(self) -> Path | None:
+        """The local folder of the run storage, where a run that died with the service is resumed from; None for a
+        bucket (`s3://`, `gs://`): resuming after a restart reads checkpoints from a local or mounted folder only."""
+        storage = self.run_storage()
+        return Path(storage.base) if storage.is_local else None
+
+    def model_file(self, job: JobRow) -> tuple[RunStorage, str] | None:
+        """The storage and path of a job's final model when it exists inside the job's run folder, else None.
+
+        The location the run recorded is used only when it lies in this job's run folder of the storage: nothing
+        else is ever served. Jobs finished before storage_uri existed keep their model in the job's folder.
         """
+        from service.engine.storage import RunStorage
+
+        storage = self.run_storage()
+        found = storage.find_model(job.id, job.model_path)
+        if found is not None:
+            return storage, found
         folder = self.job_dir(job.id).resolve()
-        candidates = [Path(job.model_path)] if job.model_path else []
-        candidates.append(folder / "model.pt")
-        for candidate in candidates:
-            resolved = candidate.resolve()
-            if resolved.is_relative_to(folder) and resolved.is_file():
-                return resolved
+        legacy = (folder / "model.pt").resolve()
+        if legacy.is_relative_to(folder) and legacy.is_file():
+            return RunStorage(str(folder.parent)), str(legacy)
         return None
 
     def running_count(self) -> int:
@@ -483,6 +530,8 @@ class JobManager:
         self._poll_failures.pop(job_id, None)
 
     def _start_queued(self) -> None:
+        if not self._resume_runs():
+            return  # runs interrupted by a restart go first; queued jobs wait behind them
         queued = self.store.jobs_with_status(JobStatus.QUEUED)
         for job in queued:
             if self._stop.is_set():
@@ -503,6 +552,90 @@ class JobManager:
                 return  # the oldest job waits for resources; later jobs wait behind it
             self._launch(job.id, spec, need)
 
+    def _resume_runs(self) -> bool:
+        """Start again, oldest first, the runs that died with the service; True once none is left waiting."""
+        from service.engine.checkpoints import resume_point
+        from service.engine.runner import launch_run
+
+        with self._lock:
+            waiting = list(self._resume)
+        for job_id in waiting:
+            if self._stop.is_set():
+                return False
+            job = self.store.get_job(job_id)
+            if job is None or job.status != JobStatus.RUNNING.value:
+                self._forget_resume(job_id)
+                continue
+            if job.cancel_requested:
+                self.store.transition(
+                    job_id, JobStatus.CANCELLED, error="cancelled on request", message="job cancelled before it resumed"
+                )
+                self._forget_resume(job_id)
+                continue
+            try:
+                spec = JobSpec.model_validate(job.spec)
+                self.submit_check(spec)
+            except ValueError as exc:
+                self.store.transition(job_id, JobStatus.FAILED, error=str(exc), level="error")
+                self._forget_resume(job_id)
+                continue
+            need = Admission.of(spec)
+            with self._lock:
+                running = len(self._runs)
+            if running >= self.concurrency_limit() or not self._fits_now(need):
+                return False
+            # The newest checkpoint may be ahead of the stored records (see service.engine.checkpoints): resume
+            # from the newest one whose epoch is stored, so the history continues without a gap.
+            resume_after = self.store.stored_progress(job_id)
+            runs_dir = self._checkpoints_dir()
+            start = None if runs_dir is None else resume_point(runs_dir, job_id, resume_after["epoch"])
+            self._forget_resume(job_id)
+            if start is None:
+                self.store.transition(
+                    job_id,
+                    JobStatus.FAILED,
+                    error=RESTART_REASON,
+                    message=f"job failed: {RESTART_REASON} and its checkpoints are gone; resubmit the job",
+                    level="error",
+                )
+                continue
+            epoch = start.epoch
+            if self.store.mark_resumed(job_id, epoch, RESUME_REASON) is None:
+                continue
+            try:
+                run = launch_run(
+                    spec,
+                    job_id,
+                    self.job_dir(job_id),
+                    data_root=self.settings.resolved_data_root(),
+                    storage_uri=self.run_storage().uri,
+                    allowed_schemes=self.settings.allowed_uri_schemes,
+                    resume_from=start.path,
+                    resume_after=resume_after,
+                )
+            except Exception as exc:
+                logger.exception("resuming job %s failed", job_id)
+                self.store.transition(
+                    job_id,
+                    JobStatus.FAILED,
+                    error=f"could not resume the run after a {RESUME_REASON}: {type(exc).__name__}: {exc}",
+                    level="error",
+                )
+                continue
+            logger.info("resumed job %s from its checkpoint after epoch %d", job_id, epoch)
+            with self._lock:
+                self._runs[job_id] = run
+                self._reserved[job_id] = need
+            latest = self.store.get_job(job_id)
+            if latest is not None and latest.cancel_requested:
+                self._cancel_run(job_id, run)  # a cancel that came while the run was being started
+        return True
+
+    def _forget_resume(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._resume:
+                self._resume.remove(job_id)
+
     def _fits_now(self, need: Admission) -> bool:
         capacity = self.cluster_capacity()
         with self._lock:
@@ -518,14 +651,23 @@ class JobManager:
         started = self.store.transition(
             job_id,
             JobStatus.RUNNING,
-            message=f"job started: {spec.workers} worker(s), {spec.model} on {spec.dataset.kind}",
+            message=f"job started: {spec.workers} worker(s), {spec.model} on {spec.dataset.kind}, {spec.precision}"
+            + (", channels_last" if spec.channels_last else "")
+            + (", compiled" if spec.compile else ""),
         )
         if started is None:
             return  # cancelled between the listing and now
         output_dir = self.job_dir(job_id)
         output_dir.mkdir(parents=True, exist_ok=True)
         try:
-            run = launch_run(spec, job_id, output_dir, data_root=self.settings.resolved_npz_root())
+            run = launch_run(
+                spec,
+                job_id,
+                output_dir,
+                data_root=self.settings.resolved_data_root(),
+                storage_uri=self.run_storage().uri,
+                allowed_schemes=self.settings.allowed_uri_schemes,
+            )
         except Exception as exc:
             logger.exception("launching job %s failed", job_id)
             self.store.transition(

@@ -7,6 +7,7 @@ This is the one place the API's bounds come from, so they cannot drift from the 
   SQLite stores 64-bit integers in any column. The API bounds every integer it writes to, or compares with, a
   column by `integer_range(column)`: a value the column cannot hold is a 422 on every backend, and changing a
   column's type (say, to BigInteger in a migration) moves its API bound with it.
+- A string column's length (`string_length(column)`) bounds the text the API accepts for it.
 - PostgreSQL text cannot contain NUL characters, and no backend can encode an unpaired UTF-16 surrogate (which a
   JSON `"\\ud800"` escape decodes to) as UTF-8. `unstorable_text_reason` says why a string cannot be stored, so
   the API refuses it with a 422 that names the field.
@@ -18,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Integer, SmallInteger
 
-__all__ = ["find_unstorable_text", "integer_range", "unstorable_text_reason"]
+__all__ = ["find_unstorable_text", "integer_range", "string_length", "unstorable_text_reason"]
 
 #: Width in bits of each integer type (most specific first: BigInteger and SmallInteger subclass Integer).
 _INTEGER_BITS = ((BigInteger, 64), (SmallInteger, 16), (Integer, 32))
@@ -38,6 +39,18 @@ def integer_range(column: Any) -> tuple[int, int]:
         if isinstance(column_type, sql_type):
             return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     raise TypeError(f"expected an integer column (got {column} of type {column_type!r})")
+
+
+def string_length(column: Any) -> int:
+    """The most characters a string column holds (PostgreSQL refuses longer values; SQLite would keep them).
+
+    Raises:
+        TypeError: the column has no length (Text, or not a string column).
+    """
+    length = getattr(column.type, "length", None)
+    if not isinstance(length, int):
+        raise TypeError(f"expected a string column with a length (got {column} of type {column.type!r})")
+    return length
 
 
 def unstorable_text_reason(value: str) -> str | None:

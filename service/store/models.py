@@ -1,6 +1,7 @@
 """Database tables of the service (SQLAlchemy 2 declarative models; the same schema on SQLite and Postgres).
 
-- `jobs`: one row per submitted job: spec, status, timestamps, error, the run's summary and two cursors:
+- `jobs`: one row per submitted job: its owner (the principal whose token submitted it), spec, status,
+  timestamps, error, the run's summary and two cursors:
   `record_seq` (last record drained from the run's recorder, so a re-attached run resumes without duplicates)
   and `event_seq` (last event id handed to Server-Sent-Events clients).
 - `step_points`, `epoch_points`: the convergence metrics, one row per reported step / finished epoch.
@@ -13,7 +14,8 @@
 - `log_lines`: progress and error lines of the run and of the service about the job.
 - `job_events`: the ordered event log streamed by `GET /v1/jobs/{id}/events`; ids are per job and gap-free,
   which is what makes `Last-Event-ID` resumption lossless, even across restarts.
-- `idempotency_keys`: `Idempotency-Key` header -> job, with a hash of the request body.
+- `idempotency_keys`: (owner, `Idempotency-Key` header) -> job, with a hash of the request body; each
+  principal has its own keys.
 
 Tables reference jobs by their public id; rows of a job are deleted together with it by the repository.
 """
@@ -39,6 +41,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "DEFAULT_OWNER",
+    "OWNER_LENGTH",
     "Base",
     "EpochPointRow",
     "IdempotencyKeyRow",
@@ -52,6 +56,10 @@ __all__ = [
 ]
 
 JOB_ID_LENGTH = 32
+#: Longest principal name (see `service.settings.PRINCIPAL_PATTERN`).
+OWNER_LENGTH = 64
+#: Owner of the jobs submitted before jobs had owners, and of every job submitted with a bare token.
+DEFAULT_OWNER = "default"
 
 
 class Base(DeclarativeBase):
@@ -65,6 +73,9 @@ class JobRow(Base):
 
     number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(JOB_ID_LENGTH), unique=True, index=True)
+    owner: Mapped[str] = mapped_column(
+        String(OWNER_LENGTH), index=True, default=DEFAULT_OWNER, server_default=DEFAULT_OWNER
+    )
     name: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -189,6 +200,9 @@ class IdempotencyKeyRow(Base):
 
     __tablename__ = "idempotency_keys"
 
+    owner: Mapped[str] = mapped_column(
+        String(OWNER_LENGTH), primary_key=True, default=DEFAULT_OWNER, server_default=DEFAULT_OWNER
+    )
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     request_hash: Mapped[str] = mapped_column(String(64))

@@ -3,12 +3,14 @@
 Responsibilities:
 - open the database named by an SQLAlchemy URL (an SQLite file by default, Postgres by URL) and upgrade its
   schema to the newest Alembic revision (`service.store.migration`; a database newer than the code is refused);
-- create jobs (honouring `Idempotency-Key`), move them between states (only along the allowed transitions of
-  `JobStatus`, checked atomically in the database), and delete them with everything they own;
+- create jobs for their owner (honouring `Idempotency-Key`, per owner), move them between states (only along
+  the allowed transitions of `JobStatus`, checked atomically in the database), and delete them with everything
+  they own;
 - ingest a batch of run records (steps, epochs, layer statistics, logs, the end record) in ONE transaction,
   together with the events that Server-Sent-Events clients receive and the recorder cursor, so a crash can
   neither lose nor duplicate a record;
-- answer the API's queries (listing, metrics, layer statistics, logs, events).
+- answer the API's queries (listing, metrics, layer statistics, logs, events); listings and counts take an
+  `owner` to show one principal's jobs only (None: every job).
 
 Writes of this process are serialised by a lock (SQLite allows one writer anyway, and the per-job event
 counter must not race); reads run concurrently. Rows are returned detached from their session.
@@ -41,6 +43,7 @@ from service.store.layer_codec import (
 )
 from service.store.migration import upgrade_database
 from service.store.models import (
+    DEFAULT_OWNER,
     EpochPointRow,
     IdempotencyKeyRow,
     JobEventRow,
@@ -266,8 +269,10 @@ class JobStore:
         *,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        owner: str = DEFAULT_OWNER,
     ) -> tuple[JobRow, bool]:
-        """Insert a queued job; with an idempotency key already used for the same body, return that job.
+        """Insert a queued job of `owner`; with an idempotency key the owner already used for the same body,
+        return that job.
 
         Returns:
             (job, created): `created` is False when an earlier job was returned for the key.
@@ -276,7 +281,7 @@ class JobStore:
             IdempotencyKeyReusedError: the key was used before with a different body.
         """
         if idempotency_key is not None:
-            existing = self.job_for_idempotency_key(idempotency_key, request_hash)
+            existing = self.job_for_idempotency_key(idempotency_key, request_hash, owner=owner)
             if existing is not None:
                 return existing, False
         now = utcnow()
@@ -284,6 +289,7 @@ class JobStore:
             with self._write() as session:
                 job = JobRow(
                     id=job_id,
+                    owner=owner,
                     name=spec.get("name"),
                     status=JobStatus.QUEUED.value,
                     spec=json_safe(spec),
@@ -298,7 +304,11 @@ class JobStore:
                 if idempotency_key is not None:
                     session.add(
                         IdempotencyKeyRow(
-                            key=idempotency_key, job_id=job_id, request_hash=request_hash or "", created_at=now
+                            owner=owner,
+                            key=idempotency_key,
+                            job_id=job_id,
+                            request_hash=request_hash or "",
+                            created_at=now,
                         )
                     )
                 self._add_event(session, job, "status", self._status_data(job, None, now), now)
@@ -308,21 +318,23 @@ class JobStore:
             # Two requests with the same new key raced: the other one won, answer with its job.
             if idempotency_key is None:
                 raise
-            existing = self.job_for_idempotency_key(idempotency_key, request_hash)
+            existing = self.job_for_idempotency_key(idempotency_key, request_hash, owner=owner)
             if existing is None:
                 raise
             return existing, False
         self._note_event(job_id, job.event_seq)
         return job, True
 
-    def job_for_idempotency_key(self, key: str, request_hash: str | None) -> JobRow | None:
-        """The job created earlier with this `Idempotency-Key`, or None if the key is new.
+    def job_for_idempotency_key(
+        self, key: str, request_hash: str | None, *, owner: str = DEFAULT_OWNER
+    ) -> JobRow | None:
+        """The job `owner` created earlier with this `Idempotency-Key`, or None if the key is new to the owner.
 
         Raises:
             IdempotencyKeyReusedError: the key was used with a different body (`request_hash` differs).
         """
         with self._read() as session:
-            row = session.get(IdempotencyKeyRow, key)
+            row = session.get(IdempotencyKeyRow, (owner, key))
             if row is None:
                 return None
             if request_hash is not None and row.request_hash != request_hash:
@@ -335,11 +347,14 @@ class JobStore:
             return session.scalars(select(JobRow).where(JobRow.id == job_id)).first()
 
     def list_jobs(
-        self, *, status: JobStatus | None = None, offset: int = 0, limit: int = 50
+        self, *, status: JobStatus | None = None, offset: int = 0, limit: int = 50, owner: str | None = None
     ) -> tuple[list[JobRow], int]:
-        """One page of jobs, newest first, optionally of one status; and how many match in total."""
+        """One page of jobs, newest first, optionally of one status and one owner; and how many match in total."""
         query = select(JobRow)
         count_query = select(func.count()).select_from(JobRow)
+        if owner is not None:
+            query = query.where(JobRow.owner == owner)
+            count_query = count_query.where(JobRow.owner == owner)
         if status is not None:
             query = query.where(JobRow.status == status.value)
             count_query = count_query.where(JobRow.status == status.value)
@@ -361,10 +376,13 @@ class JobStore:
             )
             return {job_id: index for index, job_id in enumerate(ids, start=1)}
 
-    def count_by_status(self) -> dict[JobStatus, int]:
-        """Number of jobs in each state (every state present, zeros included)."""
+    def count_by_status(self, *, owner: str | None = None) -> dict[JobStatus, int]:
+        """Number of jobs (of `owner`, or of everyone) in each state (every state present, zeros included)."""
+        query = select(JobRow.status, func.count())
+        if owner is not None:
+            query = query.where(JobRow.owner == owner)
         with self._read() as session:
-            rows = session.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
+            rows = session.execute(query.group_by(JobRow.status)).all()
         counts = dict.fromkeys(JobStatus, 0)
         for status, count in rows:
             counts[JobStatus(status)] = count
@@ -424,6 +442,35 @@ class JobStore:
                 return
             self._add_log(session, job, level, message, "service", now)
         self._note_event(job_id, job.event_seq)
+
+    def stored_progress(self, job_id: str) -> dict[str, int]:
+        """The last `step` point, `layers` step and `epoch` stored for a job (0 where none)."""
+        with self._read() as session:
+            step = session.scalar(select(func.max(StepPointRow.step)).where(StepPointRow.job_id == job_id))
+            layers = session.scalar(
+                select(func.max(LayerSummaryRow.step))
+                .join(LayerSeriesRow, LayerSeriesRow.id == LayerSummaryRow.series_id)
+                .where(LayerSeriesRow.job_id == job_id)
+            )
+            epoch = session.scalar(select(func.max(EpochPointRow.epoch)).where(EpochPointRow.job_id == job_id))
+        return {"step": step or 0, "layers": layers or 0, "epoch": epoch or 0}
+
+    def mark_resumed(self, job_id: str, epoch: int, reason: str) -> JobRow | None:
+        """Record that a running job's run starts again from its checkpoint after `epoch`.
+
+        The recorder cursor goes back to 0 (the new run has a new record log); a `resumed` event
+        (`epoch, reason, at`) and a log line mark the moment on the job's timeline. None when the job is not running.
+        """
+        now = utcnow()
+        with self._write() as session:
+            job = self._lock_job(session, job_id)
+            if job is None or job.status != JobStatus.RUNNING.value:
+                return None
+            job.record_seq = 0
+            self._add_event(session, job, "resumed", {"epoch": epoch, "reason": reason, "at": now.isoformat()}, now)
+            self._add_log(session, job, "info", f"resumed after a {reason} at epoch {epoch}", "service", now)
+        self._note_event(job_id, job.event_seq)
+        return job
 
     def delete_job(self, job_id: str) -> bool:
         """Delete a job and every row it owns; False if there was no such job."""

@@ -56,6 +56,7 @@ def test_the_page_asks_for_a_token_and_sends_it_everywhere(server: LiveServer, o
     expect(panel).to_be_hidden()
     expect(p.locator("#job-rows")).to_contain_text("No jobs yet")
     expect(p.locator("#cluster")).to_contain_text("scheduling paused")
+    expect(p.locator("#whoami")).to_have_text("signed in as default")  # a bare token is the principal "default"
     assert p.evaluate("sessionStorage.getItem('syncbn.token')") == TOKEN
 
     p.reload()

@@ -118,6 +118,19 @@ def test_the_form_shows_each_validation_error_next_to_its_field(story: Story, op
     # The form follows the spec's schema: every JobSpec field has an input.
     for name in ("model", "dataset.kind", "workers", "optimizer.lr", "lr_schedule.warmup_epochs", "sync_bn", "seed"):
         expect(p.locator(f'[name="{name}"]')).to_have_count(1)
+    for name in ("precision", "channels_last", "compile"):
+        expect(p.locator(f'[name="{name}"]')).to_have_count(1)
+
+    # The model field offers what GET /v1/models lists (it is not an enum of the schema).
+    with story.client() as client:
+        models = [entry["name"] for entry in client.get("/v1/models").json()["data"]]
+    expect(p.locator('[name="model"] option')).to_have_count(len(models))
+    assert p.locator('[name="model"] option').evaluate_all("options => options.map(o => o.value)") == models
+    # fp16 needs a GPU: the API's sentence about the whole body lands on the field it names first.
+    p.select_option('[name="precision"]', "fp16")
+    p.click("#submit-job")
+    expect(p.locator('[data-error-for="precision"]')).to_contain_text("precision 'fp16' needs use_gpu=true")
+    p.select_option('[name="precision"]', "fp32")
 
     p.fill('[name="optimizer.lr"]', "0")
     p.click("#submit-job")
@@ -211,6 +224,7 @@ def test_a_job_submitted_through_the_form_is_followed_live(story: Story, open_pa
     expect(p.locator("#card-progress")).to_contain_text(f"{EPOCHS} / {EPOCHS} epochs")
     expect(p.locator("#card-acc")).to_contain_text(f"best {job['summary']['best_val_acc'] * 100:.1f}%")
     expect(p.locator("#card-verdict")).to_contain_text(job["summary"]["verdict"])
+    expect(p.locator("#card-precision")).to_have_text("Precisionfp32")
     expect(p.locator("#stream-state")).to_have_attribute("data-state", "ended")
     expect(p.locator("#download-model")).to_be_visible()
     expect(p.locator("#delete-job")).to_be_visible()

@@ -199,8 +199,18 @@ class TwoNodeCluster:
             cluster.shutdown()
     """
 
-    def __init__(self, log_dir: Path, cpus_per_node: int = 2, object_store_bytes: int = 100_000_000) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        cpus_per_node: int = 2,
+        object_store_bytes: int = 100_000_000,
+        *,
+        with_worker_node: bool = True,
+    ) -> None:
         self.log_dir = log_dir
+        self.with_worker_node = with_worker_node
+        #: The head's Ray Client server port (`ray://127.0.0.1:<port>`), when Ray Client (grpcio) is installed.
+        self.client_port: int | None = None
         self.cpus_per_node = cpus_per_node
         self.object_store_bytes = object_store_bytes
         self.gcs_port = free_port()
@@ -233,12 +243,14 @@ class TwoNodeCluster:
             ]
             if importlib.util.find_spec("grpc") is not None:
                 # With Ray Client installed, the head would otherwise start its server on the default port 10001.
-                head_only.append(f"--ray-client-server-port={free_port()}")
+                self.client_port = free_port()
+                head_only.append(f"--ray-client-server-port={self.client_port}")
             self._start_node("a", head_only, {"node_a": 10}, extra_env=HEALTH_CHECK_ENV)
             deadline = time.monotonic() + timeout
             # The worker may join as soon as the head's GCS answers (`started()` raises if the head exited).
             self._wait(lambda: self.nodes["a"].started() or self._port_open(self.gcs_port), deadline)
-            self._start_node("b", [f"--address={self.address}"], {"node_b": 10})
+            if self.with_worker_node:
+                self._start_node("b", [f"--address={self.address}"], {"node_b": 10})
             self._wait(lambda: all(node.started() for node in self.nodes.values()), deadline)
         except BaseException:
             self.shutdown()

@@ -30,6 +30,15 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def model_plugin() -> Iterator[str]:
+    """The example plugin package (tests/fixtures/model_plugin) installed with pip; yields its model's name."""
+    from tests.model_plugin import installed_model_plugin
+
+    with installed_model_plugin() as name:
+        yield name
+
+
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A fresh database on the machine's real PostgreSQL for one test module, dropped afterwards."""

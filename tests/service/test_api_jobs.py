@@ -157,7 +157,7 @@ def test_layer_statistics_latest_by_step_and_history(story: Story) -> None:
 
 
 def test_the_final_model_is_a_plain_batchnorm_state_dict(story: Story, tmp_path: Path) -> None:
-    from service.engine.models import build_model
+    from service.engine.model_registry import build_model
 
     with story.client() as client:
         response = client.get(f"/v1/jobs/{story.first['id']}/model")
@@ -227,10 +227,11 @@ def test_cancel_stops_the_run_and_frees_its_workers(story: Story) -> None:
 def test_delete_removes_a_finished_job_and_its_files(story: Story) -> None:
     job_id = story.first["id"]
     folder = story.settings.jobs_dir() / job_id
-    assert (folder / "model.pt").is_file()
+    stored = Path(story.settings.resolved_storage_uri()) / f"syncbn-{job_id}"  # checkpoints and the final model
+    assert folder.is_dir() and list(stored.glob("checkpoint_*/model.pt"))
     with story.client() as client:
         assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
         assert client.get(f"/v1/jobs/{job_id}").status_code == 404
         assert client.get(f"/v1/jobs/{job_id}/metrics").status_code == 404
         assert client.delete(f"/v1/jobs/{job_id}").status_code == 404
-    assert not folder.exists()
+    assert not folder.exists() and not stored.exists()

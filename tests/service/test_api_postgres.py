@@ -109,6 +109,7 @@ def test_text_the_database_cannot_store_is_a_422_naming_the_field(paused_server:
     server, job_id = paused_server
     checked = []
     with server.client(timeout=30) as client:
+        stored = client.get("/v1/jobs").json()["count"]
         for method, path, parameters in _operations(server, job_id):
             for parameter in parameters:
                 if parameter["in"] not in ("path", "query") or "string" not in str(parameter["schema"]):
@@ -123,7 +124,6 @@ def test_text_the_database_cannot_store_is_a_422_naming_the_field(paused_server:
                 assert response.status_code == 422, f"{where}: {response.status_code} {response.text}"
                 assert f"parameter {name!r}" in response.json()["detail"] and "NUL" in response.json()["detail"]
                 checked.append(where)
-        before = client.get("/v1/jobs").json()["count"]  # the module's database may hold other tests' jobs
         for field, spec in (
             ("name", tiny_spec(name="nul\x00here")),
             ("dataset.path", tiny_spec(dataset={"kind": "npz", "path": "a\x00.npz"})),
@@ -131,5 +131,10 @@ def test_text_the_database_cannot_store_is_a_422_naming_the_field(paused_server:
             response = client.post("/v1/jobs", json=spec)
             assert response.status_code == 422, (field, response.text)
             assert response.json()["detail"].startswith(f"{field} contains a NUL character"), response.json()
-        assert client.get("/v1/jobs").json()["count"] == before, "nothing was stored"
+        # A JSON escape that decodes to half a surrogate pair cannot be encoded for any database either.
+        response = client.post(
+            "/v1/jobs", content=b'{"name": "half \\ud800 pair"}', headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422 and response.json()["detail"].startswith("name contains an unpaired")
+        assert client.get("/v1/jobs").json()["count"] == stored, "nothing was stored"
     assert len(checked) >= 10, checked  # job_id on 9 routes, layer

@@ -17,7 +17,6 @@ import yaml
 
 from service.cli import main
 from service.settings import Settings
-from service.submit import parse_sse
 from tests.service.conftest_api import LiveServer, tiny_spec
 
 pytestmark = pytest.mark.timeout(120)
@@ -80,14 +79,3 @@ def test_follow_streams_until_the_job_ends(server: LiveServer, tmp_path: Path, c
     assert code == 1, out
     assert f"submitted job {job_id}" in out, "the same key follows the job created with it"
     assert "status cancelled" in out and f"job {job_id} cancelled" in out
-
-
-def test_sse_parser_handles_comments_multiline_data_and_ids() -> None:
-    lines = [": hello", "retry: 2000", "", "id: 1", "event: status", 'data: {"status":', 'data: "queued"}', ""]
-    lines += ["event: log", "data: not json", "", "id: x", "data: 3", ""]
-    events = list(parse_sse(lines))
-    assert [(e.id, e.kind, e.data) for e in events] == [
-        (1, "status", {"status": "queued"}),
-        (None, "log", "not json"),
-        (None, "message", 3),
-    ]

@@ -14,7 +14,7 @@ from torch import nn
 import syncbn
 from service.engine.convergence import ConvergenceTracker, divergence_reason
 from service.engine.data import load_data
-from service.engine.models import build_model
+from service.engine.model_registry import build_model
 from service.engine.optimization import LearningRate, build_optimizer
 from service.engine.recorder import RecordLog
 from service.engine.reports import records_from_reports

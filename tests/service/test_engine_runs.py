@@ -21,7 +21,7 @@ import torch
 
 from service.cli import main
 from service.engine.data import load_data
-from service.engine.models import build_model
+from service.engine.model_registry import build_model
 from service.engine.runner import JobRun, attach_run, driver_name, launch_run
 from service.spec import JobSpec
 
@@ -128,7 +128,9 @@ def test_two_worker_sync_bn_run_records_stats_and_saves_a_plain_model(ray_cluste
     end = records[-1]
     assert end["status"] == "succeeded" and end["verdict"] == "completed" and end["error"] is None
     assert end["epochs_done"] == 2 and end["final_val_acc"] == epochs[-1]["val_acc"]
-    assert end["model_path"] == str(tmp_path.resolve() / "model.pt")
+    # The final model lives in the run storage (default: output_dir/ray), in the run's last checkpoint.
+    run_folder = tmp_path.resolve() / "ray" / f"syncbn-{run.job_id}"
+    assert Path(end["model_path"]).name == "model.pt" and Path(end["model_path"]).is_relative_to(run_folder)
 
     # The saved model is a plain BatchNorm state dict for the architecture as build_model makes it, and it is
     # the model the reported validation accuracy describes.
@@ -221,6 +223,18 @@ def test_cancel_without_the_record_log_still_frees_the_cpus(ray_cluster: dict, t
     with pytest.raises(ValueError):
         ray.get_actor(driver_name(run.job_id), namespace="syncbn")
     assert _wait_for_cpus(total) == total, "the run's placement group must be removed"
+
+
+def test_a_killed_driver_leaves_no_placement_group_reserved(ray_cluster: dict, tmp_path: Path) -> None:
+    total = ray_cluster["cpus"]
+    run = launch_run(JobSpec(model="mlp", workers=2, epochs=200, stats_every=5), _job_id(), tmp_path)
+    _wait_for_record(run, "step")
+    assert len(ray.get(run._recorder.placement_groups.remote())) == 1
+    # Killed from outside, not through cancel: the controller dies with its owner, the placement group stays.
+    ray.kill(ray.get_actor(driver_name(run.job_id), namespace="syncbn"), no_restart=True)
+    assert run.done() and run.end()["status"] == "failed"
+    run.close()  # what the manager does with a run that is over
+    assert _wait_for_cpus(total) == total, "the dead driver's placement group must be removed"
 
 
 def test_launch_refuses_a_malformed_job_id(ray_cluster: dict, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from sqlalchemy import (
     text,
 )
 
+from service.api.models import JobPublic
 from service.cli import main
 from service.status import JobStatus
 from service.store import JobStore
@@ -285,7 +286,7 @@ def make_v010_database(url: str) -> dict[str, list[dict[str, Any]]]:
     return rows
 
 
-def test_the_initial_revision_creates_exactly_the_models_tables(engine: Any) -> None:
+def test_the_revisions_at_head_create_exactly_the_models_tables(engine: Any) -> None:
     change = upgrade_database(engine)
     assert (change.before, change.after, change.adopted_unversioned) == (None, head_revision(), False)
     with engine.connect() as connection:
@@ -296,12 +297,12 @@ def test_the_initial_revision_creates_exactly_the_models_tables(engine: Any) -> 
     assert upgrade_database(engine) == type(change)(before=head_revision(), after=head_revision())
 
 
-def test_the_frozen_010_schema_is_the_initial_revision(engine: Any, database_url: str) -> None:
-    """The test's copy of 0.1.0 is what the initial revision creates (so the adoption below is meaningful)."""
-    upgrade_database(engine, INITIAL_REVISION)
+def test_the_initial_revision_creates_exactly_the_010_tables(engine: Any) -> None:
+    """What 0001_initial creates is the test's frozen copy of 0.1.0 (so adopting a 0.1.0 database is sound)."""
+    assert upgrade_database(engine, INITIAL_REVISION).after == INITIAL_REVISION
     with engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), V010)
-    assert [d for d in diff if not (d[0] == "remove_table" and d[1].name == "alembic_version")] == [], diff
+    assert diff == [], diff
 
 
 def test_a_010_database_with_rows_is_upgraded_and_every_job_reads_back(database_url: str) -> None:
@@ -327,6 +328,7 @@ def test_a_010_database_with_rows_is_upgraded_and_every_job_reads_back(database_
                 if isinstance(value, datetime):
                     got = got if got.tzinfo else got.replace(tzinfo=timezone.utc)
                 assert got == value, (expected["id"], column, got, value)
+            assert JobPublic.from_row(job).spec.seed == expected["spec"]["seed"], "the API reads the 0.1.0 spec"
             steps, epochs = store.metrics(job.id)
             assert [(p.step, p.train_loss) for p in steps] == [
                 (r["step"], r["train_loss"]) for r in rows["step_points"] if r["job_id"] == job.id
@@ -341,12 +343,42 @@ def test_a_010_database_with_rows_is_upgraded_and_every_job_reads_back(database_
                 (r["seq"], r["kind"], r["data"]) for r in rows["job_events"] if r["job_id"] == job.id
             ]
         assert store.job_for_idempotency_key("retry-me", "ab" * 32).id == rows["jobs"][0]["id"]
+        # 0002_job_owner: the jobs and keys of 0.1.0 belong to "default" (what a bare token acts as).
+        assert {store.get_job(job["id"]).owner for job in rows["jobs"]} == {"default"}
+        assert store.list_jobs(owner="default", limit=100)[1] == len(rows["jobs"])
+        assert store.list_jobs(owner="alice", limit=100)[1] == 0
+        assert store.job_for_idempotency_key("retry-me", "cd" * 32, owner="alice") is None, "keys are per owner"
         # The upgraded database takes new work where 0.1.0 left off.
         new_job, created = store.create_job(uuid.uuid4().hex, {"name": "after the upgrade"})
         assert created and new_job.number == len(rows["jobs"]) + 1
         assert store.queue_positions() == {rows["jobs"][0]["id"]: 1, new_job.id: 2}
+        alices, created = store.create_job(
+            uuid.uuid4().hex, {"name": "same key"}, idempotency_key="retry-me", request_hash="cd" * 32, owner="alice"
+        )
+        assert created and alices.owner == "alice"
     finally:
         store.close()
+
+
+def test_0002_job_owner_downgrades_to_the_010_schema_keeping_the_default_owners_keys(engine: Any) -> None:
+    from alembic import command
+
+    from service.store.migration import alembic_config
+
+    upgrade_database(engine)
+    store = JobStore(str(engine.url.render_as_string(hide_password=False)))
+    try:
+        mine, _ = store.create_job(uuid.uuid4().hex, {"n": 1}, idempotency_key="k", request_hash="a" * 64)
+        store.create_job(uuid.uuid4().hex, {"n": 2}, idempotency_key="k", request_hash="b" * 64, owner="alice")
+    finally:
+        store.close()
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), INITIAL_REVISION)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), V010) == []
+        keys = connection.execute(V010.tables["idempotency_keys"].select()).mappings().all()
+    assert [(k["key"], k["job_id"]) for k in keys] == [("k", mine.id)]
+    upgrade_database(engine)  # and up again
 
 
 def test_a_database_newer_than_the_code_is_refused_and_left_alone(
@@ -403,3 +435,35 @@ def test_db_upgrade_adopts_a_010_sqlite_database_in_the_data_dir(
         assert store.list_jobs()[1] == len(JobStatus)
     finally:
         store.close()
+
+
+def test_services_starting_together_on_postgres_upgrade_once(postgres_url: str) -> None:
+    """The advisory lock serialises concurrent upgrades: without it, all but one would fail on existing tables."""
+    import threading
+
+    import psycopg
+
+    schema = f"c_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as connection:
+        connection.execute(f'CREATE SCHEMA "{schema}"')
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    engines = [make_engine(url) for _ in range(4)]
+    results: list[Any] = []
+    start = threading.Barrier(len(engines))
+
+    def upgrade(engine: Any) -> None:
+        start.wait()
+        try:
+            results.append(upgrade_database(engine))
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=upgrade, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for engine in engines:
+        engine.dispose()
+    assert all(not isinstance(result, Exception) for result in results), results
+    assert sorted(result.before or "" for result in results) == ["", *[head_revision()] * 3]

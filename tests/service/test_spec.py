@@ -56,7 +56,7 @@ def test_unknown_field_is_refused() -> None:
         ({"optimizer": {"momentum": 1.0}}, "momentum"),
         ({"stats_every": 0}, "stats_every"),
         ({"max_failures": -1}, "max_failures"),
-        ({"model": "vgg"}, "model"),
+        ({"model": "../vgg"}, "model"),
         ({"dataset": {"kind": "imagenet"}}, "kind"),
         ({"sync_group_size": 1}, "sync_group_size"),
         ({"placement_strategy": "STRICT_PACK"}, "placement_strategy"),

@@ -269,3 +269,24 @@ def test_data_survives_reopening_the_database(tmp_path: Path) -> None:
     assert len(second.metrics(job_id)[0]) == 2 and len(second.layer_history(job_id, "bn1").points) == 2
     assert math.isclose(second.layers_at(job_id, 2).layers["bn1"]["batch_mean_mean"], 0.5)
     second.close()
+
+
+def test_limits_are_read_from_the_column_types() -> None:
+    """The API's bounds come from here: a column's type decides them (see service/store/limits.py)."""
+    from sqlalchemy import BigInteger, Column, SmallInteger, String
+
+    from service.store.limits import find_unstorable_text, integer_range, string_length
+    from service.store.models import IdempotencyKeyRow, StepPointRow
+
+    assert integer_range(StepPointRow.step) == (-(2**31), 2**31 - 1)
+    assert integer_range(Column("n", BigInteger)) == (-(2**63), 2**63 - 1)
+    assert integer_range(Column("n", SmallInteger)) == (-(2**15), 2**15 - 1)
+    assert string_length(IdempotencyKeyRow.key) == 255
+    with pytest.raises(TypeError, match="expected an integer column"):
+        integer_range(Column("s", String(8)))
+    assert find_unstorable_text({"name": "ok", "dataset": {"path": ["a", "b\x00"]}}) == (
+        "dataset.path.1",
+        "contains a NUL character (\\x00), which the database cannot store",
+    )
+    assert find_unstorable_text({"name": "half \ud800 pair"})[1].startswith("contains an unpaired UTF-16 surrogate")
+    assert find_unstorable_text({"name": "ünïcödé ✓", "n": 3, "x": None}) is None

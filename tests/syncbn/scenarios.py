@@ -6,6 +6,7 @@ Every rank builds the same global batch from a seed and takes its slice; the tes
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -108,9 +109,22 @@ def build_sync_layer(cfg: dict[str, Any], process_group: Any = None) -> syncbn.S
 
 
 def sync_layer_parity(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train-mode passes of one SyncBatchNorm on this rank's slice; returns outputs, grads and running stats."""
+    """Train-mode passes of one SyncBatchNorm on this rank's slice; returns outputs, grads and running stats.
+
+    ``cfg['cuda_kernels']`` sets ``SYNCBN_CUDA_KERNELS`` for this call only (the pool's processes are reused).
+    """
     layer = build_sync_layer(cfg)
-    return run_layer(layer, cfg, rank)
+    if "cuda_kernels" not in cfg:
+        return run_layer(layer, cfg, rank)
+    before = os.environ.get("SYNCBN_CUDA_KERNELS")
+    os.environ["SYNCBN_CUDA_KERNELS"] = "1" if cfg["cuda_kernels"] else "0"
+    try:
+        return run_layer(layer, cfg, rank)
+    finally:
+        if before is None:
+            del os.environ["SYNCBN_CUDA_KERNELS"]
+        else:
+            os.environ["SYNCBN_CUDA_KERNELS"] = before
 
 
 def subgroup_parity(rank: int, world_size: int, cfg: dict[str, Any], groups: list[list[int]]) -> dict[str, Any]:

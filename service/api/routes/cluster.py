@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 from fastapi import APIRouter
 
-from service.api.deps import ManagerDep
+from service.api.deps import ManagerDep, PrincipalDep
 from service.api.models import ClusterPublic
 from service.api.routes.responses import errors
 from service.status import JobStatus
@@ -18,11 +18,12 @@ router = APIRouter(prefix="/v1", tags=["cluster"])
 @router.get(
     "/cluster", response_model=ClusterPublic, summary="Read the cluster's capacity", responses=errors(401, 422, 503)
 )
-def read_cluster(manager: ManagerDep) -> ClusterPublic:
-    """Total and currently free CPUs/GPUs (free ones come back when a job ends or is cancelled)."""
+def read_cluster(manager: ManagerDep, principal: PrincipalDep) -> ClusterPublic:
+    """Total and currently free CPUs/GPUs (free ones come back when a job ends or is cancelled), and how many of
+    your jobs (an admin's: everyone's) run and wait."""
     capacity = manager.cluster_capacity(fresh=True)
     available = ray.available_resources()
-    counts = manager.store.count_by_status()
+    counts = manager.store.count_by_status(owner=principal.owner_filter())
     return ClusterPublic(
         cpus=float(capacity.get("cpus", 0.0)),
         gpus=float(capacity.get("gpus", 0.0)),

@@ -12,7 +12,9 @@ Event kinds (the `event:` field) and their JSON `data`:
 - `layers`: `step, epoch, layers: {layer: summary}` (per-channel lists are left out: read them from
   `GET /v1/jobs/{id}/layers?step=`); `?layers_after_step=N` leaves out those of steps up to N, for a client that
   read them from `GET /v1/jobs/{id}/layer-summaries` first;
-- `log`: `level, source, message, at`.
+- `log`: `level, source, message, at`;
+- `resumed`: `epoch, reason, at` (the run died with the service and starts again from its checkpoint after
+  `epoch`; the job stays running).
 """
 
 from __future__ import annotations

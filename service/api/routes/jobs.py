@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
-from service.api.deps import JobDep, ManagerDep, SettingsDep, StoreDep
+from service.api.deps import JobDep, ManagerDep, PrincipalDep, SettingsDep, StoreDep
 from service.api.models import JobCreate, JobPublic, JobsPublic
 from service.api.routes.responses import errors
+from service.engine.model_registry import check_model_name
 from service.jobs.manager import JobManager, JobNotFoundError, JobStateError
 from service.spec import JobSpec
 from service.status import JobStatus
-from service.store.models import JobRow
+from service.store.limits import string_length
+from service.store.models import IdempotencyKeyRow, JobRow
 
 __all__ = ["router"]
 
@@ -27,7 +30,7 @@ IdempotencyKey = Annotated[
     Header(
         alias="Idempotency-Key",
         min_length=1,
-        max_length=255,
+        max_length=string_length(IdempotencyKeyRow.key),
         pattern=r"^[\x21-\x7e]+$",
         description="Any unique string (e.g. a UUID, printable ASCII without spaces): retrying the same "
         "submission with the same key returns the job created the first time instead of a second job.",
@@ -59,14 +62,17 @@ def submit_job(
     body: JobCreate,
     response: Response,
     manager: ManagerDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Queue a job. It starts when a slot and its CPUs/GPUs are free; jobs start in submission order.
 
-    A spec that can never fit the cluster (more workers, CPUs or GPUs than it has) is refused with 422.
+    A spec that can never fit the cluster (more workers, CPUs or GPUs than it has), or that names a model the
+    service cannot build (see GET /v1/models), is refused with 422.
     """
     spec = JobSpec.model_validate(body.model_dump())
-    job, created = manager.submit(spec, idempotency_key=idempotency_key)
+    check_model_name(spec.model)  # only names the registry lists can be built (422 with close matches)
+    job, created = manager.submit(spec, idempotency_key=idempotency_key, owner=principal.name)
     if not created:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
@@ -78,12 +84,14 @@ def submit_job(
 def list_jobs(
     manager: ManagerDep,
     store: StoreDep,
+    principal: PrincipalDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this state.")] = None,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000, description="Jobs to skip (newest first).")] = 0,
     limit: Annotated[int, Query(ge=1, le=500, description="Jobs per page.")] = 50,
 ) -> JobsPublic:
-    """One page of jobs, newest first; `count` is the number of matching jobs over all pages."""
-    rows, count = store.list_jobs(status=status_filter, offset=offset, limit=limit)
+    """One page of your jobs (an admin's: everyone's), newest first; `count` is the number of matching jobs over
+    all pages."""
+    rows, count = store.list_jobs(status=status_filter, offset=offset, limit=limit, owner=principal.owner_filter())
     positions = store.queue_positions() if any(r.status == JobStatus.QUEUED.value for r in rows) else {}
     return JobsPublic(data=[job_public(row, manager, positions.get(row.id)) for row in rows], count=count)
 
@@ -148,16 +156,33 @@ def delete_job(job: JobDep, manager: ManagerDep) -> Response:
         **errors(401, 404, 409, 422, non_json_route=True),
     },
 )
-def download_model(job: JobDep, manager: ManagerDep) -> FileResponse:
+def download_model(job: JobDep, manager: ManagerDep) -> Response:
     """The final model of a succeeded job: a plain torch state dict (SyncBatchNorm reverted to BatchNorm),
     loadable with `torch.load(path, weights_only=True)` into the same architecture built with nn.BatchNorm*d.
+    Read from the run storage (`storage_uri`), where Ray Train put it.
     """
     if job.status != JobStatus.SUCCEEDED.value:
         raise JobStateError(f"job {job.id} is {job.status}: a model is available only once a job has succeeded.")
-    path = manager.model_file(job)
-    if path is None:
+    found = manager.model_file(job)
+    if found is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
-            f"job {job.id} succeeded but its model file is missing from the data folder.",
+            f"job {job.id} succeeded but its model file is missing from the run storage.",
         )
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}-model.pt")
+    storage, path = found
+    filename = f"{job.id}-model.pt"
+    local = storage.local_file(path)
+    if local is not None:
+        return FileResponse(local, media_type="application/octet-stream", filename=filename)
+    return StreamingResponse(
+        _chunks(storage.open(path)),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    """Read an object-store stream in chunks (iterated in a thread by Starlette), closing it at the end."""
+    with stream:
+        while chunk := stream.read(size):
+            yield chunk

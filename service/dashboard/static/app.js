@@ -95,6 +95,7 @@ class App {
   }
 
   renderTokenState() {
+    this.showWhoami();
     if (this.api.token) {
       replace(
         this.tokenState,
@@ -133,6 +134,24 @@ class App {
         ),
       );
     }
+  }
+
+  /** Show in the header which principal the service takes us for (GET v1/whoami), or nothing when unknown. */
+  async showWhoami() {
+    const box = document.getElementById("whoami");
+    const asked = this.api.token;
+    let text = "";
+    try {
+      // A plain fetch: a 401 here is not news (the page's own requests already ask for a token).
+      const response = await fetch(this.api.url("v1/whoami"), { headers: this.api.headers({ Accept: "application/json" }) });
+      if (response.ok) {
+        const me = await response.json();
+        text = me.authenticated ? `signed in as ${me.principal}${me.admin ? " (admin: all jobs)" : ""}` : "open service: no token needed";
+      }
+    } catch (error) {
+      console.warn("whoami failed", error);
+    }
+    if (this.api.token === asked) box.textContent = text; // a token changed meanwhile: its own call answers
   }
 
   flash(message, kind = "info") {

@@ -346,6 +346,11 @@ export class JobPage {
         "card-model",
       ],
       [
+        "Precision",
+        `${spec.precision || "fp32"}${spec.channels_last ? " · channels_last" : ""}${spec.compile ? " · compiled" : ""}`,
+        "card-precision",
+      ],
+      [
         "Time",
         `submitted ${when(job.created_at)}`
           + (job.started_at ? ` · ran ${duration(elapsed(job.started_at, job.finished_at))}` : ""),

@@ -5,15 +5,26 @@
 // (numbers as numbers, anything unparsable as the raw text) and shows each 422 sentence next to the field it
 // names. The only spec knowledge kept here is which fields apply to which variant (APPLIES_WHEN), so fields that
 // do not apply are hidden and left out of the body, as the spec's validators expect.
+// A field whose schema carries `x-options-from` (e.g. `model`: "/v1/models") is a choice among what that route lists
+// now (`data[].name`), read when the form loads; the service still judges the submitted name.
 
 import { h, replace } from "./dom.js";
 
-/** Field -> [controlling field, value]: shown (and sent) only when the controlling field has that value. */
+/** Field -> [controlling field, value or list of values]: shown (and sent) only when the controlling field has
+ * (one of) that value. */
 const APPLIES_WHEN = {
   "dataset.num_samples": ["dataset.kind", "synthetic"],
   "dataset.num_classes": ["dataset.kind", "synthetic"],
   "dataset.input_shape": ["dataset.kind", "synthetic"],
   "dataset.path": ["dataset.kind", "npz"],
+  "dataset.uri": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.val_uri": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.image_size": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.channels": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.mean": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.std": ["dataset.kind", ["image_folder", "parquet"]],
+  "dataset.image_column": ["dataset.kind", "parquet"],
+  "dataset.label_column": ["dataset.kind", "parquet"],
   "optimizer.momentum": ["optimizer.name", "sgd"],
   "optimizer.nesterov": ["optimizer.name", "sgd"],
   "lr_schedule.step_epochs": ["lr_schedule.name", "step"],
@@ -31,7 +42,19 @@ export async function loadSpecSchema(api) {
   const document = await response.json();
   const body = document.paths?.["/v1/jobs"]?.post?.requestBody?.content?.["application/json"]?.schema;
   if (!body) throw new Error("the API schema has no request body for POST /v1/jobs");
-  return { root: body, components: document.components?.schemas || {} };
+  const components = document.components?.schemas || {};
+  const lists = {};
+  for (const [name, property] of Object.entries(resolve(body, components).properties || {})) {
+    const source = property["x-options-from"];
+    if (!source) continue;
+    try {
+      const listed = await api.get(source.replace(/^\/+/, ""));
+      lists[name] = (listed.data || []).map((item) => ({ value: item.name, package: item.package, summary: item.summary }));
+    } catch {
+      // Without the list the field stays a text input; the service still names what it can build in its 422.
+    }
+  }
+  return { root: body, components, lists };
 }
 
 function resolve(schema, components) {
@@ -43,7 +66,7 @@ function resolve(schema, components) {
 }
 
 /** Describe one property: a group of fields (object) or a single field, with nullability folded in. */
-function describe(name, path, schema, components) {
+function describe(name, path, schema, components, lists = {}) {
   let nullable = false;
   let inner = schema;
   if (Array.isArray(schema.anyOf)) {
@@ -61,7 +84,11 @@ function describe(name, path, schema, components) {
     return { ...base, kind: "group", title: resolved.title || name, children };
   }
   const field = { ...base, kind: "field", type: resolved.type || "string" };
-  if (Array.isArray(resolved.enum)) {
+  if (lists[path]?.length) {
+    field.type = "enum";
+    field.options = lists[path].map((item) => item.value);
+    field.optionInfo = new Map(lists[path].map((item) => [item.value, item]));
+  } else if (Array.isArray(resolved.enum)) {
     field.type = "enum";
     field.options = resolved.enum;
   } else if (resolved.type === "array") {
@@ -90,7 +117,9 @@ export class SpecForm {
     const root = resolve(schema.root, schema.components);
     this.fields = new Map(); // path -> {spec, input, wrapper, error}
     this.groups = new Map(); // path -> {spec, toggle, wrapper, error}
-    this.specs = Object.entries(root.properties || {}).map(([name, s]) => describe(name, name, s, schema.components));
+    this.specs = Object.entries(root.properties || {}).map(([name, s]) =>
+      describe(name, name, s, schema.components, schema.lists || {}),
+    );
     this.formError = h("div", { class: "form-error", role: "alert", hidden: true, id: "form-error" });
     this.submitButton = h("button", { type: "submit", class: "primary", id: "submit-job" }, "Submit job");
     this.element = h(
@@ -150,7 +179,11 @@ export class SpecForm {
       input = h(
         "select",
         { name: spec.path, id },
-        spec.options.map((option) => h("option", { value: option }, option)),
+        spec.options.map((option) => {
+          const info = spec.optionInfo?.get(option);
+          const label = info && info.package !== "syncbn" ? `${option} (${info.package})` : option;
+          return h("option", { value: option, title: info?.summary || null }, label);
+        }),
       );
     } else if (spec.type === "boolean") {
       input = h("input", { type: "checkbox", name: spec.path, id });
@@ -202,7 +235,12 @@ export class SpecForm {
 
   setInput(spec, input, value) {
     if (spec.type === "boolean") input.checked = Boolean(value);
-    else if (spec.type === "enum") input.value = value ?? spec.options[0];
+    else if (spec.type === "enum") {
+      const wanted = value ?? spec.options[0];
+      // A cloned job may name a model this service no longer lists: keep it selectable, the service will judge it.
+      if (![...input.options].some((option) => option.value === wanted)) input.append(h("option", { value: wanted }, wanted));
+      input.value = wanted;
+    }
     else if (spec.type === "list") input.value = Array.isArray(value) ? value.join(", ") : "";
     else input.value = value === null || value === undefined ? "" : String(value);
   }
@@ -231,7 +269,9 @@ export class SpecForm {
 
   applies(path) {
     const rule = APPLIES_WHEN[path];
-    return !rule || this.valueOf(rule[0]) === rule[1];
+    if (!rule) return true;
+    const value = this.valueOf(rule[0]);
+    return Array.isArray(rule[1]) ? rule[1].includes(value) : value === rule[1];
   }
 
   updateVisibility() {

@@ -11,7 +11,7 @@ The binary forms are those of `service.store.layer_codec`, whose layouts are par
 gain fields at the end of a summary's float32 part in a later revision.
 
 Revision ID: 0003_layer_stats
-Revises: 0001_initial
+Revises: 0002_job_owner
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from alembic import op
 from service.store.layer_codec import decode_summary, decode_vectors, encode_summary, vectors_from_lists
 
 revision = "0003_layer_stats"
-down_revision = "0001_initial"
+down_revision = "0002_job_owner"
 branch_labels = None
 depends_on = None
 

@@ -1,4 +1,4 @@
-"""Data sets of a job: scikit-learn's digits, seeded synthetic data, or a user's `.npz` under the data root.
+"""In-memory data sets: scikit-learn's digits, seeded synthetic data, or a user's `.npz` under the data root.
 
 Everything is loaded once, on the job's driver, into float32/int64 tensors with a seeded train/validation split and
 standardised with the training set's mean and standard deviation; the workers receive the result through Ray's
@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.spec import DatasetSpec, resolve_npz_path
+from service.data_location import resolve_npz_path
+from service.spec import DatasetSpec
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +71,18 @@ def load_data(spec: DatasetSpec, seed: int, data_root: Path | str | None = None)
         x, y = _synthetic(spec.num_samples, spec.num_classes, tuple(spec.input_shape), seed)
         x_train, y_train, x_val, y_val = _split(x, y, spec.val_fraction, seed)
         num_classes = spec.num_classes
-    else:
+    elif spec.kind == "npz":
         if data_root is None:
             raise ValueError(
-                "dataset.kind 'npz' needs a data root: configure the service's npz_root (SYNCBN_NPZ_ROOT) or "
+                "dataset.kind 'npz' needs a data root: configure the service's data_root (SYNCBN_DATA_ROOT) or "
                 "pass --data-root to the CLI."
             )
         if spec.path is None:  # guarded by the spec validator; kept for type narrowing
             raise ValueError("dataset.path is required when dataset.kind is 'npz'.")
         path = resolve_npz_path(spec.path, data_root)
         x_train, y_train, x_val, y_val, num_classes = _npz(path, spec.val_fraction, seed)
+    else:
+        raise ValueError(f"dataset.kind {spec.kind!r} is streamed through Ray Data, not loaded into memory.")
     mean, std = float(x_train.mean()), float(x_train.std())
     std = std if std > 1e-12 else 1.0
     return DataSplits(
