@@ -127,6 +127,13 @@ class Settings(BaseSettings):
         description="How long POST /v1/jobs/{id}/cancel waits for a running job to stop before answering "
         "202 (still stopping) instead of 200.",
     )
+    stats_keep: int = Field(
+        256,
+        ge=2,
+        le=100_000,
+        description="Recorded steps per layer that keep their per-channel BatchNorm vectors, for jobs whose spec "
+        "sets no stats_keep: the most recent half plus a log-spaced selection of older ones.",
+    )
     log_level: str = Field("info", description="Log level of the service and uvicorn: debug, info, warning.")
 
     @field_validator("api_tokens", "admins", mode="before")

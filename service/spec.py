@@ -484,6 +484,14 @@ class JobSpec(_Strict):
         le=1_000_000,
         description="Record step metrics and per-layer BatchNorm statistics every N steps.",
     )
+    stats_keep: int | None = Field(
+        None,
+        ge=2,
+        le=100_000,
+        description="Recorded steps that keep their per-channel BatchNorm vectors, per layer: the most recent "
+        "half of them plus a log-spaced selection of older ones (summaries are kept for every recorded step). "
+        "null: the service's stats_keep setting (256 by default).",
+    )
     early_stop: EarlyStopSpec | None = Field(
         None,
         description="Stop early on a validation accuracy target and/or a patience; null: run every epoch.",

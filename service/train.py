@@ -5,7 +5,8 @@ Ray gets at least as many logical CPUs as the job reserves (`workers x cpus_per_
 on a 2-core laptop (oversubscribed, and said so) rather than waiting forever.
 
 Output folder (default `runs/<job id>`):
-  - `metrics.jsonl`: every record of the run (step, epoch, layers, log, end), one JSON object per line;
+  - `metrics.jsonl`: every record of the run (step, epoch, layers, log, end), one JSON object per line (a layer
+    record's float32 per-channel vectors are written back into its layers as lists: `mean`, `var`, ...);
   - `model.pt`: the final model, a plain `nn.BatchNorm*d` state dict (copied from the run storage, where Ray Train
     keeps the run's checkpoints: `--storage-uri`, default `<output>/ray`);
   - `spec.json`: the validated spec; `summary.json`: the end record plus the wall time.
@@ -170,7 +171,7 @@ def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[st
                 records = run.poll(seq)
                 for record in records:
                     seq = record["seq"]
-                    sink.write(json.dumps(record) + "\n")
+                    sink.write(json.dumps(_jsonable(record)) + "\n")
                     end = _show(record, progress, task, run, spec) or end
                 sink.flush()
                 if end is None and not records:
@@ -181,6 +182,20 @@ def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[st
                 console.print("[yellow]interrupted: cancelling the run")
                 run.cancel()
     return end
+
+
+def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as JSON-ready data: a `layers` record's float32 vector blocks become per-layer lists."""
+    vectors = record.get("vectors")
+    if not isinstance(vectors, dict):
+        return record
+    from service.store.layer_codec import decode_vectors
+
+    layers = {
+        name: {**stats, **decode_vectors(vectors[name])} if name in vectors else stats
+        for name, stats in record["layers"].items()
+    }
+    return {**{k: v for k, v in record.items() if k != "vectors"}, "layers": layers}
 
 
 def _show(record: dict[str, Any], progress: Any, task: Any, run: Any, spec: JobSpec) -> dict[str, Any] | None:

@@ -4,18 +4,29 @@ Public surface (everything else is private):
 
 - :class:`SyncBatchNorm`: drop-in for ``torch.nn.SyncBatchNorm``, exact against BatchNorm on the global batch.
 - :func:`convert_sync_batchnorm` / :func:`revert_sync_batchnorm`: swap a model's BatchNorm layers and back.
-- :class:`BatchStatsRecorder` / :func:`merge_rank_layer_stats`: per-layer batch statistics and cross-rank skew.
+- :class:`BatchStatsRecorder` / :func:`merge_rank_layer_stats`: per-layer batch statistics and cross-rank skew;
+  :func:`merge_packed_layer_stats` merges :class:`PackedLayerStats` (all layers of a rank in two tensors) into
+  :class:`MergedLayerStats` in one vectorised pass.
 """
 
 from syncbn.batchnorm import SyncBatchNorm
 from syncbn.convert import convert_sync_batchnorm, revert_sync_batchnorm
-from syncbn.stats import BatchStatsRecorder, merge_rank_layer_stats
+from syncbn.stats import (
+    BatchStatsRecorder,
+    MergedLayerStats,
+    PackedLayerStats,
+    merge_packed_layer_stats,
+    merge_rank_layer_stats,
+)
 
 __all__ = [
     "BatchStatsRecorder",
+    "MergedLayerStats",
+    "PackedLayerStats",
     "SyncBatchNorm",
     "__version__",
     "convert_sync_batchnorm",
+    "merge_packed_layer_stats",
     "merge_rank_layer_stats",
     "revert_sync_batchnorm",
 ]

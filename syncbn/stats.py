@@ -8,6 +8,11 @@ Two halves, so that nothing needs an extra collective:
 - outside the workers (e.g. in Ray Train's controller, which receives one report per rank),
   :func:`merge_rank_layer_stats` pools the ranks' local moments into global ones and measures the cross-worker
   skew: how far each rank's batch statistics sit from the global ones. Skew is what makes synchronisation matter.
+
+Two forms of the same data: :meth:`BatchStatsRecorder.snapshot` / :func:`merge_rank_layer_stats` work on
+JSON-ready dicts of lists (one layer at a time), while :meth:`BatchStatsRecorder.packed_snapshot` /
+:func:`merge_packed_layer_stats` carry every layer of a rank in two float64 tensors and merge all layers of all
+ranks in a handful of vectorised operations: what a training loop should send every recorded step.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,8 +34,72 @@ from syncbn.batchnorm import SyncBatchNorm
 _AGREE_RTOL = 1e-6
 
 
+#: Rows of :attr:`PackedLayerStats.vectors`, each one value per channel (NaN where a layer has none).
+PACKED_VECTORS = ("mean_local", "var_local", "mean_global", "var_global", "running_mean", "running_var")
+#: Columns of :attr:`PackedLayerStats.scalars`, one row per layer (NaN where a layer has none, e.g. no weight).
+PACKED_SCALARS = (
+    "eps",
+    "synchronized",
+    "count_local",
+    "weight_mean",
+    "weight_min",
+    "weight_max",
+    "bias_mean",
+    "bias_min",
+    "bias_max",
+    "weight_grad_norm",
+    "bias_grad_norm",
+)
+#: Rows of :attr:`MergedLayerStats.vectors`: the merged per-channel statistics.
+MERGED_VECTORS = ("mean", "var", "running_mean", "running_var")
+
+_V = {name: i for i, name in enumerate(PACKED_VECTORS)}
+_S = {name: i for i, name in enumerate(PACKED_SCALARS)}
+
+
 def _floats(t: torch.Tensor | None) -> list[float] | None:
-    return None if t is None else [float(v) for v in t.detach().double().cpu()]
+    return None if t is None else t.detach().double().cpu().tolist()
+
+
+@dataclass(frozen=True)
+class PackedLayerStats:
+    """One rank's statistics of every recorded layer in two float64 tensors (cheap to send and to merge).
+
+    Attributes:
+        layers: module paths of the layers, in model order.
+        channels: channels of each layer; layer ``i`` owns columns ``sum(channels[:i]) ..`` of ``vectors``.
+        scalars: ``(len(layers), len(PACKED_SCALARS))`` float64 on CPU.
+        vectors: ``(len(PACKED_VECTORS), sum(channels))`` float64 on CPU.
+    """
+
+    layers: tuple[str, ...]
+    channels: tuple[int, ...]
+    scalars: torch.Tensor
+    vectors: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MergedLayerStats:
+    """Every layer's statistics merged over the ranks (see :func:`merge_packed_layer_stats`).
+
+    Attributes:
+        layers: module paths, in model order.
+        channels: channels of each layer (column ranges of ``vectors`` as in :class:`PackedLayerStats`).
+        summaries: per layer, a JSON-ready dict of scalars (the keys of :func:`merge_rank_layer_stats` except
+            the per-channel lists); NaN never appears (None instead).
+        vectors: ``(len(MERGED_VECTORS), sum(channels))`` float64: global batch mean and variance, rank 0's
+            running mean and variance (NaN without running stats).
+    """
+
+    layers: tuple[str, ...]
+    channels: tuple[int, ...]
+    summaries: tuple[dict[str, Any], ...]
+    vectors: torch.Tensor
+
+    def layer_vectors(self, index: int) -> torch.Tensor:
+        """The ``(len(MERGED_VECTORS), channels[index])`` block of layer ``index``."""
+        start = sum(self.channels[:index])
+        return self.vectors[:, start : start + self.channels[index]]
 
 
 def _summary(prefix: str, t: torch.Tensor | None) -> dict[str, float | None]:
@@ -43,6 +113,41 @@ def _grad_norm(p: torch.Tensor | None) -> float | None:
     if p is None or p.grad is None:
         return None
     return float(p.grad.detach().double().norm())
+
+
+def _parameter_summaries(
+    scalars: torch.Tensor,
+    kind: str,
+    params: Sequence[torch.Tensor | None],
+    layer_of: torch.Tensor,
+    channels: Sequence[int],
+) -> None:
+    """Fill ``{kind}_mean/min/max`` and ``{kind}_grad_norm`` of every layer in ``scalars`` (NaN where a layer has
+    no such parameter or gradient), with one scatter-reduction per statistic over all layers' channels."""
+    rows = [i for i, p in enumerate(params) if p is not None and p.numel() == channels[i]]
+    if not rows:
+        return
+    index = torch.tensor(rows, device=scalars.device)
+    mask = torch.zeros(len(params), dtype=torch.bool, device=scalars.device)
+    mask[index] = True
+    selected = mask[layer_of]
+    values = torch.cat([params[i].detach().double().reshape(-1) for i in rows])
+    owner = layer_of[selected]
+    for suffix, reduce in (("mean", "mean"), ("min", "amin"), ("max", "amax")):
+        out = torch.zeros(len(params), dtype=torch.float64, device=scalars.device)
+        out = out.scatter_reduce(0, owner, values, reduce, include_self=False)
+        scalars[index, _S[f"{kind}_{suffix}"]] = out[index]
+    with_grad = [i for i in rows if params[i].grad is not None]
+    if with_grad:
+        grads = torch.cat([params[i].grad.detach().double().reshape(-1) for i in with_grad])
+        grad_owner = torch.repeat_interleave(
+            torch.tensor(with_grad, device=scalars.device),
+            torch.tensor([channels[i] for i in with_grad], device=scalars.device),
+        )
+        squares = torch.zeros(len(params), dtype=torch.float64, device=scalars.device)
+        squares.index_add_(0, grad_owner, grads * grads)
+        grad_index = torch.tensor(with_grad, device=scalars.device)
+        scalars[grad_index, _S[f"{kind}_grad_norm"]] = squares[grad_index].sqrt()
 
 
 class BatchStatsRecorder:
@@ -154,6 +259,52 @@ class BatchStatsRecorder:
             out[name] = entry
         return out
 
+    def packed_snapshot(self) -> PackedLayerStats:
+        """The statistics of the last recording pass as :class:`PackedLayerStats` (what a training loop sends).
+
+        Same content as :meth:`snapshot` without ``count_global`` and ``between_var`` (the merge recomputes both
+        from the ranks' local moments), in two float64 tensors built on the layers' device and copied to the
+        host once. The vectors are copied into one preallocated block, and the per-layer parameter summaries
+        and gradient norms are computed for all layers at once (a few scatter-reductions), so the cost barely
+        grows with the number of layers.
+        """
+        entries = []
+        for name, layer in self._layers.items():
+            if name in self._synced:
+                m = self._synced[name]
+                entries.append((name, layer, m.count_local, m.mean_local, m.var_local, m.mean_global, m.var_global))
+            elif name in self._local:
+                count, mean, var = self._local[name]
+                entries.append((name, layer, count, mean, var, None, None))
+        if not entries:
+            no_scalars = torch.zeros(0, len(PACKED_SCALARS), dtype=torch.float64)
+            return PackedLayerStats((), (), no_scalars, torch.zeros(len(PACKED_VECTORS), 0, dtype=torch.float64))
+        device = entries[0][3].device
+        channels = [e[3].numel() for e in entries]
+        vectors = torch.full((len(PACKED_VECTORS), sum(channels)), math.nan, dtype=torch.float64, device=device)
+        start = 0
+        for (_, layer, _, mean, var, mean_g, var_g), c in zip(entries, channels, strict=True):
+            tracked = layer.track_running_stats and layer.running_mean is not None
+            rows = (mean, var, mean_g, var_g) + ((layer.running_mean, layer.running_var) if tracked else (None, None))
+            for row, values in enumerate(rows):
+                if values is not None:
+                    vectors[row, start : start + c].copy_(values.detach())
+            start += c
+
+        layer_of = torch.repeat_interleave(
+            torch.arange(len(entries), device=device), torch.tensor(channels, device=device)
+        )
+        scalars = torch.full((len(entries), len(PACKED_SCALARS)), math.nan, dtype=torch.float64, device=device)
+        scalars[:, _S["eps"]] = torch.tensor([float(e[1].eps) for e in entries], dtype=torch.float64)
+        scalars[:, _S["synchronized"]] = torch.tensor([float(e[5] is not None) for e in entries], dtype=torch.float64)
+        scalars[:, _S["count_local"]] = torch.stack(
+            [torch.as_tensor(e[2], dtype=torch.float64, device=device).reshape(()) for e in entries]
+        )
+        for kind in ("weight", "bias"):
+            params = [getattr(e[1], kind) for e in entries]
+            _parameter_summaries(scalars, kind, params, layer_of, channels)
+        return PackedLayerStats(tuple(e[0] for e in entries), tuple(channels), scalars.cpu(), vectors.cpu())
+
     def close(self) -> None:
         """Detach the hooks."""
         for h in self._hooks:
@@ -161,21 +312,168 @@ class BatchStatsRecorder:
         self._hooks = []
 
 
-def _tensor(values: Sequence[float] | None) -> torch.Tensor | None:
-    return None if values is None else torch.tensor(values, dtype=torch.float64)
+_SUMMARY_KEYS = (
+    "dead_channels",
+    "drift_mean",
+    "drift_max",
+    "skew_between_share_mean",
+    "skew_between_share_max",
+    "skew_max_gap",
+    "batch_mean_mean",
+    "batch_mean_min",
+    "batch_mean_max",
+    "batch_var_mean",
+    "batch_var_min",
+    "batch_var_max",
+    "running_mean_mean",
+    "running_mean_min",
+    "running_mean_max",
+    "running_var_mean",
+    "running_var_min",
+    "running_var_max",
+)
+_PARAMETER_KEYS = (
+    "weight_mean",
+    "weight_min",
+    "weight_max",
+    "bias_mean",
+    "bias_min",
+    "bias_max",
+    "weight_grad_norm",
+    "bias_grad_norm",
+)
 
 
-def _ranks_agree(per_rank: Sequence[Mapping[str, Any]]) -> bool | None:
-    """Whether every rank used the same global statistics (None where the layer is not synchronized)."""
-    if not all(r.get("synchronized") for r in per_rank):
-        return None
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _per_layer(values: torch.Tensor, layer_of: torch.Tensor, layers: int, reduce: str) -> torch.Tensor:
+    """Reduce per-channel ``values`` to one value per layer (``reduce``: sum, mean, amin or amax); NaN for a
+    layer without channels."""
+    out = torch.full((layers,), math.nan, dtype=torch.float64)
+    return out.scatter_reduce(0, layer_of, values, reduce, include_self=False)
+
+
+def merge_packed_layer_stats(per_rank: Sequence[PackedLayerStats]) -> MergedLayerStats:
+    """Merge every layer of every rank (index = rank) at once: global statistics and cross-worker skew.
+
+    The same quantities as :func:`merge_rank_layer_stats`, computed for all layers together on
+    ``(ranks, channels of all layers)`` tensors, with per-layer summaries taken by one scatter-reduce each.
+
+    Raises:
+        ValueError: no ranks, or ranks that report different layers or channel counts.
+    """
+    if not per_rank:
+        raise ValueError("expected the packed snapshot of at least one rank (got an empty list)")
     first = per_rank[0]
-    for key in ("mean_global", "var_global"):
-        ref = _tensor(first[key])
-        for other in per_rank[1:]:
-            if not torch.allclose(_tensor(other[key]), ref, rtol=_AGREE_RTOL, atol=1e-9):
-                return False
-    return True
+    for rank, other in enumerate(per_rank[1:], start=1):
+        if other.layers != first.layers or other.channels != first.channels:
+            raise ValueError(
+                f"expected every rank to report the layers and channels of rank 0 ({len(first.layers)} layers, "
+                f"{sum(first.channels)} channels), got {len(other.layers)} layers, {sum(other.channels)} channels "
+                f"from rank {rank}"
+            )
+    n_layers = len(first.layers)
+    layer_of = torch.repeat_interleave(torch.arange(n_layers), torch.tensor(first.channels, dtype=torch.long))
+    scalars = torch.stack([p.scalars for p in per_rank])  # (ranks, layers, scalars)
+    vectors = torch.stack([p.vectors for p in per_rank])  # (ranks, rows, channels)
+
+    counts = scalars[:, :, _S["count_local"]]  # (ranks, layers)
+    total = counts.sum(0)  # (layers,)
+    weights = (counts / total.clamp(min=1.0))[:, layer_of]  # (ranks, channels)
+    means, variances = vectors[:, _V["mean_local"]], vectors[:, _V["var_local"]]
+    present = weights > 0  # an empty rank's moments do not enter the pooled sums
+    mean = torch.where(present, weights * means, 0.0).sum(0)
+    deviation = means - mean
+    between = torch.where(present, weights * deviation**2, 0.0).sum(0)
+    var = torch.where(present, weights * variances, 0.0).sum(0) + between
+
+    eps = first.scalars[:, _S["eps"]]
+    eps_c = eps[layer_of]
+    share = torch.where(var > 0, between / var.clamp(min=1e-300), torch.zeros_like(var))
+    gaps = torch.where(present, deviation.abs() / torch.sqrt(var + eps_c), 0.0).amax(0)
+    running_mean, running_var = vectors[0, _V["running_mean"]], vectors[0, _V["running_var"]]
+    drift = (running_mean - mean).abs() / torch.sqrt(running_var + eps_c)  # NaN without running stats
+
+    synchronized = (scalars[:, :, _S["synchronized"]] > 0).all(0)  # (layers,)
+    agree_c = torch.ones(layer_of.numel(), dtype=torch.float64)
+    for row in ("mean_global", "var_global"):
+        ref = vectors[0, _V[row]]
+        close = torch.isclose(vectors[:, _V[row]], ref.expand_as(vectors[:, _V[row]]), rtol=_AGREE_RTOL, atol=1e-9)
+        agree_c = torch.minimum(agree_c, close.all(0).double())
+    agree = _per_layer(agree_c, layer_of, n_layers, "amin")
+
+    per_channel = {
+        "dead_channels": ((var < eps_c).double(), "sum"),
+        "drift_mean": (drift, "mean"),
+        "drift_max": (drift, "amax"),
+        "skew_between_share_mean": (share, "mean"),
+        "skew_between_share_max": (share, "amax"),
+        "skew_max_gap": (gaps, "amax"),
+    }
+    for prefix, values in (("batch_mean", mean), ("batch_var", var), ("running_mean", running_mean)):
+        per_channel |= {f"{prefix}_mean": (values, "mean"), f"{prefix}_min": (values, "amin")}
+        per_channel[f"{prefix}_max"] = (values, "amax")
+    per_channel |= {
+        "running_var_mean": (running_var, "mean"),
+        "running_var_min": (running_var, "amin"),
+        "running_var_max": (running_var, "amax"),
+    }
+    table = torch.stack([_per_layer(v, layer_of, n_layers, r) for v, r in (per_channel[k] for k in _SUMMARY_KEYS)])
+    table_rows = table.T.tolist()  # (layers, keys)
+    parameters = first.scalars[:, [_S[k] for k in _PARAMETER_KEYS]].tolist()
+    totals, count_rows, agree_rows = total.tolist(), counts.T.tolist(), agree.tolist()
+    synced = synchronized.tolist()
+
+    summaries = []
+    for i, channels in enumerate(first.channels):
+        row = dict(zip(_SUMMARY_KEYS, table_rows[i], strict=True))
+        summary: dict[str, Any] = {
+            "synchronized": bool(synced[i]),
+            "ranks": len(per_rank),
+            "count": totals[i],
+            "per_rank_count": count_rows[i],
+            "channels": channels,
+            "dead_channels": int(row.pop("dead_channels")) if totals[i] > 0 and channels else 0,
+        }
+        for key in ("skew_between_share_mean", "skew_between_share_max", "skew_max_gap"):
+            value = row.pop(key)
+            summary[key] = _finite_or_none(value) if channels else 0.0
+        if totals[i] <= 0:
+            row["drift_mean"] = row["drift_max"] = math.nan
+        summary["drift_mean"] = _finite_or_none(row.pop("drift_mean"))
+        summary["drift_max"] = _finite_or_none(row.pop("drift_max"))
+        summary["ranks_agree"] = (agree_rows[i] >= 1.0 or not channels) if synced[i] else None
+        summary |= {key: _finite_or_none(value) for key, value in row.items()}
+        summary |= {key: _finite_or_none(value) for key, value in zip(_PARAMETER_KEYS, parameters[i], strict=True)}
+        summaries.append(summary)
+    merged_vectors = torch.stack([mean, var, running_mean, running_var])
+    return MergedLayerStats(first.layers, first.channels, tuple(summaries), merged_vectors)
+
+
+def _pack_layer_dict(snapshot: Mapping[str, Any]) -> PackedLayerStats:
+    """One layer's :meth:`BatchStatsRecorder.snapshot` dict as a one-layer :class:`PackedLayerStats`."""
+    mean = torch.as_tensor(snapshot["mean_local"], dtype=torch.float64)
+    c = mean.numel()
+
+    def row(key: str) -> torch.Tensor:
+        values = snapshot.get(key)
+        return (
+            torch.full((c,), math.nan, dtype=torch.float64)
+            if values is None
+            else torch.as_tensor(values, dtype=torch.float64)
+        )
+
+    def scalar(key: str) -> float:
+        value = snapshot.get(key)
+        return math.nan if value is None else float(value)
+
+    scalars = torch.tensor(
+        [[scalar(k) if k != "synchronized" else float(bool(snapshot.get(k))) for k in PACKED_SCALARS]],
+        dtype=torch.float64,
+    )
+    return PackedLayerStats(("layer",), (c,), scalars, torch.stack([row(k) for k in PACKED_VECTORS]))
 
 
 def merge_rank_layer_stats(per_rank: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -189,63 +487,16 @@ def merge_rank_layer_stats(per_rank: Sequence[Mapping[str, Any]]) -> dict[str, A
     (``|running_mean - batch_mean| / sqrt(running_var + eps)``, rank 0's running stats), ``skew_between_share_*``
     (between-rank share of the variance, per channel ``sum_i n_i (m_i - m)^2 / sum_i n_i (v_i + (m_i - m)^2)``),
     ``skew_max_gap`` (largest ``|m_i - m| / sqrt(var + eps)`` over non-empty ranks and channels),
-    ``ranks_agree`` and ``per_rank_count``.
+    ``ranks_agree`` and ``per_rank_count``. :func:`merge_packed_layer_stats` does the same for every layer at once.
     """
     if not per_rank:
         raise ValueError("expected the layer's snapshot from at least one rank (got an empty list)")
-    eps = float(per_rank[0]["eps"])
-    counts = torch.tensor([float(r["count_local"]) for r in per_rank], dtype=torch.float64)
-    means = torch.stack([_tensor(r["mean_local"]) for r in per_rank])  # (ranks, C)
-    variances = torch.stack([_tensor(r["var_local"]) for r in per_rank])
-    total = float(counts.sum())
-    weights = counts[:, None] / max(total, 1.0)
-    mean = (weights * means).sum(0)
-    between = (weights * (means - mean) ** 2).sum(0)
-    var = (weights * variances).sum(0) + between
-
-    share = torch.where(var > 0, between / var.clamp(min=1e-300), torch.zeros_like(var))
-    gaps = (means - mean).abs() / torch.sqrt(var + eps)
-    nonempty = counts > 0
-    max_gap = float(gaps[nonempty].max()) if bool(nonempty.any()) and gaps.numel() else 0.0
-
-    rank0 = per_rank[0]
-    running_mean = _tensor(rank0.get("running_mean"))
-    running_var = _tensor(rank0.get("running_var"))
-    drift = None
-    if running_mean is not None and running_var is not None and total > 0:
-        drift = (running_mean - mean).abs() / torch.sqrt(running_var + eps)
-
-    merged: dict[str, Any] = {
-        "synchronized": bool(all(r.get("synchronized") for r in per_rank)),
-        "ranks": len(per_rank),
-        "count": total,
-        "per_rank_count": [float(c) for c in counts],
-        "channels": int(mean.numel()),
-        "mean": _floats(mean),
-        "var": _floats(var),
-        "running_mean": _floats(running_mean),
-        "running_var": _floats(running_var),
-        "dead_channels": int((var < eps).sum()) if total > 0 else 0,
-        "drift_mean": None if drift is None else float(drift.mean()),
-        "drift_max": None if drift is None else float(drift.max()),
-        "skew_between_share_mean": float(share.mean()) if share.numel() else 0.0,
-        "skew_between_share_max": float(share.max()) if share.numel() else 0.0,
-        "skew_max_gap": max_gap if math.isfinite(max_gap) else None,
-        "ranks_agree": _ranks_agree(per_rank),
-    }
-    merged.update(_summary("batch_mean", mean))
-    merged.update(_summary("batch_var", var))
-    merged.update(_summary("running_mean", running_mean))
-    merged.update(_summary("running_var", running_var))
-    for key in (
-        "weight_mean",
-        "weight_min",
-        "weight_max",
-        "bias_mean",
-        "bias_min",
-        "bias_max",
-        "weight_grad_norm",
-        "bias_grad_norm",
-    ):
-        merged[key] = rank0.get(key)
-    return merged
+    merged = merge_packed_layer_stats([_pack_layer_dict(r) for r in per_rank])
+    out = dict(merged.summaries[0])
+    vectors = merged.vectors
+    has_running = per_rank[0].get("running_mean") is not None and per_rank[0].get("running_var") is not None
+    out["mean"] = vectors[0].tolist()
+    out["var"] = vectors[1].tolist()
+    out["running_mean"] = vectors[2].tolist() if has_running else None
+    out["running_var"] = vectors[3].tolist() if has_running else None
+    return out

@@ -46,7 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = JobStore(settings.resolved_database_url())
+        store = JobStore(settings.resolved_database_url(), stats_keep=settings.stats_keep)
         manager = JobManager(settings, store)
         try:
             await run_in_threadpool(manager.start)

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.spec import JobSpec
 from service.status import JobStatus
 from service.store.limits import find_unstorable_text
-from service.store.models import EpochPointRow, JobRow, LayerStatRow, LogLineRow, StepPointRow
-from service.store.repository import as_utc, layer_summary
+from service.store.models import EpochPointRow, JobRow, LogLineRow, StepPointRow
+from service.store.repository import LayerHistory, LayerMatrix, LayersAtStep, as_utc
 
 __all__ = [
     "ClusterPublic",
@@ -26,6 +26,7 @@ __all__ = [
     "JobSummary",
     "JobsPublic",
     "LayerHistoryPublic",
+    "LayerMatrixPublic",
     "LayerPoint",
     "LayersPublic",
     "LogLine",
@@ -173,31 +174,62 @@ class MetricsPublic(BaseModel):
         )
 
 
-def _stats(row: LayerStatRow, channels: bool) -> dict[str, Any]:
-    return row.stats if channels else layer_summary(row.stats)
-
-
 class LayersPublic(BaseModel):
     """Every BatchNorm layer's statistics at one recorded step."""
 
     job_id: str = Field(description="The job.")
-    step: int | None = Field(description="The recorded step shown (null: nothing recorded yet).")
+    step: int | None = Field(
+        description="The recorded step shown (null: nothing recorded yet): the one asked for, or the nearest one "
+        "that is kept (with channels: the nearest step that still keeps its per-channel vectors)."
+    )
+    requested_step: int | None = Field(description="The `step` asked for (null: the latest).")
     epoch: int | None = Field(description="Epoch of that step.")
-    recorded_steps: list[int] = Field(description="Every step with recorded statistics, ascending.")
+    recorded_steps: list[int] = Field(description="Every step with recorded summaries, ascending.")
+    kept_steps: list[int] = Field(
+        description="Recorded steps that still keep their per-channel vectors (the most recent ones and a "
+        "log-spaced selection of older ones, at most the job's stats_keep), ascending."
+    )
     layers: dict[str, dict[str, Any]] = Field(
-        description="Per layer (module path): the merged statistics of syncbn.merge_rank_layer_stats: global "
-        "mean/var per channel and their summaries, running stats, gamma/beta, gradient norms, dead_channels, "
-        "drift, cross-worker skew (skew_between_share, skew_max_gap) and ranks_agree."
+        description="Per layer (module path, in model order): the merged statistics of "
+        "syncbn.merge_packed_layer_stats: summaries of the global batch mean/var, running stats, gamma/beta, "
+        "gradient norms, dead_channels, drift, cross-worker skew (skew_between_share, skew_max_gap), ranks_agree, "
+        "per_rank_count; with channels: the per-channel lists mean, var, running_mean, running_var (float32)."
     )
 
     @classmethod
-    def from_rows(cls, job_id: str, rows: list[LayerStatRow], steps: list[int], channels: bool) -> LayersPublic:
+    def from_result(cls, job_id: str, result: LayersAtStep) -> LayersPublic:
         return cls(
             job_id=job_id,
-            step=rows[0].step if rows else None,
-            epoch=rows[0].epoch if rows else None,
-            recorded_steps=steps,
-            layers={row.layer: _stats(row, channels) for row in rows},
+            step=result.step,
+            requested_step=result.requested_step,
+            epoch=result.epoch,
+            recorded_steps=result.recorded_steps,
+            kept_steps=result.kept_steps,
+            layers=result.layers,
+        )
+
+
+class LayerMatrixPublic(BaseModel):
+    """Summary statistics of every layer over the recorded steps: what the dashboard's heatmap draws."""
+
+    job_id: str = Field(description="The job.")
+    layers: list[str] = Field(description="Layers (module paths) in model order: the rows.")
+    steps: list[int] = Field(description="Recorded steps, ascending, downsampled evenly to max_steps: the columns.")
+    epochs: list[int] = Field(description="Epoch of each step.")
+    available: int = Field(description="Recorded steps before downsampling.")
+    values: dict[str, list[list[float | None]]] = Field(
+        description="Per statistic asked for: one list per layer, aligned with `steps` (null: none)."
+    )
+
+    @classmethod
+    def from_result(cls, job_id: str, matrix: LayerMatrix) -> LayerMatrixPublic:
+        return cls(
+            job_id=job_id,
+            layers=matrix.layers,
+            steps=matrix.steps,
+            epochs=matrix.epochs,
+            available=matrix.available,
+            values=matrix.values,
         )
 
 
@@ -210,18 +242,24 @@ class LayerPoint(BaseModel):
 
 
 class LayerHistoryPublic(BaseModel):
-    """One layer's statistics over the run."""
+    """One layer's statistics over the run, downsampled to at most `max_points` points."""
 
     job_id: str = Field(description="The job.")
     layer: str = Field(description="Module path of the BatchNorm layer, e.g. 'layer1.0.bn1'.")
-    points: list[LayerPoint] = Field(description="One entry per recorded step, ascending.")
+    available: int = Field(
+        description="Points the series had before downsampling (recorded steps; with channels: kept snapshots)."
+    )
+    points: list[LayerPoint] = Field(
+        description="Ascending; evenly spaced over the available ones, the first and the last always included."
+    )
 
     @classmethod
-    def from_rows(cls, job_id: str, layer: str, rows: list[LayerStatRow], channels: bool) -> LayerHistoryPublic:
+    def from_result(cls, job_id: str, layer: str, history: LayerHistory) -> LayerHistoryPublic:
         return cls(
             job_id=job_id,
             layer=layer,
-            points=[LayerPoint(step=row.step, epoch=row.epoch, stats=_stats(row, channels)) for row in rows],
+            available=history.available,
+            points=[LayerPoint(step=p.step, epoch=p.epoch, stats=p.stats) for p in history.points],
         )
 
 

@@ -11,6 +11,11 @@ After a worker-group restart, the train loop resumes from its last checkpoint an
 again; the log keeps the first record of each step and epoch, so consumers see increasing step numbers. A run
 resumed after a restart of the service starts a new log told what the store already holds (`resume_after`), so
 the steps and epochs stored before the crash are not published twice either.
+
+
+A `layers` record's per-channel `vectors` (float32 bytes, the bulk of a record for a wide model) are released
+once a reader polls past it: `poll(after_seq)` means everything up to `after_seq` has been consumed (the service
+stores it before it asks for more), so the log's memory stays near the size of the summaries.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class RecordLog:
         self._summary: dict[str, Any] | None = None
         self._end: dict[str, Any] | None = None
         self._controller: Any = None
+        self._released = 0  # records up to this seq no longer hold their per-channel vectors
         self._placement_groups: list[str] = []
 
     # ------------------------------------------------------------ writing
@@ -148,8 +154,14 @@ class RecordLog:
     # ------------------------------------------------------------ reading
 
     def poll(self, after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
-        """Records with `seq > after_seq`, in order (at most `limit` of them)."""
+        """Records with `seq > after_seq`, in order (at most `limit` of them).
+
+        The per-channel `vectors` of `layers` records up to `after_seq` are released (already consumed).
+        """
         start = max(0, int(after_seq))
+        for record in self._records[self._released : min(start, len(self._records))]:
+            record.pop("vectors", None)
+        self._released = max(self._released, min(start, len(self._records)))
         end = len(self._records) if limit is None else min(len(self._records), start + max(0, limit))
         return self._records[start:end]
 

@@ -5,7 +5,8 @@ Every rank calls `ray.train.report` at the same points (it is a barrier), with a
 - `start` (once per attempt): `rank, pid, hostname, device, world_size, steps_per_epoch, total_steps,
   resumed_from_epoch`;
 - `step` (every `stats_every` steps): `step, epoch, train_loss, lr, samples_per_s, step_time_s` (global values,
-  equal on every rank) and `layers`: this rank's `syncbn.BatchStatsRecorder.snapshot()`;
+  equal on every rank) and `layers`: this rank's `syncbn.BatchStatsRecorder.packed_snapshot()` (two float64
+  tensors for all layers; the per-layer dicts of `snapshot()` are still understood);
 - `epoch` (after each epoch's validation): `epoch, step, train_loss, train_acc, val_loss, val_acc, epoch_time_s`
   (global values);
 - `final` (once, at the end): `verdict, reason, epochs_done, best_val_acc, final_val_acc, final_train_loss`
@@ -17,7 +18,9 @@ world batch.
 
 `records_from_reports` merges one such dict per rank into the records of the engine's contract (`step`, `layers`,
 `epoch`, `log`) plus two internal kinds that the recorder keeps as state: `info` (the attempt's workers) and
-`summary` (the final report).
+`summary` (the final report). A `layers` record holds `layers: {layer: summary}` (JSON-ready scalars) and
+`vectors: {layer: bytes}`: the merged per-channel block as float32 (`service.store.layer_codec.VECTOR_ROWS` x
+channels), which is what the store keeps.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from syncbn import merge_rank_layer_stats
+import numpy as np
 
-__all__ = ["EPOCH_FIELDS", "STEP_FIELDS", "SUMMARY_FIELDS", "records_from_reports"]
+from syncbn import merge_rank_layer_stats
+from syncbn.stats import PackedLayerStats, merge_packed_layer_stats
+
+__all__ = ["EPOCH_FIELDS", "STEP_FIELDS", "SUMMARY_FIELDS", "merge_layers", "records_from_reports"]
 
 STEP_FIELDS = ("step", "epoch", "train_loss", "lr", "samples_per_s", "step_time_s")
 EPOCH_FIELDS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s")
@@ -71,13 +77,44 @@ def records_from_reports(per_rank: Sequence[dict[str, Any]]) -> list[dict[str, A
         return [{"kind": "info", **info}, {"kind": "log", "level": "info", "message": message}]
     if kind == "step":
         records: list[dict[str, Any]] = [{"kind": "step", **{key: first[key] for key in STEP_FIELDS}}]
-        if "layers" in first:
-            names = list(first["layers"])
-            layers = {name: merge_rank_layer_stats([r["layers"][name] for r in per_rank]) for name in names}
-            records.append({"kind": "layers", "step": first["step"], "epoch": first["epoch"], "layers": layers})
+        if first.get("layers") is not None:
+            layers, vectors = merge_layers([r["layers"] for r in per_rank])
+            records.append(
+                {"kind": "layers", "step": first["step"], "epoch": first["epoch"], "layers": layers, "vectors": vectors}
+            )
         return records
     if kind == "epoch":
         return [{"kind": "epoch", **{key: first[key] for key in EPOCH_FIELDS}}]
     if kind == "final":
         return [{"kind": "summary", **{key: first[key] for key in SUMMARY_FIELDS}}]
     raise ValueError(f"unknown report kind {kind!r}: expected start, step, epoch or final")
+
+
+def merge_layers(per_rank: Sequence[Any]) -> tuple[dict[str, dict[str, Any]], dict[str, bytes]]:
+    """Merge one recorded step's layer statistics of every rank: `({layer: summary}, {layer: float32 bytes})`.
+
+    Each element is a rank's `PackedLayerStats` (one vectorised merge for all layers) or, from older train
+    loops, its `{layer: snapshot dict}` (merged layer by layer).
+    """
+    if all(isinstance(p, PackedLayerStats) for p in per_rank):
+        merged = merge_packed_layer_stats(per_rank)
+        block = merged.vectors.numpy().astype(np.float32)
+        summaries: dict[str, dict[str, Any]] = {}
+        vectors: dict[str, bytes] = {}
+        start = 0
+        for name, channels, summary in zip(merged.layers, merged.channels, merged.summaries, strict=True):
+            summaries[name] = summary
+            vectors[name] = block[:, start : start + channels].tobytes()
+            start += channels
+        return summaries, vectors
+    summaries, vectors = {}, {}
+    for name in per_rank[0]:
+        merged_layer = merge_rank_layer_stats([r[name] for r in per_rank])
+        rows = [merged_layer[k] or [float("nan")] * merged_layer["channels"] for k in _VECTOR_KEYS]
+        vectors[name] = np.array(rows, dtype=np.float32).reshape(len(_VECTOR_KEYS), -1).tobytes()
+        summaries[name] = {k: v for k, v in merged_layer.items() if k not in _VECTOR_KEYS}
+    return summaries, vectors
+
+
+# The rows of a vectors block, as in `service.store.layer_codec.VECTOR_ROWS` (the engine does not import the store).
+_VECTOR_KEYS = ("mean", "var", "running_mean", "running_var")

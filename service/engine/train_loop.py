@@ -269,7 +269,7 @@ class _WorkerRun:
                 loss = F.cross_entropy(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.backward(loss, self.optimizer)
-            layers = self.recorder.snapshot() if recording else None  # after backward: gradient norms
+            layers = self.recorder.packed_snapshot() if recording else None  # after backward: gradient norms
             self.precision.step(self.optimizer)
 
             # One tiny all-reduce per step gives the global loss, so every rank sees the same number and a

@@ -5,7 +5,12 @@
   `record_seq` (last record drained from the run's recorder, so a re-attached run resumes without duplicates)
   and `event_seq` (last event id handed to Server-Sent-Events clients).
 - `step_points`, `epoch_points`: the convergence metrics, one row per reported step / finished epoch.
-- `layer_stats`: one row per (recorded step, BatchNorm layer) with the merged statistics as JSON.
+- `layer_series`: one row per (job, BatchNorm layer): the small integer key of the two tables below, the layer's
+  place in the model and its channel count.
+- `layer_summaries`: one narrow row per (layer, recorded step): the merged scalars as float32 binary
+  (`service.store.layer_codec`), kept for every recorded step.
+- `layer_vectors`: the per-channel vectors of a kept snapshot as float32 binary, bounded per job by the retention
+  rule of `service.store.retention` (`stats_keep` snapshots per layer).
 - `log_lines`: progress and error lines of the run and of the service about the job.
 - `job_events`: the ordered event log streamed by `GET /v1/jobs/{id}/events`; ids are per job and gap-free,
   which is what makes `Last-Event-ID` resumption lossless, even across restarts.
@@ -18,9 +23,21 @@ Tables reference jobs by their public id; rows of a job are deleted together wit
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
@@ -31,7 +48,9 @@ __all__ = [
     "IdempotencyKeyRow",
     "JobEventRow",
     "JobRow",
-    "LayerStatRow",
+    "LayerSeriesRow",
+    "LayerSummaryRow",
+    "LayerVectorsRow",
     "LogLineRow",
     "StepPointRow",
 ]
@@ -110,21 +129,41 @@ class EpochPointRow(Base):
     epoch_time_s: Mapped[float | None] = mapped_column(Float)
 
 
-class LayerStatRow(Base):
-    """Merged BatchNorm statistics of one layer at one recorded step (see `syncbn.merge_rank_layer_stats`)."""
+class LayerSeriesRow(Base):
+    """One BatchNorm layer of a job: the key its summaries and vectors are stored under."""
 
-    __tablename__ = "layer_stats"
-    __table_args__ = (
-        Index("ix_layer_stats_job_step", "job_id", "step"),
-        Index("ix_layer_stats_job_layer_step", "job_id", "layer", "step"),
-    )
+    __tablename__ = "layer_series"
+    __table_args__ = (UniqueConstraint("job_id", "layer", name="uq_layer_series_job_layer"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    step: Mapped[int] = mapped_column(Integer)
-    epoch: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)
     layer: Mapped[str] = mapped_column(String(300))
-    stats: Mapped[dict[str, Any]] = mapped_column(JSON)
+    channels: Mapped[int] = mapped_column(Integer)
+
+
+class LayerSummaryRow(Base):
+    """The merged scalars of one layer at one recorded step (`service.store.layer_codec.encode_summary`)."""
+
+    __tablename__ = "layer_summaries"
+    # The primary key is the row (SQLite WITHOUT ROWID): no second copy of it in a rowid table.
+    __table_args__: ClassVar[dict[str, Any]] = {"sqlite_with_rowid": False}
+
+    series_id: Mapped[int] = mapped_column(ForeignKey("layer_series.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    epoch: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class LayerVectorsRow(Base):
+    """The per-channel vectors of one layer at one kept snapshot (`layer_codec.encode_vectors`)."""
+
+    __tablename__ = "layer_vectors"
+    __table_args__: ClassVar[dict[str, Any]] = {"sqlite_with_rowid": False}
+
+    series_id: Mapped[int] = mapped_column(ForeignKey("layer_series.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    vectors: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class LogLineRow(Base):

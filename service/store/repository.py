@@ -27,12 +27,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.status import JobStatus
 from service.store.engine import make_engine
+from service.store.layer_codec import (
+    SUMMARY_FIELDS,
+    decode_summary,
+    decode_vectors,
+    encode_summary,
+    summary_columns,
+    vectors_from_lists,
+)
 from service.store.migration import upgrade_database
 from service.store.models import (
     DEFAULT_OWNER,
@@ -40,12 +48,29 @@ from service.store.models import (
     IdempotencyKeyRow,
     JobEventRow,
     JobRow,
-    LayerStatRow,
+    LayerSeriesRow,
+    LayerSummaryRow,
+    LayerVectorsRow,
     LogLineRow,
     StepPointRow,
 )
+from service.store.retention import downsample, nearest, snapshots_to_keep
 
-__all__ = ["IdempotencyKeyReusedError", "IngestResult", "JobStore", "json_safe", "utcnow"]
+__all__ = [
+    "DEFAULT_STATS_KEEP",
+    "IdempotencyKeyReusedError",
+    "IngestResult",
+    "JobStore",
+    "LayerHistory",
+    "LayerMatrix",
+    "LayerPointData",
+    "LayersAtStep",
+    "json_safe",
+    "utcnow",
+]
+
+#: Per-channel snapshots kept per layer and job when neither the job's spec nor the settings say otherwise.
+DEFAULT_STATS_KEEP = 256
 
 logger = logging.getLogger(__name__)
 
@@ -116,16 +141,52 @@ def _integer(value: Any, default: int = 0) -> int:
     return int(value)
 
 
-def layer_summary(stats: dict[str, Any]) -> dict[str, Any]:
-    """A layer's statistics without the per-channel lists (what SSE events and `channels=false` carry)."""
-    return {key: value for key, value in stats.items() if not isinstance(value, list)}
+@dataclass
+class LayerPointData:
+    """One layer's statistics at one recorded step: the summary, plus the per-channel lists when asked and kept."""
+
+    step: int
+    epoch: int
+    stats: dict[str, Any]
+
+
+@dataclass
+class LayersAtStep:
+    """Every layer at one step, with the step that was asked for and which steps keep per-channel vectors."""
+
+    step: int | None
+    epoch: int | None
+    requested_step: int | None
+    layers: dict[str, dict[str, Any]]
+    recorded_steps: list[int]
+    kept_steps: list[int]
+
+
+@dataclass
+class LayerMatrix:
+    """Some summary statistics of every layer at (a downsampled selection of) the recorded steps."""
+
+    layers: list[str]
+    steps: list[int]
+    epochs: list[int]
+    available: int
+    values: dict[str, list[list[float | None]]]
+
+
+@dataclass
+class LayerHistory:
+    """One layer's (possibly downsampled) series and how many points it was taken from."""
+
+    points: list[LayerPointData]
+    available: int
 
 
 class JobStore:
     """Jobs, metric points, layer statistics, logs, events and idempotency keys in one SQL database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, stats_keep: int = DEFAULT_STATS_KEEP) -> None:
         self.url = url
+        self.stats_keep = stats_keep
         self.engine = make_engine(url)
         try:
             self.schema = upgrade_database(self.engine)
@@ -386,7 +447,11 @@ class JobStore:
         """The last `step` point, `layers` step and `epoch` stored for a job (0 where none)."""
         with self._read() as session:
             step = session.scalar(select(func.max(StepPointRow.step)).where(StepPointRow.job_id == job_id))
-            layers = session.scalar(select(func.max(LayerStatRow.step)).where(LayerStatRow.job_id == job_id))
+            layers = session.scalar(
+                select(func.max(LayerSummaryRow.step))
+                .join(LayerSeriesRow, LayerSeriesRow.id == LayerSummaryRow.series_id)
+                .where(LayerSeriesRow.job_id == job_id)
+            )
             epoch = session.scalar(select(func.max(EpochPointRow.epoch)).where(EpochPointRow.job_id == job_id))
         return {"step": step or 0, "layers": layers or 0, "epoch": epoch or 0}
 
@@ -413,7 +478,10 @@ class JobStore:
             job = self._lock_job(session, job_id)
             if job is None:
                 return False
-            for table in (StepPointRow, EpochPointRow, LayerStatRow, LogLineRow, JobEventRow, IdempotencyKeyRow):
+            series = select(LayerSeriesRow.id).where(LayerSeriesRow.job_id == job_id).scalar_subquery()
+            for layer_table in (LayerVectorsRow, LayerSummaryRow):
+                session.execute(delete(layer_table).where(layer_table.series_id.in_(series)))
+            for table in (StepPointRow, EpochPointRow, LayerSeriesRow, LogLineRow, JobEventRow, IdempotencyKeyRow):
                 session.execute(delete(table).where(table.job_id == job_id))
             session.execute(delete(JobRow).where(JobRow.id == job_id))
         with self._latest_lock:
@@ -489,18 +557,72 @@ class JobStore:
         self._add_event(session, job, "epoch", _point_dict(point, EpochPointRow), now)
 
     def _ingest_layers(self, session: Session, job: JobRow, record: dict[str, Any], now: datetime) -> None:
+        """Store one recorded step's layers: a narrow summary each, the float32 vectors, then apply retention.
+
+        `record["vectors"]` maps a layer to its float32 block (`layer_codec.encode_vectors`); a layer dict that
+        carries the per-channel lists itself (records of the JSON era) is converted. The SSE event only names
+        the step: `events()` fills in the summaries from the table when it is read.
+        """
         step, epoch = _integer(record.get("step")), _integer(record.get("epoch"))
         layers = record.get("layers")
         if not isinstance(layers, dict):
             return
-        summaries: dict[str, Any] = {}
-        for name, stats in layers.items():
+        vectors = record.get("vectors") if isinstance(record.get("vectors"), dict) else {}
+        series = self._series(session, job.id)
+        summaries, blocks = [], []
+        for raw_name, stats in layers.items():
             if not isinstance(stats, dict):
                 continue
-            safe = json_safe(stats)
-            session.add(LayerStatRow(job_id=job.id, step=step, epoch=epoch, layer=str(name)[:300], stats=safe))
-            summaries[str(name)[:300]] = layer_summary(safe)
-        self._add_event(session, job, "layers", {"step": step, "epoch": epoch, "layers": summaries}, now)
+            name = str(raw_name)[:300]
+            block = vectors.get(raw_name)
+            block = block if isinstance(block, bytes) else vectors_from_lists(stats)
+            channels = _integer(stats.get("channels"), default=len(block) // 16 if block else 0)
+            series_id = series.get(name)
+            if series_id is None:
+                row = LayerSeriesRow(job_id=job.id, position=len(series), layer=name, channels=channels)
+                session.add(row)
+                session.flush()
+                series_id = series[name] = row.id
+            summaries.append({"series_id": series_id, "step": step, "epoch": epoch, "summary": encode_summary(stats)})
+            if block:
+                blocks.append({"series_id": series_id, "step": step, "vectors": block})
+        if summaries:
+            ids = [row["series_id"] for row in summaries]
+            # A step recorded again (a resumed run that bypassed the record log's de-duplication): latest wins.
+            for table in (LayerSummaryRow, LayerVectorsRow):
+                session.execute(delete(table).where(table.series_id.in_(ids), table.step == step))
+            session.execute(insert(LayerSummaryRow), summaries)
+            if blocks:
+                session.execute(insert(LayerVectorsRow), blocks)
+                self._apply_retention(session, job, list(series.values()))
+        self._add_event(session, job, "layers", {"step": step, "epoch": epoch}, now)
+
+    @staticmethod
+    def _series(session: Session, job_id: str) -> dict[str, int]:
+        rows = session.execute(
+            select(LayerSeriesRow.layer, LayerSeriesRow.id)
+            .where(LayerSeriesRow.job_id == job_id)
+            .order_by(LayerSeriesRow.position)
+        )
+        return {name: series_id for name, series_id in rows}
+
+    def _apply_retention(self, session: Session, job: JobRow, series_ids: list[int]) -> None:
+        """Drop the per-channel vectors the retention rule no longer keeps (at most `stats_keep` steps)."""
+        keep = self.stats_keep_of(job.spec)
+        steps = list(
+            session.scalars(select(LayerVectorsRow.step).where(LayerVectorsRow.series_id.in_(series_ids)).distinct())
+        )
+        if len(steps) <= keep:
+            return
+        dropped = sorted(set(steps) - set(snapshots_to_keep(steps, keep)))
+        session.execute(
+            delete(LayerVectorsRow).where(LayerVectorsRow.series_id.in_(series_ids), LayerVectorsRow.step.in_(dropped))
+        )
+
+    def stats_keep_of(self, spec: Any) -> int:
+        """Per-channel snapshots kept per layer for a job: its spec's `stats_keep`, else the store's default."""
+        value = spec.get("stats_keep") if isinstance(spec, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else self.stats_keep
 
     def _ingest_log(self, session: Session, job: JobRow, record: dict[str, Any], now: datetime) -> None:
         level = str(record.get("level") or "info").lower()[:16]
@@ -560,42 +682,176 @@ class JobStore:
             epoch_rows = list(session.scalars(epochs.order_by(EpochPointRow.epoch, EpochPointRow.id).limit(limit)))
         return step_rows, epoch_rows
 
+    def _series_rows(self, session: Session, job_id: str) -> list[LayerSeriesRow]:
+        query = select(LayerSeriesRow).where(LayerSeriesRow.job_id == job_id).order_by(LayerSeriesRow.position)
+        return list(session.scalars(query))
+
+    @staticmethod
+    def _steps_of(session: Session, series_ids: list[int], table: Any) -> list[int]:
+        if not series_ids:
+            return []
+        # Every layer is recorded at the same steps: the first layer's steps are the job's (an index range scan).
+        query = select(table.step).where(table.series_id == series_ids[0]).order_by(table.step)
+        return list(session.scalars(query))
+
     def layer_steps(self, job_id: str) -> list[int]:
         """Steps at which layer statistics were recorded, ascending."""
         with self._read() as session:
-            query = select(LayerStatRow.step).where(LayerStatRow.job_id == job_id).distinct()
-            return list(session.scalars(query.order_by(LayerStatRow.step)))
+            return self._steps_of(session, [r.id for r in self._series_rows(session, job_id)], LayerSummaryRow)
 
-    def layers_at(self, job_id: str, step: int | None) -> list[LayerStatRow]:
-        """Every layer's statistics at `step` (the latest recorded step when None), in recording order."""
+    def kept_steps(self, job_id: str) -> list[int]:
+        """Recorded steps whose per-channel vectors are still kept (see `service.store.retention`), ascending."""
         with self._read() as session:
+            return self._steps_of(session, [r.id for r in self._series_rows(session, job_id)], LayerVectorsRow)
+
+    def layers_at(self, job_id: str, step: int | None, *, channels: bool = True) -> LayersAtStep:
+        """Every layer's statistics at the recorded step nearest `step` (the latest when None), in model order.
+
+        With `channels`, the nearest step that still keeps its per-channel vectors, which are included.
+        """
+        with self._read() as session:
+            series = self._series_rows(session, job_id)
+            ids = [r.id for r in series]
+            recorded = self._steps_of(session, ids, LayerSummaryRow)
+            kept = self._steps_of(session, ids, LayerVectorsRow)
             if step is None:
-                step = session.scalar(select(func.max(LayerStatRow.step)).where(LayerStatRow.job_id == job_id))
-                if step is None:
-                    return []
-            query = select(LayerStatRow).where(LayerStatRow.job_id == job_id, LayerStatRow.step == step)
-            rows = list(session.scalars(query.order_by(LayerStatRow.id)))
-        # A step re-recorded after a worker restart appears twice: keep the latest row of each layer.
-        latest: dict[str, LayerStatRow] = {}
-        for row in rows:
-            latest[row.layer] = row
-        return list(latest.values())
+                chosen = recorded[-1] if recorded else None
+            else:
+                chosen = nearest(kept if channels and kept else recorded, step)
+            result = LayersAtStep(None, None, step, {}, recorded, kept)
+            if chosen is None:
+                return result
+            summaries = session.execute(
+                select(LayerSummaryRow.series_id, LayerSummaryRow.epoch, LayerSummaryRow.summary).where(
+                    LayerSummaryRow.series_id.in_(ids), LayerSummaryRow.step == chosen
+                )
+            ).all()
+            blocks: dict[int, bytes] = {}
+            if channels:
+                query = select(LayerVectorsRow.series_id, LayerVectorsRow.vectors).where(
+                    LayerVectorsRow.series_id.in_(ids), LayerVectorsRow.step == chosen
+                )
+                blocks = dict(session.execute(query).all())
+        by_id = {series_id: (epoch, blob) for series_id, epoch, blob in summaries}
+        result.step = chosen
+        for row in series:
+            if row.id not in by_id:
+                continue
+            epoch, blob = by_id[row.id]
+            result.epoch = epoch
+            stats = decode_summary(blob, row.channels)
+            if row.id in blocks:
+                stats |= decode_vectors(blocks[row.id])
+            result.layers[row.layer] = stats
+        return result
+
+    def layer_matrix(self, job_id: str, keys: Sequence[str], *, max_steps: int) -> LayerMatrix:
+        """`keys` (summary statistics) of every layer (model order) at the recorded steps, downsampled evenly to
+        `max_steps`: what the dashboard's heatmap draws, read from the narrow rows in one query.
+
+        Raises:
+            ValueError: a key that is not a summary statistic (`layer_codec.SUMMARY_FIELDS`).
+        """
+        unknown = [key for key in keys if key not in SUMMARY_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown statistics {unknown}: expected some of {', '.join(SUMMARY_FIELDS)}")
+        with self._read() as session:
+            series = self._series_rows(session, job_id)
+            ids = [row.id for row in series]
+            recorded = self._steps_of(session, ids, LayerSummaryRow)
+            chosen = [recorded[i] for i in downsample(len(recorded), max_steps)] if recorded else []
+            rows = []
+            for start in range(0, len(chosen), 1000):
+                query = select(
+                    LayerSummaryRow.series_id, LayerSummaryRow.step, LayerSummaryRow.epoch, LayerSummaryRow.summary
+                ).where(LayerSummaryRow.series_id.in_(ids), LayerSummaryRow.step.in_(chosen[start : start + 1000]))
+                rows += session.execute(query).all()
+        column = {step: i for i, step in enumerate(chosen)}
+        position = {row.id: i for i, row in enumerate(series)}
+        epochs = [0] * len(chosen)
+        values = {key: [[None] * len(chosen) for _ in series] for key in keys}
+        table = summary_columns([r.summary for r in rows], list(keys)) if rows else None
+        for index, row in enumerate(rows):
+            at, layer = column[row.step], position[row.series_id]
+            epochs[at] = row.epoch
+            for k, key in enumerate(keys):
+                value = float(table[index, k])
+                values[key][layer][at] = value if math.isfinite(value) else None
+        return LayerMatrix([row.layer for row in series], chosen, epochs, len(recorded), values)
 
     def layer_names(self, job_id: str) -> list[str]:
         """Names (module paths) of the layers with recorded statistics, sorted."""
         with self._read() as session:
-            query = select(LayerStatRow.layer).where(LayerStatRow.job_id == job_id).distinct()
-            return list(session.scalars(query.order_by(LayerStatRow.layer)))
+            return sorted(row.layer for row in self._series_rows(session, job_id))
 
     def layer_history(
-        self, job_id: str, layer: str, *, since_step: int | None = None, limit: int = 10_000
-    ) -> list[LayerStatRow]:
-        """One layer's statistics at every recorded step (after `since_step`), ascending."""
-        query = select(LayerStatRow).where(LayerStatRow.job_id == job_id, LayerStatRow.layer == layer)
-        if since_step is not None:
-            query = query.where(LayerStatRow.step > since_step)
+        self,
+        job_id: str,
+        layer: str,
+        *,
+        since_step: int | None = None,
+        limit: int = 10_000,
+        max_points: int | None = None,
+        channels: bool = True,
+    ) -> LayerHistory | None:
+        """One layer's series after `since_step` (the first `limit` steps), downsampled to `max_points`.
+
+        Without `channels`: the summaries of every recorded step; with `channels`: the kept snapshots, each with
+        its per-channel lists. None when the job has no such layer.
+        """
         with self._read() as session:
-            return list(session.scalars(query.order_by(LayerStatRow.step, LayerStatRow.id).limit(limit)))
+            row = session.scalars(
+                select(LayerSeriesRow).where(LayerSeriesRow.job_id == job_id, LayerSeriesRow.layer == layer)
+            ).first()
+            if row is None:
+                return None
+            table = LayerVectorsRow if channels else LayerSummaryRow
+            query = select(table.step).where(table.series_id == row.id)
+            if since_step is not None:
+                query = query.where(table.step > since_step)
+            steps = list(session.scalars(query.order_by(table.step).limit(limit)))
+            chosen = [steps[i] for i in downsample(len(steps), max_points or len(steps) or 1)]
+            summaries = {
+                step: (epoch, blob)
+                for step, epoch, blob in session.execute(
+                    select(LayerSummaryRow.step, LayerSummaryRow.epoch, LayerSummaryRow.summary).where(
+                        LayerSummaryRow.series_id == row.id, LayerSummaryRow.step.in_(chosen)
+                    )
+                )
+            }
+            blocks: dict[int, bytes] = {}
+            if channels:
+                query = select(LayerVectorsRow.step, LayerVectorsRow.vectors).where(
+                    LayerVectorsRow.series_id == row.id, LayerVectorsRow.step.in_(chosen)
+                )
+                blocks = dict(session.execute(query).all())
+        points = []
+        for step in chosen:
+            if step not in summaries:
+                continue
+            epoch, blob = summaries[step]
+            stats = decode_summary(blob, row.channels)
+            if step in blocks:
+                stats |= decode_vectors(blocks[step])
+            points.append(LayerPointData(step=step, epoch=epoch, stats=stats))
+        return LayerHistory(points=points, available=len(steps))
+
+    def layer_storage_bytes(self, job_id: str) -> dict[str, int]:
+        """Bytes of binary payload a job's layer statistics hold: `summaries`, `vectors`, and row counts."""
+        with self._read() as session:
+            ids = select(LayerSeriesRow.id).where(LayerSeriesRow.job_id == job_id).scalar_subquery()
+            out: dict[str, int] = {}
+            for name, table, column in (
+                ("summaries", LayerSummaryRow, LayerSummaryRow.summary),
+                ("vectors", LayerVectorsRow, LayerVectorsRow.vectors),
+            ):
+                count, size = session.execute(
+                    select(func.count(), func.coalesce(func.sum(func.length(column)), 0)).where(
+                        table.series_id.in_(ids)
+                    )
+                ).one()
+                out[f"{name}_rows"], out[f"{name}_bytes"] = int(count), int(size)
+            return out
 
     def logs(self, job_id: str, *, after: int = 0, limit: int = 1000) -> list[LogLineRow]:
         """Log lines with `seq > after`, oldest first."""
@@ -603,11 +859,47 @@ class JobStore:
         with self._read() as session:
             return list(session.scalars(query.order_by(LogLineRow.seq).limit(limit)))
 
-    def events(self, job_id: str, *, after: int = 0, limit: int = 500) -> list[JobEventRow]:
-        """Events with `seq > after`, in order (the SSE stream's source)."""
+    def events(
+        self, job_id: str, *, after: int = 0, limit: int = 500, layers_after_step: int | None = None
+    ) -> list[JobEventRow]:
+        """Events with `seq > after`, in order (the SSE stream's source).
+
+        A `layers` event is stored as its step only; its `layers` summaries are read from `layer_summaries`
+        here, one query per batch of events (events stored before that change carry them inline). With
+        `layers_after_step`, `layers` events of earlier steps are left bare (the caller skips them).
+        """
         query = select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after)
         with self._read() as session:
-            return list(session.scalars(query.order_by(JobEventRow.seq).limit(limit)))
+            rows = list(session.scalars(query.order_by(JobEventRow.seq).limit(limit)))
+            bare = [
+                r
+                for r in rows
+                if r.kind == "layers"
+                and isinstance(r.data, dict)
+                and "layers" not in r.data
+                and (layers_after_step is None or _integer(r.data.get("step")) > layers_after_step)
+            ]
+            if not bare:
+                return rows
+            series = self._series_rows(session, job_id)
+            names = {row.id: (row.layer, row.channels) for row in series}
+            steps = sorted({_integer(r.data.get("step")) for r in bare})
+            found: dict[int, dict[str, Any]] = {step: {} for step in steps}
+            for chunk in range(0, len(steps), 500):
+                query = (
+                    select(LayerSummaryRow.series_id, LayerSummaryRow.step, LayerSummaryRow.summary)
+                    .where(LayerSummaryRow.series_id.in_(list(names)))
+                    .where(LayerSummaryRow.step.in_(steps[chunk : chunk + 500]))
+                    .order_by(LayerSummaryRow.step, LayerSummaryRow.series_id)
+                )
+                for series_id, step, blob in session.execute(query):
+                    name, channels = names[series_id]
+                    found[step][name] = decode_summary(blob, channels)
+        order = {row.layer: row.position for row in series}
+        for row in bare:
+            layers = found.get(_integer(row.data.get("step")), {})
+            row.data = {**row.data, "layers": dict(sorted(layers.items(), key=lambda item: order[item[0]]))}
+        return rows
 
     def last_event_seq(self, job_id: str) -> int:
         """The newest event id of a job in the database (0 if none)."""

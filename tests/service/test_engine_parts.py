@@ -176,14 +176,14 @@ def test_divergence_reason_names_step_and_fix() -> None:
 # ------------------------------------------------------------------ reports and the record log
 
 
-def _snapshots(model: nn.Module, batches: list[torch.Tensor]) -> list[dict]:
-    """Real recorder snapshots of plain BatchNorm, one per simulated rank (different batches)."""
+def _snapshots(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[dict, syncbn.stats.PackedLayerStats]]:
+    """Real recorder snapshots of plain BatchNorm, one per simulated rank (different batches), in both forms."""
     recorder = syncbn.BatchStatsRecorder(model)
     out = []
     for x in batches:
         with recorder.recording():
             model(x).sum().backward()
-        out.append(recorder.snapshot())
+        out.append((recorder.snapshot(), recorder.packed_snapshot()))
     return out
 
 
@@ -193,16 +193,25 @@ def test_records_from_reports_merges_layers_across_ranks() -> None:
     batches = [torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8) + 2.0]  # rank 1's batch sits elsewhere: skew
     snaps = _snapshots(model, batches)
     step = {"kind": "step", "step": 4, "epoch": 1, "train_loss": 2.3, "lr": 0.1, "samples_per_s": 10.0}
-    per_rank = [{**step, "step_time_s": 0.1, "layers": snaps[r]} for r in range(2)]
+    per_rank = [{**step, "step_time_s": 0.1, "layers": snaps[r][1]} for r in range(2)]  # what the train loop sends
     records = records_from_reports(per_rank)
     assert [r["kind"] for r in records] == ["step", "layers"]
     assert records[0] == {**step, "kind": "step", "step_time_s": 0.1}
-    layers = records[1]["layers"]
-    assert set(layers) == {"features.1", "features.4", "features.7"}
+    layers, vectors = records[1]["layers"], records[1]["vectors"]
+    assert set(layers) == set(vectors) == {"features.1", "features.4", "features.7"}
     first = layers["features.1"]
     assert first["synchronized"] is False and first["ranks_agree"] is None
-    assert first["count"] == 2 * 4 * 64 and len(first["mean"]) == 32
+    assert first["count"] == 2 * 4 * 64 and first["channels"] == 32
+    assert len(vectors["features.1"]) == 4 * 32 * 4, "mean, var, running mean, running var as float32"
     assert first["skew_between_share_max"] > 0.1  # the shifted rank shows up as cross-worker skew
+
+    from_dicts = records_from_reports([{**r, "layers": snaps[i][0]} for i, r in enumerate(per_rank)])[1]
+    assert from_dicts["vectors"] == vectors, "the per-layer dicts of older train loops give the same records"
+    for name, summary in from_dicts["layers"].items():
+        assert summary.keys() == layers[name].keys()
+        for key, value in summary.items():
+            expected = layers[name][key]
+            assert value == (pytest.approx(expected, rel=1e-12) if isinstance(expected, float) else expected), key
 
 
 def test_records_from_reports_refuses_mixed_kinds() -> None:

@@ -50,7 +50,7 @@ def layer(mean: float) -> dict[str, Any]:
         "synchronized": True,
         "mean": [mean, mean + 1],
         "var": [1.0, 2.0],
-        "mean_mean": mean + 0.5,
+        "batch_mean_mean": mean + 0.5,
         "dead_channels": 0,
         "skew_max_gap": float("nan"),
     }
@@ -153,11 +153,14 @@ def test_ingest_stores_each_record_once_and_fills_the_summary(store: JobStore) -
 
     assert store.layer_steps(job_id) == [2, 4]
     latest = store.layers_at(job_id, None)
-    assert {row.layer: row.stats["mean"] for row in latest} == {"bn1": [2.0, 3.0], "bn2": [3.0, 4.0]}
-    assert latest[0].stats["skew_max_gap"] is None, "NaN inside layer JSON becomes null"
-    assert {row.layer for row in store.layers_at(job_id, 2)} == {"bn1", "bn2"}
-    assert store.layers_at(job_id, 3) == []
-    assert [row.step for row in store.layer_history(job_id, "bn2")] == [2, 4]
+    assert latest.step == 4 and latest.requested_step is None and latest.kept_steps == [2, 4]
+    assert {name: stats["mean"] for name, stats in latest.layers.items()} == {"bn1": [2.0, 3.0], "bn2": [3.0, 4.0]}
+    assert latest.layers["bn1"]["skew_max_gap"] is None, "NaN becomes null"
+    assert latest.layers["bn1"]["running_mean"] is None, "a layer without running stats has none"
+    assert set(store.layers_at(job_id, 2).layers) == {"bn1", "bn2"}
+    assert store.layers_at(job_id, 3).step == 2, "the nearest recorded step answers (the earlier on a tie)"
+    assert [p.step for p in store.layer_history(job_id, "bn2").points] == [2, 4]
+    assert store.layer_history(job_id, "bn9") is None
     assert store.layer_names(job_id) == ["bn1", "bn2"]
 
     events = store.events(job_id)
@@ -166,7 +169,7 @@ def test_ingest_stores_each_record_once_and_fills_the_summary(store: JobStore) -
     assert kinds.count("step") == 2 and kinds.count("layers") == 2 and kinds.count("epoch") == 1
     layer_event = next(e for e in events if e.kind == "layers")
     assert "mean" not in layer_event.data["layers"]["bn1"], "SSE layer events carry summaries only"
-    assert layer_event.data["layers"]["bn1"]["mean_mean"] == 0.5
+    assert layer_event.data["layers"]["bn1"]["batch_mean_mean"] == 0.5
     assert events[-2].kind == "status" and events[-2].data["status"] == "succeeded"
     assert store.last_event_seq(job_id) == events[-1].seq
     assert [e.seq for e in store.events(job_id, after=events[-3].seq)] == [events[-2].seq, events[-1].seq]
@@ -244,7 +247,13 @@ def test_delete_removes_every_row_of_the_job_only(store: JobStore) -> None:
     assert store.get_job(doomed) is None and not store.delete_job(doomed)
     assert store.metrics(doomed) == ([], []) and store.layer_steps(doomed) == []
     assert store.logs(doomed) == [] and store.events(doomed) == []
-    assert len(store.metrics(kept)[0]) == 2 and len(store.layers_at(kept, None)) == 2
+    assert len(store.metrics(kept)[0]) == 2 and len(store.layers_at(kept, None).layers) == 2
+    assert store.layer_storage_bytes(doomed) == {
+        "summaries_rows": 0,
+        "summaries_bytes": 0,
+        "vectors_rows": 0,
+        "vectors_bytes": 0,
+    }
 
 
 def test_data_survives_reopening_the_database(tmp_path: Path) -> None:
@@ -257,8 +266,8 @@ def test_data_survives_reopening_the_database(tmp_path: Path) -> None:
     second = JobStore(url)
     job = second.get_job(job_id)
     assert job.status == "succeeded" and job.record_seq == 7
-    assert len(second.metrics(job_id)[0]) == 2 and len(second.layer_history(job_id, "bn1")) == 2
-    assert math.isclose(second.layers_at(job_id, 2)[0].stats["mean_mean"], 0.5)
+    assert len(second.metrics(job_id)[0]) == 2 and len(second.layer_history(job_id, "bn1").points) == 2
+    assert math.isclose(second.layers_at(job_id, 2).layers["bn1"]["batch_mean_mean"], 0.5)
     second.close()
 
 

@@ -256,3 +256,17 @@ def record_stats(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, A
     y2.sum().backward()
     recorder.close()
     return snap
+
+
+def record_both_stats(rank: int, world_size: int, cfg: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """One recorded train step of a synchronized and a plain layer; returns `(snapshot(), packed_snapshot())`."""
+    c = cfg["channels"]
+    model = nn.Sequential(syncbn.SyncBatchNorm(c, dtype=torch.float64), nn.BatchNorm2d(c, dtype=torch.float64))
+    x_all, dy_all = make_global_batch(cfg)
+    recorder = syncbn.BatchStatsRecorder(model)
+    with recorder.recording():
+        y = model(x_all[rank_slice(cfg, rank)])
+    y.backward(dy_all[rank_slice(cfg, rank)])
+    both = recorder.snapshot(), recorder.packed_snapshot()
+    recorder.close()
+    return both

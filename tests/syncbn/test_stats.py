@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import syncbn
+from syncbn.stats import MERGED_VECTORS, PACKED_VECTORS, PackedLayerStats, merge_packed_layer_stats
 from tests.syncbn import scenarios as sc
 from tests.syncbn.process_group_pool import ProcessGroupPool
 
@@ -85,4 +87,62 @@ def test_recorder_without_process_group_reads_local_moments_and_gradients() -> N
     assert first["weight_grad_norm"] is not None and first["weight_grad_norm"] > 0
     model(x)  # outside recording(): nothing new is kept
     assert recorder.snapshot()["1"]["mean_local"] == first["mean_local"]
+    recorder.close()
+
+
+def _assert_same_merge(packed_summary: dict, vectors: torch.Tensor, merged: dict) -> None:
+    """A layer of `merge_packed_layer_stats` says what `merge_rank_layer_stats` says for it."""
+    for key, value in packed_summary.items():
+        if isinstance(value, float):
+            assert value == pytest.approx(merged[key], rel=1e-12, abs=1e-15), key
+        else:
+            assert value == merged[key], key
+    for row, key in enumerate(MERGED_VECTORS):
+        expected = merged[key]
+        if expected is None:
+            assert bool(vectors[row].isnan().all()), key
+        else:
+            torch.testing.assert_close(vectors[row], torch.tensor(expected, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_packed_snapshots_merge_like_the_per_layer_dicts(pool3: ProcessGroupPool) -> None:
+    cfg = {"sizes": [2, 0, 3], "channels": 4, "spatial": (2, 2)}  # rank 1 is empty: it must weigh nothing
+    both = pool3.run(sc.record_both_stats, cfg)
+    packed = [p for _, p in both]
+    assert all(p.vectors.dtype == torch.float64 and p.vectors.shape == (len(PACKED_VECTORS), 8) for p in packed)
+    merged = merge_packed_layer_stats(packed)
+    assert merged.layers == ("0", "1") and merged.channels == (4, 4)
+    for index, name in enumerate(merged.layers):
+        reference = syncbn.merge_rank_layer_stats([snaps[name] for snaps, _ in both])
+        _assert_same_merge(merged.summaries[index], merged.layer_vectors(index), reference)
+    assert merged.summaries[0]["ranks_agree"] is True and merged.summaries[1]["ranks_agree"] is None
+    assert merged.summaries[0]["per_rank_count"] == [8.0, 0.0, 12.0]
+
+
+def test_packed_merge_of_many_layers_matches_layer_by_layer_and_refuses_mismatched_ranks() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(*(nn.BatchNorm1d(c) for c in (3, 5, 1, 7)))
+    model[2].affine = False
+    model[2].weight = model[2].bias = None
+    model[3].track_running_stats = False
+    model[3].running_mean = model[3].running_var = None
+    recorder = syncbn.BatchStatsRecorder(model)
+    per_rank = []
+    for rank in range(3):
+        with recorder.recording():
+            outs = [layer(torch.randn(4 + rank, layer.num_features) * (rank + 1) + rank) for layer in model]
+        sum(o.sum() for o in outs).backward()
+        per_rank.append((recorder.snapshot(), recorder.packed_snapshot()))
+        model.zero_grad()
+    merged = merge_packed_layer_stats([p for _, p in per_rank])
+    for index, name in enumerate(merged.layers):
+        reference = syncbn.merge_rank_layer_stats([snaps[name] for snaps, _ in per_rank])
+        _assert_same_merge(merged.summaries[index], merged.layer_vectors(index), reference)
+    assert merged.summaries[2]["weight_mean"] is None and merged.summaries[3]["drift_max"] is None
+    other = per_rank[1][1]
+    shrunk = PackedLayerStats(other.layers[:-1], other.channels[:-1], other.scalars[:-1], other.vectors[:, :-7])
+    with pytest.raises(ValueError, match="rank 1"):
+        merge_packed_layer_stats([per_rank[0][1], shrunk])
+    with pytest.raises(ValueError, match="at least one rank"):
+        merge_packed_layer_stats([])
     recorder.close()

@@ -10,7 +10,8 @@ Event kinds (the `event:` field) and their JSON `data`:
 - `step`: a step point (`step, epoch, train_loss, lr, samples_per_s, step_time_s`);
 - `epoch`: an epoch point (`epoch, step, train_loss, train_acc, val_loss, val_acc, epoch_time_s`);
 - `layers`: `step, epoch, layers: {layer: summary}` (per-channel lists are left out: read them from
-  `GET /v1/jobs/{id}/layers?step=`);
+  `GET /v1/jobs/{id}/layers?step=`); `?layers_after_step=N` leaves out those of steps up to N, for a client that
+  read them from `GET /v1/jobs/{id}/layer-summaries` first;
 - `log`: `level, source, message, at`;
 - `resumed`: `epoch, reason, at` (the run died with the service and starts again from its checkpoint after
   `epoch`; the job stays running).
@@ -31,7 +32,7 @@ from service.api.deps import JobDep, ManagerDep, StoreDep
 from service.api.routes.responses import errors
 from service.status import JobStatus
 from service.store.limits import integer_range
-from service.store.models import JobEventRow
+from service.store.models import JobEventRow, LayerSummaryRow
 
 __all__ = ["router"]
 
@@ -74,14 +75,27 @@ async def stream_events(
             description="Same as Last-Event-ID, for clients that cannot set headers.",
         ),
     ] = None,
+    layers_after_step: Annotated[
+        int | None,
+        Query(
+            ge=-1,
+            le=integer_range(LayerSummaryRow.step)[1],
+            description="Leave out `layers` events of steps up to this one (already read from /layer-summaries).",
+        ),
+    ] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Stream the job's events from the start (or after `Last-Event-ID`); the stream ends when the job ends."""
     cursor = max(last_event_id or 0, after or 0)
+    skip_through = layers_after_step if layers_after_step is not None else -1
     yield ServerSentEvent(comment=f"events of job {job.id} after id {cursor}", retry=RETRY_MS)
     while True:
-        rows = await run_in_threadpool(store.events, job.id, after=cursor, limit=BATCH)
+        rows = await run_in_threadpool(
+            store.events, job.id, after=cursor, limit=BATCH, layers_after_step=layers_after_step
+        )
         for row in rows:
             cursor = row.seq
+            if row.kind == "layers" and isinstance(row.data, dict) and row.data.get("step", 0) <= skip_through:
+                continue
             yield ServerSentEvent(id=str(row.seq), event=row.kind, data=row.data)
         if len(rows) == BATCH:
             continue

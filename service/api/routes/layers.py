@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from service.api.deps import JobDep, StoreDep
-from service.api.models import LayerHistoryPublic, LayersPublic
+from service.api.models import LayerHistoryPublic, LayerMatrixPublic, LayersPublic
 from service.api.routes.responses import errors
+from service.store.layer_codec import SUMMARY_FIELDS
 from service.store.limits import integer_range
-from service.store.models import LayerStatRow
+from service.store.models import LayerSummaryRow
 
 __all__ = ["router"]
 
@@ -38,21 +39,25 @@ def read_layers(
     store: StoreDep,
     step: Annotated[
         int | None,
-        Query(ge=0, le=integer_range(LayerStatRow.step)[1], description="A recorded step; default: the latest one."),
+        Query(
+            ge=0,
+            le=integer_range(LayerSummaryRow.step)[1],
+            description="A step; the answer is for the nearest recorded step (with channels: the nearest kept "
+            "snapshot), named in `step`. Default: the latest recorded step.",
+        ),
     ] = None,
     channels: Channels = True,
 ) -> LayersPublic:
     """Every BatchNorm layer's statistics at one step: global batch mean/variance, running stats, gamma/beta,
     gradient norms, dead channels, drift and cross-worker skew. Empty (`step: null`) until the first record."""
-    rows = store.layers_at(job.id, step)
-    steps = store.layer_steps(job.id)
-    if step is not None and not rows:
-        recorded = _some(steps) if steps else "none yet"
+    result = store.layers_at(job.id, step, channels=channels)
+    if step is not None and result.step is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
-            f"job {job.id} has no layer statistics at step {step}; recorded steps: {recorded}.",
+            f"job {job.id} has no layer statistics at step {step}: none recorded yet; ask again once the run has "
+            "recorded a step (every stats_every steps).",
         )
-    return LayersPublic.from_rows(job.id, rows, steps, channels)
+    return LayersPublic.from_result(job.id, result)
 
 
 @router.get(
@@ -66,18 +71,61 @@ def read_layer_history(
     store: StoreDep,
     layer: Annotated[str, Path(description="Module path of the layer, e.g. 'layer1.0.bn1'.")],
     since_step: Annotated[
-        int | None, Query(ge=-1, le=integer_range(LayerStatRow.step)[1], description="Only steps after this one.")
+        int | None,
+        Query(ge=-1, le=integer_range(LayerSummaryRow.step)[1], description="Only steps after this one."),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=100_000, description="Most points to return.")] = 10_000,
+    limit: Annotated[
+        int, Query(ge=1, le=1_000_000, description="Consider at most this many steps after since_step.")
+    ] = 1_000_000,
+    max_points: Annotated[
+        int,
+        Query(ge=1, le=10_000, description="Most points to return: the series is downsampled evenly to this."),
+    ] = 500,
     channels: Channels = True,
 ) -> LayerHistoryPublic:
-    """One layer's statistics at every recorded step, ascending."""
-    rows = store.layer_history(job.id, layer, since_step=since_step, limit=limit)
-    if not rows and since_step is None:
+    """One layer's statistics over the run, ascending: every recorded step's summary (`channels=false`), or the
+    kept snapshots with their per-channel lists (`channels=true`), downsampled to `max_points`."""
+    history = store.layer_history(
+        job.id, layer, since_step=since_step, limit=limit, max_points=max_points, channels=channels
+    )
+    if history is None:
         names = store.layer_names(job.id)
         known = _some(names) if names else "none recorded yet"
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
             f"job {job.id} has no statistics for layer {layer!r}; its layers: {known}.",
         )
-    return LayerHistoryPublic.from_rows(job.id, layer, rows, channels)
+    return LayerHistoryPublic.from_result(job.id, layer, history)
+
+
+@router.get(
+    "/jobs/{job_id}/layer-summaries",
+    response_model=LayerMatrixPublic,
+    summary="Read summary statistics of every layer over the run (the heatmap)",
+    responses=errors(401, 404, 422),
+)
+def read_layer_matrix(
+    job: JobDep,
+    store: StoreDep,
+    keys: Annotated[
+        str,
+        Query(
+            max_length=2000,
+            description="Comma-separated summary statistics, e.g. skew_max_gap,drift_mean; "
+            f"any of: {', '.join(SUMMARY_FIELDS)}.",
+        ),
+    ],
+    max_steps: Annotated[
+        int, Query(ge=1, le=10_000, description="Most steps (columns) to return, evenly spaced.")
+    ] = 2000,
+) -> LayerMatrixPublic:
+    """Chosen summary statistics of every layer at the recorded steps, as layers x steps lists: one small answer
+    instead of replaying every `layers` event (pair it with `GET /events?layers_after_step=`)."""
+    wanted = [key.strip() for key in keys.split(",") if key.strip()]
+    unknown = [key for key in wanted if key not in SUMMARY_FIELDS]
+    if not wanted or unknown:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"keys must name summary statistics (got {unknown or 'none'}): use some of {', '.join(SUMMARY_FIELDS)}.",
+        )
+    return LayerMatrixPublic.from_result(job.id, store.layer_matrix(job.id, wanted, max_steps=max_steps))

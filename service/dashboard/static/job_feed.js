@@ -1,10 +1,13 @@
 // Everything the dashboard knows about one job, kept current from the job's event stream.
 //
 // The stream replays a job's whole history from its first event and then goes live, so one code path serves
-// finished and running jobs alike. Listeners are told what changed ("job", "steps", "epochs", "layers", "logs",
+// finished and running jobs alike. The per-layer summaries of the past are the exception: they are read first, as
+// one small matrix of the heatmap's statistics (GET /layer-summaries), and the stream leaves out the `layers`
+// events of those steps (hundreds of layers x steps would otherwise replay as megabytes of events). Listeners are told what changed ("job", "steps", "epochs", "layers", "logs",
 // "stream"), at most every 150 ms, so a burst of events redraws the charts once.
 
 import { isTerminal } from "./dom.js";
+import { STATISTICS } from "./layer_view.js";
 
 const NOTIFY_EVERY_MS = 150;
 const MAX_LOG_LINES = 2000;
@@ -31,9 +34,12 @@ export class JobFeed {
 
   /** Read the job, then follow its events. Rejects with the ApiError of the first read (e.g. 404). */
   async start() {
-    this.job = await this.api.get(`v1/jobs/${encodeURIComponent(this.jobId)}`);
+    const path = `v1/jobs/${encodeURIComponent(this.jobId)}`;
+    this.job = await this.api.get(path);
     this.notify("job");
-    this.stream = this.api.follow(`v1/jobs/${encodeURIComponent(this.jobId)}/events`, {
+    const through = await this.loadLayerSummaries(path);
+    const query = through === null ? "" : `?layers_after_step=${through}`;
+    this.stream = this.api.follow(`${path}/events${query}`, {
       onEvent: (event) => this.onEvent(event),
       onState: (state, detail) => {
         this.streamState = state;
@@ -43,6 +49,33 @@ export class JobFeed {
       reconnect: () => !isTerminal(this.job?.status),
     });
     return this;
+  }
+
+  /** Read the heatmap's statistics of every recorded step; returns the last step read (null: none, or failed). */
+  async loadLayerSummaries(path) {
+    let matrix;
+    try {
+      matrix = await this.api.get(`${path}/layer-summaries`, { keys: STATISTICS.map((s) => s.key).join(",") });
+    } catch (error) {
+      console.warn("could not read the layer summaries; the event stream replays them", error.message);
+      return null;
+    }
+    if (!matrix.steps.length) return null;
+    this.layerSteps = matrix.steps.slice();
+    this.layerEpochs = matrix.epochs.slice();
+    this.layerNames = matrix.layers.slice();
+    matrix.layers.forEach((name, row) => {
+      this.layerStats.set(
+        name,
+        matrix.steps.map((_, column) => {
+          const stats = {};
+          for (const [key, rows] of Object.entries(matrix.values)) stats[key] = rows[row][column];
+          return stats;
+        }),
+      );
+    });
+    this.notify("layers");
+    return matrix.steps[matrix.steps.length - 1];
   }
 
   stop() {

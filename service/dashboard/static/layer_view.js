@@ -2,11 +2,15 @@
 // layer, its per-channel batch and running means and variances at one step and their history over the run.
 //
 // The heatmap reads the layer summaries that arrive on the job's event stream (JobFeed); the per-channel lists
-// are not on the stream, so the layer detail reads them from GET /v1/jobs/{id}/layers/{layer}.
+// are not on the stream, so the layer detail reads them on demand from GET /v1/jobs/{id}/layers/{layer}: the
+// snapshots the store keeps (the recent ones and a log-spaced selection of older ones), at most DETAIL_POINTS.
 
 import { align, Chart, PALETTE } from "./charts.js";
 import { h, num, replace } from "./dom.js";
 import { Heatmap } from "./heatmap.js";
+
+/** Most snapshots the layer detail asks for (the server downsamples the kept ones evenly to this). */
+const DETAIL_POINTS = 120;
 
 /** The statistics a heatmap can show: keys of the layer summaries (syncbn.merge_rank_layer_stats). */
 export const STATISTICS = [
@@ -118,15 +122,21 @@ export class LayerDetail {
     this.container.dataset.layer = layer;
     replace(this.container, h("p", { class: "muted" }, `Loading ${layer}…`));
     try {
-      const history = await this.api.get(this.path(layer));
+      const history = await this.api.get(this.path(layer), { max_points: DETAIL_POINTS });
       if (this.layer !== layer) return;
       this.points = history.points;
     } catch (error) {
       replace(this.container, h("p", { class: "error-text" }, `Could not read layer ${layer}: ${error.message}`));
       return;
     }
-    const at = step === null ? -1 : this.points.findIndex((p) => p.step === step);
-    this.index = at >= 0 ? at : this.points.length - 1;
+    // A clicked step may no longer keep its per-channel vectors: show the nearest snapshot that does.
+    let at = this.points.length - 1;
+    if (step !== null) {
+      for (let i = 0; i < this.points.length; i++) {
+        if (Math.abs(this.points[i].step - step) < Math.abs(this.points[at].step - step)) at = i;
+      }
+    }
+    this.index = at;
     this.render();
   }
 
@@ -135,7 +145,7 @@ export class LayerDetail {
     if (!this.layer || !this.points.length || this.loading) return;
     const layer = this.layer;
     const last = this.points[this.points.length - 1].step;
-    this.loading = this.api.get(this.path(layer), { since_step: last });
+    this.loading = this.api.get(this.path(layer), { since_step: last, max_points: DETAIL_POINTS });
     try {
       const history = await this.loading;
       if (this.layer !== layer || !history.points.length) return;
