@@ -135,9 +135,11 @@ class AsyncClient:
         """`Client.layers`, awaited."""
         return await self._run(_plans.layers(job_id, step, channels, self.retry))
 
-    async def layer(self, job_id: str, name: str, *, channels: bool = True) -> LayerHistoryPublic:
+    async def layer(
+        self, job_id: str, name: str, *, channels: bool = True, max_points: int | None = None
+    ) -> LayerHistoryPublic:
         """`Client.layer`, awaited."""
-        return await self._run(_plans.layer(job_id, name, channels, self.retry))
+        return await self._run(_plans.layer(job_id, name, channels, self.retry, max_points))
 
     def events(self, job_id: str, last_event_id: int | None = None) -> AsyncIterator[Event]:
         """`Client.events`, as an async iterator."""

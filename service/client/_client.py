@@ -156,13 +156,17 @@ class Client:
         return self._run(_plans.metrics(job_id, since_step, self.retry))
 
     def layers(self, job_id: str, step: int | None = None, *, channels: bool = True) -> LayersPublic:
-        """Every BatchNorm layer's statistics at `step` (default: the latest recorded one); `channels=False`
-        leaves out the per-channel lists. `NotFoundError` for a step that was not recorded."""
+        """Every BatchNorm layer's statistics at the kept snapshot nearest to `step` (default: the latest recorded
+        one; the answer's `step` says which, `requested_step` what was asked); `channels=False` leaves out the
+        per-channel lists."""
         return self._run(_plans.layers(job_id, step, channels, self.retry))
 
-    def layer(self, job_id: str, name: str, *, channels: bool = True) -> LayerHistoryPublic:
-        """One layer's statistics at every recorded step (`name` is its module path, e.g. 'layer1.0.bn1')."""
-        return self._run(_plans.layer(job_id, name, channels, self.retry))
+    def layer(
+        self, job_id: str, name: str, *, channels: bool = True, max_points: int | None = None
+    ) -> LayerHistoryPublic:
+        """One layer's statistics over the run (`name` is its module path, e.g. 'layer1.0.bn1'), downsampled
+        evenly to `max_points` (default: the service's, 500)."""
+        return self._run(_plans.layer(job_id, name, channels, self.retry, max_points))
 
     def events(self, job_id: str, last_event_id: int | None = None) -> Iterator[Event]:
         """The job's events (`Event(id, type, data)`), live, until the job ends.

@@ -235,11 +235,14 @@ def layers(job_id: str, step: int | None, channels: bool, retry: RetryPolicy) ->
     return (yield from request_model(call, retry, LayersPublic))
 
 
-def layer(job_id: str, name: str, channels: bool, retry: RetryPolicy) -> Plan[LayerHistoryPublic]:
-    """GET /v1/jobs/{id}/layers/{name}: one layer's statistics at every recorded step."""
+def layer(
+    job_id: str, name: str, channels: bool, retry: RetryPolicy, max_points: int | None = None
+) -> Plan[LayerHistoryPublic]:
+    """GET /v1/jobs/{id}/layers/{name}: one layer's statistics over the run, downsampled to `max_points` (the
+    service's default when None)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a layer's module path such as 'layer1.0.bn1' (got {name!r}).")
-    params = {"limit": POINTS_LIMIT, "channels": str(channels).lower()}
+    params = {"limit": POINTS_LIMIT, "channels": str(channels).lower(), "max_points": max_points}
     call = Call("GET", f"{_job_path(job_id)}/layers/{quote(name, safe='')}", params=params, repeatable=True)
     return (yield from request_model(call, retry, LayerHistoryPublic))
 

@@ -17,6 +17,7 @@ import torch
 
 from service.engine.runner import JobRun, launch_run
 from service.spec import JobSpec
+from service.store.layer_codec import decode_vectors
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -58,8 +59,10 @@ def test_bf16_channels_last_lands_in_the_fp32_accuracy_band(ray_cluster: dict, t
     running = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
     assert len(running) == 18 and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in running.values())
     layers = [r for r in ends["bf16"][1] if r["kind"] == "layers"]
+    last = layers[-1] if layers else {"layers": {}}
     assert layers and all(
-        layer["ranks_agree"] is True and all(v == v for v in layer["var"]) for layer in layers[-1]["layers"].values()
+        layer["ranks_agree"] is True and all(v == v for v in decode_vectors(last["vectors"][name])["var"])
+        for name, layer in last["layers"].items()
     )
 
 

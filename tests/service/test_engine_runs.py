@@ -24,6 +24,7 @@ from service.engine.data import load_data
 from service.engine.model_registry import build_model
 from service.engine.runner import JobRun, attach_run, driver_name, launch_run
 from service.spec import JobSpec
+from service.store.layer_codec import decode_vectors
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -119,7 +120,8 @@ def test_two_worker_sync_bn_run_records_stats_and_saves_a_plain_model(ray_cluste
             # every rank normalised with the same global statistics: that is what synchronisation means
             assert layer["synchronized"] is True and layer["ranks_agree"] is True, name
             assert layer["ranks"] == 2 and len(layer["per_rank_count"]) == 2
-            assert len(layer["mean"]) == len(layer["var"]) == len(layer["running_mean"]) == layer["channels"]
+            vectors = decode_vectors(record["vectors"][name])  # per-channel vectors travel as float32 blocks
+            assert len(vectors["mean"]) == len(vectors["var"]) == len(vectors["running_mean"]) == layer["channels"]
             assert layer["drift_mean"] is not None and layer["skew_max_gap"] >= 0
             assert layer["weight_grad_norm"] is not None and layer["dead_channels"] >= 0
     stem = layer_records[0]["layers"]["stem.1"]
