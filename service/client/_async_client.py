@@ -22,7 +22,7 @@ from service.client._client import DEFAULT_TIMEOUT_S, default_headers
 from service.client._retry import RetryPolicy
 from service.client._sse import Event
 from service.client._steps import Emit, Plan, PlanRunner, ReadChunk, ReadLine, Send, Sleep, Step, build_request
-from service.jobs.status import JobStatus
+from service.status import JobStatus
 
 __all__ = ["AsyncClient"]
 

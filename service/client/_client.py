@@ -16,7 +16,7 @@ from service.client import _plans
 from service.client._retry import RetryPolicy
 from service.client._sse import Event
 from service.client._steps import Emit, Plan, PlanRunner, ReadChunk, ReadLine, Send, Sleep, Step, build_request
-from service.jobs.status import JobStatus
+from service.status import JobStatus
 
 __all__ = ["Client", "default_headers"]
 

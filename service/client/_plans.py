@@ -39,8 +39,8 @@ from service.client._errors import (
 from service.client._retry import RetryPolicy, is_retryable_error
 from service.client._sse import Event, EventDecoder
 from service.client._steps import Call, Emit, Plan, ReadChunk, ReadLine, Send, Sleep
-from service.jobs.status import JobStatus
 from service.spec import JobSpec, load_spec_file
+from service.status import JobStatus
 
 __all__ = [
     "SpecLike",

@@ -38,9 +38,9 @@ from service.client import (
 )
 from service.client._errors import error_from_response
 from service.client._sse import parse_events
-from service.jobs.status import JobStatus
 from service.settings import Settings
 from service.spec import JobSpec
+from service.status import JobStatus
 from tests.service.conftest_api import LiveServer, read_events, tiny_spec
 
 pytestmark = pytest.mark.timeout(240)

@@ -32,8 +32,8 @@ from service.client import (
     ServiceUnavailableError,
     UnexpectedResponseError,
 )
-from service.jobs.status import JobStatus
 from service.settings import Settings
+from service.status import JobStatus
 from tests.service.conftest_api import LiveServer, ServeProcess, free_port, read_events, tiny_spec, wait_for
 
 pytestmark = pytest.mark.timeout(240)

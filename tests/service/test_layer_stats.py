@@ -23,7 +23,7 @@ from torch import nn
 import syncbn
 from service.engine.recorder import RecordLog
 from service.engine.reports import records_from_reports
-from service.jobs.status import JobStatus
+from service.status import JobStatus
 from service.store import JobStore
 from service.store.layer_codec import SUMMARY_FIELDS, decode_summary, decode_vectors, encode_summary
 from service.store.retention import MIN_KEEP, downsample, nearest, snapshots_to_keep
