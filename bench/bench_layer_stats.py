@@ -306,7 +306,7 @@ def main() -> int:
     parser.add_argument("--skip-training", action="store_true", help="only pieces, storage and latency")
     args = parser.parse_args()
 
-    from service.jobs.status import JobStatus
+    from service.status import JobStatus
     from service.store import JobStore
 
     with tempfile.TemporaryDirectory(prefix="bench-layer-stats-") as tmp:
