@@ -2,13 +2,14 @@
 
 A storage URI is a local folder (an NFS mount on a multi-node cluster, so every node writes to the same place) or
 an `s3://` / `gs://` bucket prefix, read and written through pyarrow's filesystems (the ones Ray Train uses).
-Each run gets the folder `<storage>/syncbn-<job_id>/` (Ray Train's `RunConfig(storage_path=<storage>,
-name="syncbn-<job_id>")`): checkpoints go to its `checkpoint_*` folders, and the final model is `model.pt` in the
-last checkpoint, uploaded by Ray from rank 0's node when it reports. Whoever reads a model afterwards (the service,
-`syncbn train`) reads it from storage, never from the disk of the node that trained.
+Each launch of a job gets its own folder, `<storage>/syncbn-<job_id>/`, then `syncbn-<job_id>-r<n>/` for the
+n-th relaunch after a service restart (Ray Train's `RunConfig(storage_path=<storage>, name=...)`): checkpoints
+go to its `checkpoint_*` folders, and the final model is `model.pt` in the last checkpoint, uploaded by Ray from
+rank 0's node when it reports. Whoever reads a model afterwards (the service, `syncbn train`) reads it from
+storage, never from the disk of the node that trained.
 
-Paths read back (a job's recorded `model_path`) must lie inside that job's run folder: nothing else in the storage,
-and nothing outside it, is ever served.
+Paths read back (a job's recorded `model_path`) must lie inside one of that job's run folders: nothing else in
+the storage, and nothing outside it, is ever served.
 """
 
 from __future__ import annotations
@@ -97,12 +98,6 @@ class RunStorage:
     def storage_path(self) -> str:
         """What Ray Train's `RunConfig(storage_path=...)` takes: the folder, or the URI with its scheme."""
         return self.uri
-
-    def run_path(self, job_id: str) -> str:
-        """The run folder of a job, as a path of this storage's filesystem."""
-        if self.is_local:
-            return str(Path(self.base, run_name(job_id)))
-        return posixpath.join(self.base, run_name(job_id))
 
     def launch_paths(self, job_id: str) -> list[str]:
         """The run folders of every launch of a job that exist in this storage, as paths of its filesystem."""
