@@ -163,6 +163,7 @@ class JobManager:
         from service.engine.checkpoints import job_checkpoints
         from service.engine.runner import attach_run
 
+        runs_dir = self._checkpoints_dir()
         for job in self.store.jobs_with_status(JobStatus.RUNNING):
             try:
                 run = attach_run(job.id)
@@ -177,7 +178,7 @@ class JobManager:
                     message="job cancelled: its run stopped with the service before the cancel completed",
                 )
                 continue
-            if run is None and self._checkpoints_dir() is not None and job_checkpoints(self._checkpoints_dir(), job.id):
+            if run is None and runs_dir is not None and job_checkpoints(runs_dir, job.id):
                 with self._lock:
                     self._resume.append(job.id)
                 logger.info("job %s has checkpoints: its run will resume", job.id)
