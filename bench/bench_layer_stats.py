@@ -132,8 +132,10 @@ def run_training(args: argparse.Namespace, work: Path, store: Any, job_id: str) 
 
     from service.engine.recorder import RecordLog
     from service.engine.recording_callback import RecordingCallback
+    from service.engine.runner import TRAIN_ENV_VARS
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # The controller polls the workers as it does for a job (Ray's default 2 s would throttle every report).
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": TRAIN_ENV_VARS})
     log = ray.remote(RecordLog).options(num_cpus=0).remote(job_id)
     out = work / "times.json"
     ingest_s: list[float] = []
