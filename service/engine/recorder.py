@@ -13,9 +13,11 @@ resumed after a restart of the service starts a new log told what the store alre
 the steps and epochs stored before the crash are not published twice either.
 
 
-A `layers` record's per-channel `vectors` (float32 bytes, the bulk of a record for a wide model) are released
-once a reader polls past it: `poll(after_seq)` means everything up to `after_seq` has been consumed (the service
-stores it before it asks for more), so the log's memory stays near the size of the summaries.
+A `layers` record's payload, its per-layer `layers` summaries and per-channel `vectors` (float32 bytes), is
+released once a reader polls past it: `poll(after_seq)` means everything up to `after_seq` has been consumed (the
+service stores it before it asks for more), and the record keeps only its `seq`, `kind`, `step` and `epoch`. A
+long run then holds a few hundred bytes per record in this actor, not its statistics: summaries alone are ~1.6 KB
+per layer as Python dicts (measured), which for a ResNet-50 (53 layers) recorded 45,000 times would be ~3.8 GB.
 """
 
 from __future__ import annotations
@@ -156,11 +158,13 @@ class RecordLog:
     def poll(self, after_seq: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """Records with `seq > after_seq`, in order (at most `limit` of them).
 
-        The per-channel `vectors` of `layers` records up to `after_seq` are released (already consumed).
+        The payload (`layers`, `vectors`) of `layers` records up to `after_seq` is released (already consumed).
         """
         start = max(0, int(after_seq))
         for record in self._records[self._released : min(start, len(self._records))]:
-            record.pop("vectors", None)
+            if record["kind"] == "layers":
+                record.pop("vectors", None)
+                record.pop("layers", None)
         self._released = max(self._released, min(start, len(self._records)))
         end = len(self._records) if limit is None else min(len(self._records), start + max(0, limit))
         return self._records[start:end]

@@ -207,15 +207,17 @@ def test_codec_round_trips_flags_nones_and_large_counts() -> None:
     }
 
 
-def test_record_log_releases_vectors_once_polled_past() -> None:
+def test_record_log_releases_layer_payloads_once_polled_past() -> None:
     log = RecordLog("t")
     log.push(records_from_reports(_rank_reports(1)))
     log.push(records_from_reports(_rank_reports(2)))
-    assert all("vectors" in r for r in log.poll(0) if r["kind"] == "layers")
+    assert all("vectors" in r and "layers" in r for r in log.poll(0) if r["kind"] == "layers")
     log.poll(2)  # the reader stored records 1-2
-    first, second = (r for r in log.poll(0) if r["kind"] == "layers")
-    assert "vectors" not in first and "layers" in first, "summaries stay for replays"
-    assert "vectors" in second
+    records = log.poll(0)
+    first, second = (r for r in records if r["kind"] == "layers")
+    assert first == {"kind": "layers", "step": 1, "epoch": 1, "seq": 2}, "only the stub of a consumed record stays"
+    assert "vectors" in second and "layers" in second, "a record not yet consumed keeps its payload"
+    assert records[0]["kind"] == "step" and "train_loss" in records[0], "other kinds are kept whole"
 
 
 def test_json_era_layer_records_are_still_stored(tmp_path: Path) -> None:
