@@ -60,7 +60,6 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 ManagerDep = Annotated[JobManager, Depends(get_manager)]
 
 
-
 _bearer = HTTPBearer(
     auto_error=False,
     description="A token from the service's api_tokens setting (only enforced when tokens are configured).",

@@ -235,9 +235,7 @@ class JobManager:
                 or does not exist; a dataset.uri/val_uri outside the data root or with a scheme not allowed.
         """
         try:
-            check_dataset_locations(
-                spec.dataset, self.settings.resolved_data_root(), self.settings.allowed_uri_schemes
-            )
+            check_dataset_locations(spec.dataset, self.settings.resolved_data_root(), self.settings.allowed_uri_schemes)
         except ValueError as exc:
             raise JobCannotFitError(str(exc)) from exc
         capacity = self.cluster_capacity(fresh=fresh)

@@ -77,7 +77,6 @@ def test_serve_refuses_an_open_bind_without_tokens(tmp_path: Path) -> None:
     assert "no api_tokens are configured" in log and "--allow-insecure-bind" in log
 
 
-
 def _running_recorded_processes(data_dir: Path) -> list[tuple[int, float]]:
     """(pid, start time) of the processes listed in ray-processes.json that still run."""
     recorded = json.loads((data_dir / PROCESS_FILE).read_text())
