@@ -23,10 +23,12 @@ browser:
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check syncbn service tests bench
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check syncbn service tests bench
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_syncbn.py

@@ -186,8 +186,7 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, results: 
         opts[v].zero_grad(set_to_none=True)
     agree = {
         other: max(
-            ((a - b).abs().max() / b.abs().max()).item()
-            for a, b in zip(outputs[other], outputs["syncbn"], strict=True)
+            ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(outputs[other], outputs["syncbn"], strict=True)
         )
         for other in outputs
         if other != "syncbn"

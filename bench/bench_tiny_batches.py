@@ -97,9 +97,7 @@ def report(results: list[dict[str, Any]]) -> None:
         sync = _mean_std([r[key] for r in by[True]])
         local = _mean_std([r[key] for r in by[False]])
         print(f"{label:>14} {sync:>22} {local:>22}")
-    ratio = statistics.mean(r["train_time_s"] for r in by[True]) / statistics.mean(
-        r["train_time_s"] for r in by[False]
-    )
+    ratio = statistics.mean(r["train_time_s"] for r in by[True]) / statistics.mean(r["train_time_s"] for r in by[False])
     wall_ratio = statistics.mean(r["wall_time_s"] for r in by[True]) / statistics.mean(
         r["wall_time_s"] for r in by[False]
     )
