@@ -149,6 +149,15 @@ def test_parquet_labels_out_of_range_are_refused(ray_cluster: dict, tmp_path: Pa
         prepare_data(DatasetSpec(**{**PARQUET, "uri": "neg.parquet"}), seed=0, data_root=tmp_path)
 
 
+def test_parquet_null_labels_are_refused_with_their_count(ray_cluster: dict, tmp_path: Path) -> None:
+    image = png_bytes(np.zeros((8, 8), np.uint8))
+    labels = pa.array([0, 1, None, 2, 0, None, 2, 0], type=pa.int64())
+    pq.write_table(pa.table({"image": [image] * 8, "label": labels}), tmp_path / "holes.parquet")
+    message = r"dataset.label_column 'label' has 2 null labels in 'holes.parquet': fill them in or drop those rows"
+    with pytest.raises(ValueError, match=message):
+        prepare_data(DatasetSpec(**{**PARQUET, "uri": "holes.parquet"}), seed=0, data_root=tmp_path)
+
+
 def test_an_undecodable_image_fails_the_read_naming_the_file(ray_cluster: dict, tmp_path: Path) -> None:
     write_digits_folder(tmp_path / "digits", count=40)
     (tmp_path / "digits" / "digit_3" / "broken.png").write_bytes(b"this is not a png")

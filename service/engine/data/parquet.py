@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from service.data_location import resolve_data_uri, uri_scheme
 from service.engine.data.image_batches import DecodeEncodedImages, HashSplit, validation_mask
 from service.engine.data.source import DataInfo, PreparedData
@@ -53,14 +51,14 @@ def prepare(
     split_here = spec.val_uri is None
 
     if split_here:
-        train_size, val_size, max_label = _label_pass(spec, filesystem, path, seed, split=True)
+        train_size, val_size, max_label = _label_pass(spec, filesystem, path, spec.uri, seed, split=True)
         val_filesystem, val_path = filesystem, path
     else:
-        train_size, _, max_label = _label_pass(spec, filesystem, path, seed, split=False)
+        train_size, _, max_label = _label_pass(spec, filesystem, path, spec.uri, seed, split=False)
         val_location = resolve_data_uri(spec.val_uri, root, allowed_schemes, "dataset.val_uri")
         val_filesystem, val_path = _filesystem(val_location, spec.val_uri, "dataset.val_uri")
         _check_schema(spec, val_filesystem, val_path, "dataset.val_uri")
-        val_size, _, val_max = _label_pass(spec, val_filesystem, val_path, seed, split=False)
+        val_size, _, val_max = _label_pass(spec, val_filesystem, val_path, spec.val_uri, seed, split=False)
         max_label = max(max_label, val_max)
     if train_size == 0 or val_size == 0:
         raise ValueError(
@@ -146,24 +144,40 @@ def _check_schema(spec: DatasetSpec, filesystem: Any, path: str, field: str) -> 
         )
 
 
-def _label_pass(spec: DatasetSpec, filesystem: Any, path: str, seed: int, split: bool) -> tuple[int, int, int]:
-    """(train rows, validation rows, largest label) from one streamed pass over the label column alone."""
+def _label_pass(
+    spec: DatasetSpec, filesystem: Any, path: str, given: str, seed: int, split: bool
+) -> tuple[int, int, int]:
+    """(train rows, validation rows, largest label) from one streamed pass over the label column alone.
+
+    Raises:
+        ValueError: null labels (counted over the whole pass) or labels out of range.
+    """
     import ray.data
 
     labels = ray.data.read_parquet(path, filesystem=filesystem, columns=[spec.label_column], include_row_hash=split)
     train = val = 0
     low, high = 0, -1
-    for batch in labels.iter_batches(batch_size=_LABEL_PASS_BATCH, batch_format="numpy"):
-        column = np.asarray(batch[spec.label_column])
+    nulls = 0
+    for batch in labels.iter_batches(batch_size=_LABEL_PASS_BATCH, batch_format="pyarrow"):
+        labels_here = batch[spec.label_column]
+        if labels_here.null_count:  # numpy would turn them into NaN floats, then fail with a bare "NaN" error
+            nulls += labels_here.null_count
+            continue
+        column = labels_here.to_numpy()
         if column.size == 0:
             continue
         low, high = min(low, int(column.min())), max(high, int(column.max()))
         if split:
-            held_out = int(validation_mask(batch["row_hash"], seed, spec.val_fraction).sum())
+            held_out = int(validation_mask(batch["row_hash"].to_numpy(), seed, spec.val_fraction).sum())
             val += held_out
             train += column.size - held_out
         else:
             train += column.size
+    if nulls:
+        raise ValueError(
+            f"dataset.label_column {spec.label_column!r} has {nulls} null labels in {given!r}: fill them in or drop "
+            "those rows."
+        )
     if low < 0 or high >= _MAX_CLASSES:
         raise ValueError(
             f"dataset.label_column {spec.label_column!r} labels must lie in 0..{_MAX_CLASSES - 1}, got {low}..{high}."
