@@ -69,6 +69,31 @@ def test_image_folder_lists_splits_and_decodes_the_digits(ray_cluster: dict, roo
     assert len(y_train) == prepared.info.train_size and set(y_train.tolist()) == set(range(10))
 
 
+def test_image_folder_reads_images_in_sub_folders_of_a_class(ray_cluster: dict, tmp_path: Path) -> None:
+    """As torchvision's ImageFolder: every image below a class folder belongs to it, however deep, and the class
+    is the top folder (a sub-folder named like another class changes nothing)."""
+    folder = write_digits_folder(tmp_path / "nested", count=120)
+    moved = 0
+    for index, image in enumerate(sorted(folder.glob("digit_*/*.png"))):
+        other = "digit_0" if image.parent.name != "digit_0" else "digit_1"
+        sub = [None, Path("session_a"), Path("session_b") / "deeper", Path(other)][index % 4]
+        if sub is not None:
+            (image.parent / sub).mkdir(parents=True, exist_ok=True)
+            image.rename(image.parent / sub / image.name)
+            moved += 1
+    assert moved >= 80
+    prepared = prepare_data(
+        DatasetSpec(**{**FOLDER, "uri": "nested", "val_fraction": 0.25}), seed=0, data_root=tmp_path
+    )
+    assert prepared.info.train_size + prepared.info.val_size == 120 and prepared.info.num_classes == 10
+    originals, labels = digits_pixels()
+    known = {tuple(originals[i].astype(np.int64).reshape(-1)): int(labels[i]) for i in range(120)}
+    for name in ("train", "val"):
+        x, y = _rows(prepared, name)
+        pixels = np.round((x * 0.5 + 0.5) * 255.0).astype(np.int64).reshape(len(y), -1)
+        assert [known[tuple(p)] for p in pixels] == y.tolist(), f"{name}: an image got another folder's label"
+
+
 def test_parquet_counts_the_split_reads_the_classes_and_decodes(ray_cluster: dict, root: Path) -> None:
     prepared = prepare_data(DatasetSpec(**PARQUET), seed=0, data_root=root)
     _check_digits(prepared)

@@ -50,17 +50,27 @@ def is_validation_path(relative_path: str, seed: int, val_fraction: float) -> bo
 
 
 class LabelFolderImages:
-    """image_folder: images decoded and resized by `read_images` → normalised `x` and labels from the folder name."""
+    """image_folder: images decoded and resized by `read_images` → normalised `x`, and as label the class folder:
+    the first folder of the image's path below `folder` (the dataset's folder as listed, so images in sub-folders
+    of a class folder belong to that class)."""
 
-    def __init__(self, class_names: list[str], channels: int, mean: list[float] | None, std: list[float] | None):
+    def __init__(
+        self,
+        class_names: list[str],
+        folder: str,
+        channels: int,
+        mean: list[float] | None,
+        std: list[float] | None,
+    ):
         self.class_index = {name: index for index, name in enumerate(class_names)}
+        self.folder_parts = len(PurePosixPath(folder).parts)
         self.channels = channels
         self.mean, self.std = normalisation(channels, mean, std)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         images = np.stack(list(batch["image"])) if batch["image"].dtype == object else batch["image"]
         x = (_to_chw(images, self.channels) - self.mean) / self.std
-        labels = [self.class_index[PurePosixPath(str(path)).parent.name] for path in batch["path"]]
+        labels = [self.class_index[PurePosixPath(str(path)).parts[self.folder_parts]] for path in batch["path"]]
         return {"x": x.astype(np.float32, copy=False), "y": np.asarray(labels, dtype=np.int64)}
 
 

@@ -1,7 +1,8 @@
 """image_folder: a folder `<class_name>/<image files>` (png, jpeg) streamed through Ray Data.
 
-On the driver only the file *names* of the images directly inside each class folder are listed (classes sorted
-by name give labels 0..K-1, each file's split is a seeded hash of its relative path); the pixels are read, decoded
+On the driver only the file *names* of the images below each class folder are listed, at any depth as in
+torchvision's `ImageFolder` (`dog/session_2/x.png` is a dog; classes sorted by name give labels 0..K-1, each
+file's split is a seeded hash of its relative path); the pixels are read, decoded
 and resized by `ray.data.read_images` in Ray Data's CPU tasks and normalised by a `map_batches` transform, one
 block at a time. Files are read in a new seeded order
 every epoch (`FileShuffleConfig(reseed_after_execution=True)`: each epoch is a new execution).
@@ -46,10 +47,13 @@ def prepare(
         raise ValueError("dataset.uri and dataset.image_size are required for image_folder data.")
     root = None if data_root is None else Path(data_root).resolve()
     location = resolve_data_uri(spec.uri, root, allowed_schemes, "dataset.uri")
-    filesystem, classes, files = _list_folder(location, spec.uri, "dataset.uri", root)
+    filesystem, base, classes, files = _list_folder(location, spec.uri, "dataset.uri", root)
+    val_filesystem, val_base = filesystem, base
     if spec.val_uri is not None:
         val_location = resolve_data_uri(spec.val_uri, root, allowed_schemes, "dataset.val_uri")
-        _, val_classes, val_files = _list_folder(val_location, spec.val_uri, "dataset.val_uri", root)
+        val_filesystem, val_base, val_classes, val_files = _list_folder(
+            val_location, spec.val_uri, "dataset.val_uri", root
+        )
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
             raise ValueError(
@@ -69,15 +73,15 @@ def prepare(
         )
     mode = "L" if spec.channels == 1 else "RGB"
     size = (spec.image_size[0], spec.image_size[1])
-    label = LabelFolderImages(classes, spec.channels, spec.mean, spec.std)
 
-    def dataset(paths: list[str], shuffle: Any) -> Any:
+    def dataset(fs: Any, folder: str, paths: list[str], shuffle: Any) -> Any:
+        label = LabelFolderImages(classes, folder, spec.channels, spec.mean, spec.std)
         return ray.data.read_images(
-            paths, filesystem=filesystem, size=size, mode=mode, include_paths=True, shuffle=shuffle
+            paths, filesystem=fs, size=size, mode=mode, include_paths=True, shuffle=shuffle
         ).map_batches(label, batch_format="numpy")
 
-    train = dataset(train_files, FileShuffleConfig(seed=seed, reseed_after_execution=True))
-    val = dataset(val_paths, None)
+    train = dataset(filesystem, base, train_files, FileShuffleConfig(seed=seed, reseed_after_execution=True))
+    val = dataset(val_filesystem, val_base, val_paths, None)
     info = DataInfo(
         sample_shape=(spec.channels, *size),
         num_classes=len(classes),
@@ -93,8 +97,9 @@ def prepare(
 
 def _list_folder(
     location: str, given: str, field: str, root: Path | None
-) -> tuple[Any, list[str], list[tuple[str, str]]]:
-    """The filesystem, the sorted class names and `(path, class/relative path)` of every image in the folder."""
+) -> tuple[Any, str, list[str], list[tuple[str, str]]]:
+    """The filesystem, the folder's path on it, the sorted class names and `(path, class/relative path)` of every
+    image below a class folder (at any depth)."""
     import pyarrow.fs as pafs
 
     if uri_scheme(location) is None:
@@ -115,7 +120,7 @@ def _list_folder(
         parts = PurePosixPath(entry.path).parts[base_parts:]
         if entry.type == pafs.FileType.Directory and len(parts) == 1:
             classes.add(parts[0])
-        if entry.type != pafs.FileType.File or len(parts) != 2 or not entry.path.lower().endswith(IMAGE_SUFFIXES):
+        if entry.type != pafs.FileType.File or len(parts) < 2 or not entry.path.lower().endswith(IMAGE_SUFFIXES):
             continue
         if root is not None and uri_scheme(location) is None and not Path(entry.path).resolve().is_relative_to(root):
             raise ValueError(
@@ -133,4 +138,4 @@ def _list_folder(
             f"{field} {given!r}: class folder {empty[0]!r} holds no png or jpeg images: add images or remove it."
         )
     files.sort()
-    return filesystem, sorted(classes), files
+    return filesystem, base, sorted(classes), files
