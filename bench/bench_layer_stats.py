@@ -9,8 +9,11 @@ linear head; 2 Ray Train workers (gloo, one thread each), batch 16 x 256 x 4 x 4
    - `off`: no report at all (the baseline);
    - `metrics/k`: step metrics reported every k steps, no layer statistics;
    - `layers/k`: step metrics and the packed per-layer statistics every k steps (what a job does).
-   Printed: mean step time per mode (a report round's cost spread over the k steps it serves; medians too) and
-   ratios against `off` and of `layers/k` against `metrics/k`, all measured in the same run.
+   Printed: mean step time per mode (a report round's cost spread over the k steps it serves; medians too),
+   ratios against `off` and of `layers/k` against `metrics/k`, all measured in the same run, and the median time
+   rank 0 spends inside `ray.train.report` (the round's barrier and hand-over to the controller). The controller
+   polls the workers every 0.1 s, as for a job (`service.engine.runner.TRAIN_ENV_VARS`); under Ray's default of
+   2 s every report would wait up to 2 s for the previous one to be collected.
 2. Pieces of a recorded step, timed in this process on the run's own payloads: the packed snapshot's size, the
    vectorised merge, the merge layer by layer of the per-layer dicts, and the store's ingest of one record.
 3. Storage: 500 recorded steps of that model ingested into a fresh SQLite store with stats_keep=256: bytes per
@@ -85,6 +88,7 @@ def train_fn(config: dict[str, Any]) -> None:
     x = torch.randn(BATCH, CHANNELS, SPATIAL, SPATIAL) + rank
     y = torch.randint(0, 10, (BATCH,))
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    report_s: dict[str, list[float]] = {mode: [] for mode in MODES}  # inside ray.train.report (the round's barrier)
     step = 0
     for _round in range(config["rounds"]):
         for mode in MODES:
@@ -114,10 +118,12 @@ def train_fn(config: dict[str, Any]) -> None:
                     }
                     if layers:
                         metrics["layers"] = packed
+                    reporting = time.perf_counter()
                     ray.train.report(metrics)
+                    report_s[mode].append(time.perf_counter() - reporting)
                 times[mode].append(time.perf_counter() - started)
     if rank == 0:
-        Path(config["out"]).write_text(json.dumps(times))
+        Path(config["out"]).write_text(json.dumps({"times": times, "report_s": report_s}))
 
 
 def median_ms(values: list[float]) -> float:
@@ -173,10 +179,16 @@ def run_training(args: argparse.Namespace, work: Path, store: Any, job_id: str) 
     wall = time.perf_counter() - started
     stop.set()
     drainer.join(timeout=120)
-    times = json.loads(out.read_text())
+    written = json.loads(out.read_text())
     records = ray.get(log.poll.remote(0))
     ray.shutdown()
-    return {"times": times, "wall_s": wall, "ingest_s": ingest_s, "records": len(records)}
+    return {
+        "times": written["times"],
+        "report_s": written["report_s"],
+        "wall_s": wall,
+        "ingest_s": ingest_s,
+        "records": len(records),
+    }
 
 
 def piece_costs() -> dict[str, float]:
@@ -326,6 +338,7 @@ def main() -> int:
             result["step_ms_median"] = {mode: median_ms(values) for mode, values in run["times"].items()}
             result["ratio_vs_off"] = {mode: means[mode] / means["off"] for mode in MODES}
             result["layers_vs_metrics"] = {k: means[f"layers/{k}"] / means[f"metrics/{k}"] for k in (1, 10)}
+            result["report_call_ms_median"] = {mode: median_ms(v) for mode, v in run["report_s"].items() if v}
             result["ingest_ms_per_layers_record"] = median_ms(run["ingest_s"]) if run["ingest_s"] else None
             result["training_wall_s"] = run["wall_s"]
         result["pieces"] = piece_costs()
