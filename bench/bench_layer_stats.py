@@ -5,7 +5,7 @@ linear head; 2 Ray Train workers (gloo, one thread each), batch 16 x 256 x 4 x 4
 
 1. Step time (one real Ray Train run, the real `RecordingCallback` merging into a real `RecordLog` actor, drained
    into a real SQLite store by a thread of this process as the service's manager does). Modes alternate round by
-   round inside the run, so machine noise hits all of them alike:
+   round inside the run (after one untimed warm-up round), so machine noise hits all of them alike:
    - `off`: no report at all (the baseline);
    - `metrics/k`: step metrics reported every k steps, no layer statistics;
    - `layers/k`: step metrics and the packed per-layer statistics every k steps (what a job does).
@@ -90,7 +90,8 @@ def train_fn(config: dict[str, Any]) -> None:
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     report_s: dict[str, list[float]] = {mode: [] for mode in MODES}  # inside ray.train.report (the round's barrier)
     step = 0
-    for _round in range(config["rounds"]):
+    for round_index in range(config["rounds"] + 1):  # round 0 warms up (first steps, first reports): not timed
+        timed = round_index > 0
         for mode in MODES:
             every = int(mode.split("/")[1]) if "/" in mode else 0
             dist.barrier()
@@ -120,8 +121,10 @@ def train_fn(config: dict[str, Any]) -> None:
                         metrics["layers"] = packed
                     reporting = time.perf_counter()
                     ray.train.report(metrics)
-                    report_s[mode].append(time.perf_counter() - reporting)
-                times[mode].append(time.perf_counter() - started)
+                    if timed:
+                        report_s[mode].append(time.perf_counter() - reporting)
+                if timed:
+                    times[mode].append(time.perf_counter() - started)
     if rank == 0:
         Path(config["out"]).write_text(json.dumps({"times": times, "report_s": report_s}))
 
