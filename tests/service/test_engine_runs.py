@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -266,7 +267,9 @@ def test_worker_exception_fails_the_job_with_rank_and_message(ray_cluster: dict,
     records = _follow(run, timeout=120)
     end = records[-1]
     assert end["status"] == "failed" and end["verdict"] is None and end["model_path"] is None
-    assert "rank 0: ValueError: Expected more than 1 value per channel when training" in end["error"], end
+    # Both ranks fail the same way; which ones the controller has seen fail when it stops depends on timing.
+    expected = r"^rank [01]: ValueError: Expected more than 1 value per channel when training"
+    assert all(re.match(expected, part) for part in end["error"].split("; ")), end
     run.close()
 
 
