@@ -115,10 +115,8 @@ export class JobFeed {
     this.statisticErrors.delete(statistic);
     const read = this.api
       .get(`${this.path}/layer-summaries`, { keys: statistic })
-      .then(
-        (matrix) => this.mergeStatistic(statistic, matrix),
-        (error) => this.statisticErrors.set(statistic, error.message),
-      )
+      .then((matrix) => this.mergeStatistic(statistic, matrix))
+      .catch((error) => this.statisticErrors.set(statistic, error.message))
       .finally(() => {
         this.statisticReads.delete(statistic);
         this.notify("layers");
@@ -129,7 +127,9 @@ export class JobFeed {
 
   /**
    * Put the values of `statistic` from a /layer-summaries answer into the summaries of the history's steps (by
-   * step: the answer may hold steps recorded since, whose `layers` events brought every statistic already).
+   * step: the answer may hold steps recorded since, whose `layers` events brought every statistic already). Past
+   * the server's max_steps (2000 recorded steps) both answers are downsampled; while a job runs they may pick
+   * different steps, and a history step the later answer lacks keeps no value for `statistic`.
    */
   mergeStatistic(statistic, matrix) {
     const columnOf = new Map(this.layerSteps.map((step, column) => [step, column]));
