@@ -20,8 +20,10 @@ linear head; 2 Ray Train workers (gloo, one thread each), batch 16 x 256 x 4 x 4
    recorded step (summaries, and vectors of a kept snapshot, per channel), footprint after 250 and 500 steps.
 4. Latency: `syncbn serve` on that database (a real server on loopback): p50 of `/layers` (with and without
    channels, latest and a step), `/layers/{layer}` (summaries; the dashboard's 120 kept snapshots), and the
-   heatmap's requests: `/layer-summaries` of its 9 statistics, then the page's event stream without the
-   `layers` events already read (and, for comparison, the stream replaying all of them).
+   heatmap's requests as the dashboard sends them: `/layer-summaries` of the statistic it shows first, of a
+   second one when the user switches to it, then the page's event stream without the `layers` events already
+   read; for comparison, what the dashboard sent before: `/layer-summaries` of all its 9 statistics at once, and
+   the stream replaying every `layers` event.
 
     .venv/bin/python bench/bench_layer_stats.py [--rounds 6 --steps 20 --requests 30]
 
@@ -48,7 +50,8 @@ from typing import Any
 
 LAYERS, CHANNELS, BATCH, SPATIAL = 40, 256, 16, 4
 MODES = ("off", "metrics/10", "layers/10", "metrics/1", "layers/1")
-#: The statistics the dashboard's heatmap offers (service/dashboard/static/layer_view.js, STATISTICS).
+#: The statistics the dashboard's heatmap offers (service/dashboard/static/layer_view.js, STATISTICS), in its order:
+#: the first is the one a job page shows (and reads) first.
 HEATMAP_KEYS = (
     "skew_between_share_max",
     "skew_max_gap",
@@ -285,11 +288,20 @@ def measure_latency(data_dir: Path, job_id: str, requests: int) -> dict[str, flo
                 "/layers?step=123 (nearest kept)": (f"{path}/layers", {"step": "123"}),
                 "/layers/{layer} (500 summaries)": (f"{path}/layers/{layer}", {"channels": "false"}),
                 "/layers/{layer} (120 kept snapshots)": (f"{path}/layers/{layer}", {"max_points": "120"}),
-                "heatmap: /layer-summaries (its 9 statistics)": (
+                # The dashboard reads one statistic at a time: the shown one, then each one the user switches to.
+                f"heatmap: /layer-summaries of the shown statistic ({HEATMAP_KEYS[0]})": (
+                    f"{path}/layer-summaries",
+                    {"keys": HEATMAP_KEYS[0]},
+                ),
+                f"heatmap: switch to a second statistic ({HEATMAP_KEYS[2]})": (
+                    f"{path}/layer-summaries",
+                    {"keys": HEATMAP_KEYS[2]},
+                ),
+                "page: event stream after it": (f"{path}/events", {"layers_after_step": "500"}),
+                "before: /layer-summaries of all 9 statistics at once": (
                     f"{path}/layer-summaries",
                     {"keys": ",".join(HEATMAP_KEYS)},
                 ),
-                "page: event stream after it": (f"{path}/events", {"layers_after_step": "500"}),
                 "before: event stream replaying every layers event": (f"{path}/events", {}),
             }
             out: dict[str, float] = {}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -747,7 +748,11 @@ class JobStore:
 
     def layer_matrix(self, job_id: str, keys: Sequence[str], *, max_steps: int) -> LayerMatrix:
         """`keys` (summary statistics) of every layer (model order) at the recorded steps, downsampled evenly to
-        `max_steps`: what the dashboard's heatmap draws, read from the narrow rows in one query.
+        `max_steps`: what the dashboard's heatmap draws.
+
+        Built for 40 layers x 500 steps in a few tens of milliseconds: the rows are read with a Core query (the
+        ORM's per-row work cost more than the query), only their float32 parts are decoded, in one numpy pass,
+        and they are placed in the matrix by array indexing rather than row by row.
 
         Raises:
             ValueError: a key that is not a summary statistic (`layer_codec.SUMMARY_FIELDS`).
@@ -758,25 +763,47 @@ class JobStore:
         with self._read() as session:
             series = self._series_rows(session, job_id)
             ids = [row.id for row in series]
-            recorded = self._steps_of(session, ids, LayerSummaryRow)
-            chosen = [recorded[i] for i in downsample(len(recorded), max_steps)] if recorded else []
+            connection = session.connection()
+            # Every layer is recorded at the same steps: the first layer's rows give the steps and their epochs.
+            recorded = (
+                connection.execute(
+                    select(LayerSummaryRow.step, LayerSummaryRow.epoch)
+                    .where(LayerSummaryRow.series_id == ids[0])
+                    .order_by(LayerSummaryRow.step)
+                ).all()
+                if ids
+                else []
+            )
+            picked = [recorded[i] for i in downsample(len(recorded), max_steps)] if recorded else []
+            chosen = [step for step, _ in picked]
+            query = select(LayerSummaryRow.series_id, LayerSummaryRow.step, LayerSummaryRow.summary).where(
+                LayerSummaryRow.series_id.in_(ids)
+            )
             rows = []
-            for start in range(0, len(chosen), 1000):
-                query = select(
-                    LayerSummaryRow.series_id, LayerSummaryRow.step, LayerSummaryRow.epoch, LayerSummaryRow.summary
-                ).where(LayerSummaryRow.series_id.in_(ids), LayerSummaryRow.step.in_(chosen[start : start + 1000]))
-                rows += session.execute(query).all()
-        column = {step: i for i, step in enumerate(chosen)}
-        position = {row.id: i for i, row in enumerate(series)}
-        epochs = [0] * len(chosen)
-        values = {key: [[None] * len(chosen) for _ in series] for key in keys}
-        table = summary_columns([r.summary for r in rows], list(keys)) if rows else None
-        for index, row in enumerate(rows):
-            at, layer = column[row.step], position[row.series_id]
-            epochs[at] = row.epoch
-            for k, key in enumerate(keys):
-                value = float(table[index, k])
-                values[key][layer][at] = value if math.isfinite(value) else None
+            if len(chosen) == len(recorded):
+                rows = connection.execute(query).all() if chosen else []
+            else:
+                for start in range(0, len(chosen), 1000):
+                    part = query.where(LayerSummaryRow.step.in_(chosen[start : start + 1000]))
+                    rows += connection.execute(part).all()
+        # Row and column of every row read: layers by their series id, steps by their place among `chosen`.
+        grid = np.full((len(keys), len(series), len(chosen)), np.nan)
+        if rows:
+            series_ids, steps, blobs = zip(*rows, strict=True)
+            by_id = {series_id: position for position, series_id in enumerate(ids)}
+            layer = np.array([by_id[series_id] for series_id in series_ids], dtype=np.intp)
+            columns = np.array(chosen, dtype=np.int64)
+            steps_read = np.array(steps, dtype=np.int64)
+            column = np.minimum(np.searchsorted(columns, steps_read), len(chosen) - 1)
+            shown = columns[column] == steps_read  # a step the first layer lacks is not a column
+            table = summary_columns(list(blobs), list(keys))  # (rows, keys), NaN for "none"
+            grid[:, layer[shown], column[shown]] = table[shown].T
+        values = {}
+        for index, key in enumerate(keys):
+            cells = grid[index].astype(object)  # Python floats, as the other layer routes serve them
+            cells[~np.isfinite(grid[index])] = None
+            values[key] = cells.tolist()
+        epochs = [epoch for _, epoch in picked]
         return LayerMatrix([row.layer for row in series], chosen, epochs, len(recorded), values)
 
     def layer_names(self, job_id: str) -> list[str]:

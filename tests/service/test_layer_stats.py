@@ -175,6 +175,38 @@ def test_the_heatmap_matrix_matches_the_summaries_and_the_stream_can_skip_them(s
     assert ["layers" in e.data for e in events] == [False, False, False, False, True, True]
 
 
+def test_the_heatmap_matrix_leaves_cells_without_a_value_empty(store: JobStore) -> None:  # noqa: F811
+    """A layer that appears late, one that misses a step, and statistics without a value are null cells, both
+    when every recorded step is a column and when the steps are downsampled."""
+    job_id = _job(store)
+
+    def layer(skew: float | None, drift: float = 0.5) -> dict[str, Any]:
+        return {"synchronized": True, "skew_max_gap": skew, "drift_mean": drift, "mean": [1.0], "var": [2.0]}
+
+    records = [
+        {"kind": "layers", "step": 1, "epoch": 1, "layers": {"a": layer(1.0), "b": layer(2.0)}},
+        {"kind": "layers", "step": 2, "epoch": 1, "layers": {"a": layer(3.0), "b": layer(None), "c": layer(5.0)}},
+        {"kind": "layers", "step": 3, "epoch": 2, "layers": {"a": layer(6.0, drift=math.nan), "c": layer(7.0)}},
+    ]
+    store.ingest(job_id, [{**record, "seq": i + 1} for i, record in enumerate(records)])
+    whole = store.layer_matrix(job_id, ["skew_max_gap", "drift_mean"], max_steps=10)
+    assert (whole.layers, whole.steps, whole.epochs, whole.available) == (["a", "b", "c"], [1, 2, 3], [1, 1, 2], 3)
+    assert whole.values["skew_max_gap"] == [[1.0, 3.0, 6.0], [2.0, None, None], [None, 5.0, 7.0]]
+    assert whole.values["drift_mean"] == [[0.5, 0.5, None], [0.5, 0.5, None], [None, 0.5, 0.5]]
+    assert all(type(v) is float for row in whole.values["drift_mean"] for v in row if v is not None)
+    part = store.layer_matrix(job_id, ["skew_max_gap"], max_steps=2)
+    assert (part.steps, part.epochs, part.available) == ([1, 3], [1, 2], 3)
+    assert part.values == {"skew_max_gap": [[1.0, 6.0], [2.0, None], [None, 7.0]]}
+    empty = store.layer_matrix(_job(store), ["skew_max_gap"], max_steps=10)
+    assert (empty.layers, empty.steps, empty.epochs, empty.available, empty.values) == (
+        [],
+        [],
+        [],
+        0,
+        {"skew_max_gap": []},
+    )
+
+
 def test_retention_rule_keeps_recent_steps_a_log_spaced_past_and_the_first_step() -> None:
     kept: list[int] = []
     for step in range(1, 5001):

@@ -2,7 +2,8 @@
 //
 // Rows can carry their names as buttons beside the canvas (for layers: click to open the layer), or stay
 // unlabelled (hundreds of channels). Hovering a cell shows its row, column and value; clicking a cell calls
-// onSelect(row, column). The colour scale spans the finite values shown (optionally on a log scale).
+// onSelect(row, column). The colour scale spans the finite values shown (optionally on a log scale). While its
+// values are being read (or could not be), `setStatus` shows a sentence over a blank plot instead of the cells.
 
 import { h, num, replace } from "./dom.js";
 
@@ -46,15 +47,18 @@ export class Heatmap {
     this.selectedColumn = -1;
     this.logScale = false;
     this.fixedRange = null;
+    this.status = null; // {text, state}: a sentence shown instead of the cells
 
     this.canvas = h("canvas", { class: "heatmap-canvas", role: "img", "aria-label": "heatmap" });
     this.tooltip = h("div", { class: "heatmap-tooltip", role: "tooltip", hidden: true });
+    this.statusLine = h("p", { class: "heatmap-status", role: "status", hidden: true });
     this.rowList = h("div", { class: "heatmap-rows" });
     this.legend = h("div", { class: "heatmap-legend" });
-    this.canvasBox = h("div", { class: "heatmap-canvas-box" }, this.canvas, this.tooltip);
+    this.canvasBox = h("div", { class: "heatmap-canvas-box" }, this.canvas, this.statusLine, this.tooltip);
     const body = h("div", { class: "heatmap-body" }, this.options.rowButtons ? this.rowList : null, this.canvasBox);
     container.replaceChildren(body, this.legend);
     container.classList.add("heatmap");
+    container.dataset.state = "ready";
 
     this.canvas.addEventListener("mousemove", (e) => this.hover(e));
     this.canvas.addEventListener("mouseleave", () => {
@@ -77,6 +81,20 @@ export class Heatmap {
     this.container.dataset.rows = String(rows.length);
     this.container.dataset.columns = String(columns.length);
     if (rowsChanged && this.options.rowButtons) this.renderRowButtons();
+    this.draw();
+  }
+
+  /**
+   * Show `text` over a blank plot instead of the cells: state "loading" while the values are read, "error" when
+   * they could not be. `setStatus(null)` draws the values again. The container's data-state says which.
+   */
+  setStatus(text, state = "loading") {
+    this.status = text ? { text, state } : null;
+    this.container.dataset.state = text ? state : "ready";
+    this.statusLine.textContent = text || "";
+    this.statusLine.hidden = !text;
+    this.statusLine.classList.toggle("error-text", Boolean(text) && state === "error");
+    if (text) this.tooltip.hidden = true;
     this.draw();
   }
 
@@ -170,6 +188,10 @@ export class Heatmap {
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.clearRect(0, 0, width, height);
 
+    if (this.status) {
+      this.drawLegend(null); // a blank plot under the status sentence: no stale or all-missing cells
+      return;
+    }
     const columns = this.columns.length;
     const range = this.range();
     if (!columns || !this.rows.length) {
@@ -243,6 +265,7 @@ export class Heatmap {
   }
 
   cellAt(event) {
+    if (this.status) return null;
     const rect = this.canvas.getBoundingClientRect();
     const x = event.clientX - rect.left;
     const y = event.clientY - rect.top;

@@ -2,9 +2,13 @@
 //
 // The stream replays a job's whole history from its first event and then goes live, so one code path serves
 // finished and running jobs alike. The per-layer summaries of the past are the exception: they are read first, as
-// one small matrix of the heatmap's statistics (GET /layer-summaries), and the stream leaves out the `layers`
-// events of those steps (hundreds of layers x steps would otherwise replay as megabytes of events). Listeners are told what changed ("job", "steps", "epochs", "layers", "logs",
-// "stream"), at most every 150 ms, so a burst of events redraws the charts once.
+// a layers x steps matrix of the statistic on screen only (GET /layer-summaries?keys=<that one>), and the stream
+// leaves out the `layers` events of those steps (hundreds of layers x steps would otherwise replay as megabytes of
+// events). `layers` events arriving later carry every summary. When the page shows another statistic,
+// `loadStatistic` reads that one key for the history already read (once: a key read stays loaded) and merges it by
+// step; until then `statisticState` says "loading" (or "error"), so the heatmap never draws a blank map as if it
+// were the data. Listeners are told what changed ("job", "steps", "epochs", "layers", "logs", "stream"), at most
+// every 150 ms, so a burst of events redraws the charts once.
 
 import { isTerminal } from "./dom.js";
 import { STATISTICS } from "./layer_view.js";
@@ -16,6 +20,7 @@ export class JobFeed {
   constructor(api, jobId) {
     this.api = api;
     this.jobId = jobId;
+    this.path = `v1/jobs/${encodeURIComponent(jobId)}`;
     this.job = null;
     this.steps = { step: [], epoch: [], train_loss: [], lr: [], samples_per_s: [], step_time_s: [] };
     this.epochs = []; // epoch points, in epoch order
@@ -23,6 +28,12 @@ export class JobFeed {
     this.layerEpochs = [];
     this.layerNames = []; // in the order they first appeared (the model's order)
     this.layerStats = new Map(); // layer -> array aligned with layerSteps of summary dicts (or null)
+    // The history read by GET /layer-summaries: its steps go up to historyThrough (null: no such read, every
+    // summary came with the `layers` events) and hold only the statistics in historyKeys.
+    this.historyThrough = null;
+    this.historyKeys = new Set();
+    this.statisticReads = new Map(); // statistic -> the promise of its read in flight
+    this.statisticErrors = new Map(); // statistic -> why its last read failed
     this.logs = [];
     this.streamState = "idle";
     this.streamDetail = "";
@@ -30,14 +41,18 @@ export class JobFeed {
     this.changed = new Set();
     this.timer = null;
     this.stream = null;
+    this.stopped = false;
   }
 
-  /** Read the job, then follow its events. Rejects with the ApiError of the first read (e.g. 404). */
-  async start() {
-    const path = `v1/jobs/${encodeURIComponent(this.jobId)}`;
+  /**
+   * Read the job and the history of the statistic `statistic` (the one the page shows first), then follow its
+   * events. Rejects with the ApiError of the first read (e.g. 404).
+   */
+  async start(statistic = STATISTICS[0].key) {
+    const path = this.path;
     this.job = await this.api.get(path);
     this.notify("job");
-    const through = await this.loadLayerSummaries(path);
+    const through = await this.loadLayerSummaries(statistic);
     const query = through === null ? "" : `?layers_after_step=${through}`;
     this.stream = this.api.follow(`${path}/events${query}`, {
       onEvent: (event) => this.onEvent(event),
@@ -51,11 +66,14 @@ export class JobFeed {
     return this;
   }
 
-  /** Read the heatmap's statistics of every recorded step; returns the last step read (null: none, or failed). */
-  async loadLayerSummaries(path) {
+  /**
+   * Read one statistic of every layer at every recorded step (the history); returns the last step read (null:
+   * none recorded yet, or the read failed: then the event stream replays every summary instead).
+   */
+  async loadLayerSummaries(statistic) {
     let matrix;
     try {
-      matrix = await this.api.get(`${path}/layer-summaries`, { keys: STATISTICS.map((s) => s.key).join(",") });
+      matrix = await this.api.get(`${this.path}/layer-summaries`, { keys: statistic });
     } catch (error) {
       console.warn("could not read the layer summaries; the event stream replays them", error.message);
       return null;
@@ -64,21 +82,73 @@ export class JobFeed {
     this.layerSteps = matrix.steps.slice();
     this.layerEpochs = matrix.epochs.slice();
     this.layerNames = matrix.layers.slice();
-    matrix.layers.forEach((name, row) => {
-      this.layerStats.set(
-        name,
-        matrix.steps.map((_, column) => {
-          const stats = {};
-          for (const [key, rows] of Object.entries(matrix.values)) stats[key] = rows[row][column];
-          return stats;
-        }),
-      );
-    });
+    for (const name of matrix.layers) this.layerStats.set(name, matrix.steps.map(() => ({})));
+    this.historyThrough = matrix.steps[matrix.steps.length - 1];
+    this.mergeStatistic(statistic, matrix);
     this.notify("layers");
-    return matrix.steps[matrix.steps.length - 1];
+    return this.historyThrough;
+  }
+
+  /**
+   * "ready" when the history of `statistic` is here, "loading" while it is read, "error" when that failed,
+   * "missing" when nobody asked for it yet (see loadStatistic).
+   */
+  statisticState(statistic) {
+    if (this.historyThrough === null || this.historyKeys.has(statistic)) return "ready";
+    if (this.statisticReads.has(statistic)) return "loading";
+    return this.statisticErrors.has(statistic) ? "error" : "missing";
+  }
+
+  /** Why the last read of `statistic` failed ("" if it did not). */
+  statisticError(statistic) {
+    return this.statisticErrors.get(statistic) || "";
+  }
+
+  /**
+   * Make sure the history holds `statistic`: read it (one key) unless it is here or already being read, merge it
+   * by step and notify "layers" (also when the read fails: statisticState then says "error"; calling this again
+   * retries). Resolves when done; never rejects.
+   */
+  loadStatistic(statistic) {
+    if (this.statisticState(statistic) === "ready") return Promise.resolve();
+    if (this.statisticReads.has(statistic)) return this.statisticReads.get(statistic);
+    this.statisticErrors.delete(statistic);
+    const read = this.api
+      .get(`${this.path}/layer-summaries`, { keys: statistic })
+      .then((matrix) => this.mergeStatistic(statistic, matrix))
+      .catch((error) => this.statisticErrors.set(statistic, error.message))
+      .finally(() => {
+        this.statisticReads.delete(statistic);
+        this.notify("layers");
+      });
+    this.statisticReads.set(statistic, read);
+    return read;
+  }
+
+  /**
+   * Put the values of `statistic` from a /layer-summaries answer into the summaries of the history's steps (by
+   * step: the answer may hold steps recorded since, whose `layers` events brought every statistic already). Past
+   * the server's max_steps (2000 recorded steps) both answers are downsampled; while a job runs they may pick
+   * different steps, and a history step the later answer lacks keeps no value for `statistic`.
+   */
+  mergeStatistic(statistic, matrix) {
+    const columnOf = new Map(this.layerSteps.map((step, column) => [step, column]));
+    const rows = matrix.values[statistic];
+    matrix.layers.forEach((name, row) => {
+      const stats = this.layerStats.get(name);
+      if (!stats) return; // first recorded after the history: its `layers` events bring every statistic
+      matrix.steps.forEach((step, column) => {
+        const at = columnOf.get(step);
+        if (at === undefined || step > this.historyThrough) return;
+        if (!stats[at]) stats[at] = {};
+        stats[at][statistic] = rows[row][column];
+      });
+    });
+    this.historyKeys.add(statistic);
   }
 
   stop() {
+    this.stopped = true;
     this.stream?.stop();
     clearTimeout(this.timer);
     this.listeners.clear();
@@ -91,6 +161,7 @@ export class JobFeed {
   }
 
   notify(kind) {
+    if (this.stopped) return; // a read that ends after the page went away
     this.changed.add(kind);
     if (this.timer !== null) return;
     this.timer = setTimeout(() => {

@@ -1,9 +1,11 @@
 // The per-layer BatchNorm view: a heatmap of layers x recorded steps for one statistic, and, for a clicked
 // layer, its per-channel batch and running means and variances at one step and their history over the run.
 //
-// The heatmap reads the layer summaries that arrive on the job's event stream (JobFeed); the per-channel lists
-// are not on the stream, so the layer detail reads them on demand from GET /v1/jobs/{id}/layers/{layer}: the
-// snapshots the store keeps (the recent ones and a log-spaced selection of older ones), at most DETAIL_POINTS.
+// The heatmap draws the layer summaries its JobFeed holds (read for the statistic on screen, then kept current
+// from the event stream); choosing another statistic asks the feed for that one and shows "Loading…" until it is
+// here. The per-channel lists are not on the stream, so the layer detail reads them on demand from
+// GET /v1/jobs/{id}/layers/{layer}: the snapshots the store keeps (the recent ones and a log-spaced selection of
+// older ones), at most DETAIL_POINTS.
 
 import { align, Chart, PALETTE } from "./charts.js";
 import { h, num, replace } from "./dom.js";
@@ -57,22 +59,27 @@ export function statisticHelp(key) {
   return STATISTICS.find((s) => s.key === key)?.help || "";
 }
 
-/** The heatmap of one job's layers for one statistic, kept current from its JobFeed. */
+/**
+ * The heatmap of one job's layers for one statistic, kept current from its JobFeed (call `update()` when the feed
+ * notifies "layers"). It draws only the statistic chosen last: while the feed reads it, the heatmap says so
+ * instead of drawing empty cells, and an answer for a statistic chosen before changes nothing on screen.
+ */
 export class LayerHeatmap {
   constructor(container, feed, { onSelect, statistic = STATISTICS[0].key } = {}) {
     this.feed = feed;
-    this.statistic = statistic;
     this.heatmap = new Heatmap(container, {
       rowButtons: true,
       rowLabel: "layer",
       columnLabel: "step",
       onSelect: (row, column) => onSelect?.(feed.layerNames[row], column),
     });
-    this.update();
+    this.setStatistic(statistic);
   }
 
+  /** Show `key`: read it first when the feed does not hold its history yet (the feed reads each key once). */
   setStatistic(key) {
     this.statistic = key;
+    this.feed.loadStatistic(key);
     this.update();
   }
 
@@ -85,6 +92,18 @@ export class LayerHeatmap {
   }
 
   update() {
+    const state = this.feed.statisticState(this.statistic);
+    const label = STATISTICS.find((s) => s.key === this.statistic)?.label || this.statistic;
+    this.heatmap.container.dataset.statistic = this.statistic;
+    if (state === "error") {
+      this.heatmap.setStatus(`Could not read “${label}”: ${this.feed.statisticError(this.statistic)}`, "error");
+      return;
+    }
+    if (state !== "ready") {
+      this.heatmap.setStatus(`Loading “${label}”…`, "loading");
+      return;
+    }
+    if (this.heatmap.status) this.heatmap.setStatus(null);
     this.heatmap.setData(this.feed.layerNames, this.feed.layerSteps, this.feed.layerMatrix(this.statistic));
   }
 

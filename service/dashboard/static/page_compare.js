@@ -54,7 +54,7 @@ export class ComparePage {
     }
     this.feeds = this.ids.map((id) => new JobFeed(this.ctx.api, id));
     try {
-      await Promise.all(this.feeds.map((feed) => feed.start()));
+      await Promise.all(this.feeds.map((feed) => feed.start(this.statistic)));
     } catch (error) {
       replace(this.content, h("p", { class: "error-text" }, error.status === 401 ? "Waiting for an API token." : error.message));
       return;

@@ -148,7 +148,7 @@ export class JobPage {
     this.root = root;
     replace(root, h("p", { class: "muted" }, "Loading job…"));
     try {
-      await this.feed.start();
+      await this.feed.start(this.statistic); // the heatmap's history: the statistic it shows first only
     } catch (error) {
       if (error.status === 401) {
         replace(root, h("p", { class: "muted" }, "Waiting for an API token (see above)."));
