@@ -4,7 +4,9 @@ A merged layer record (`syncbn.merge_packed_layer_stats`) has ~30 scalars and fo
 text that was ~90 bytes per channel per recorded step; here:
 
 - a summary is `SUMMARY_FIELDS` as little-endian float32 (NaN for "none"; booleans as 0/1) followed by the ranks'
-  element counts as float64 (counts can exceed float32's exact integers): 116 + 8 x ranks bytes;
+  element counts as float64 (counts can exceed float32's exact integers): 116 + 8 x ranks bytes, or 124 bytes
+  whatever the number of ranks when they all saw the same count (the usual case: equal batches per rank), stored
+  once and told apart by `ranks` > 1 with a single count (every version has written one count per rank);
 - the vectors are one float32 block of `VECTOR_ROWS` x channels (16 bytes per channel), NaN where a layer has
   no running statistics.
 
@@ -87,6 +89,8 @@ def encode_summary(stats: Mapping[str, Any]) -> bytes:
     counts = stats.get("per_rank_count")
     if not isinstance(counts, list | tuple):
         counts = [stats["count"]] if isinstance(stats.get("count"), int | float) else []
+    if len(counts) > 1 and len(set(counts)) == 1 and head[SUMMARY_FIELDS.index("ranks")] == len(counts):
+        counts = counts[:1]  # equal counts: one is enough, so 64 ranks cost what 1 does
     tail = np.array([_scalar(c) for c in counts], dtype=_F64)
     return head.tobytes() + tail.tobytes()
 
@@ -109,6 +113,8 @@ def decode_summary(blob: bytes, channels: int) -> dict[str, Any]:
     finite = [c if math.isfinite(c) else None for c in counts]
     if out["ranks"] is None:
         out["ranks"] = len(finite)
+    elif len(finite) == 1 and out["ranks"] > 1:
+        finite = finite * out["ranks"]  # the compact form of equal counts
     out["per_rank_count"] = finite
     out["count"] = float(sum(c for c in finite if c is not None))
     out["channels"] = channels

@@ -140,7 +140,8 @@ def test_vectors_are_bounded_by_stats_keep_and_summaries_kept_for_every_step(sto
     assert sizes["vectors_rows"] == len(kept) * len(CHANNELS)
     assert sizes["vectors_bytes"] == len(kept) * 16 * sum(CHANNELS), "16 bytes per channel per kept snapshot"
     assert sizes["summaries_rows"] == 40 * len(CHANNELS)
-    assert sizes["summaries_bytes"] == 40 * len(CHANNELS) * (4 * len(SUMMARY_FIELDS) + 8 * 2)
+    # the two ranks saw equal counts: one float64 count is stored
+    assert sizes["summaries_bytes"] == 40 * len(CHANNELS) * (4 * len(SUMMARY_FIELDS) + 8)
 
     gone = next(step for step in range(1, 41) if step not in kept)
     with_vectors = store.layers_at(job_id, gone)
@@ -237,6 +238,19 @@ def test_codec_round_trips_flags_nones_and_large_counts() -> None:
         "running_mean": None,
         "running_var": [None, 1.0],
     }
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 64])
+def test_a_summary_of_equal_rank_counts_costs_the_same_for_any_number_of_ranks(ranks: int) -> None:
+    stats = {"synchronized": True, "ranks": ranks, "per_rank_count": [48.0] * ranks, "drift_max": 0.5}
+    blob = encode_summary(stats)
+    assert len(blob) == 4 * len(SUMMARY_FIELDS) + 8
+    decoded = decode_summary(blob, channels=3)
+    assert decoded["ranks"] == ranks and decoded["per_rank_count"] == [48.0] * ranks
+    assert decoded["count"] == 48.0 * ranks and decoded["drift_max"] == 0.5
+    uneven = encode_summary({**stats, "ranks": 3, "per_rank_count": [48.0, 48.0, 47.0]})
+    assert len(uneven) == 4 * len(SUMMARY_FIELDS) + 8 * 3
+    assert decode_summary(uneven, channels=3)["per_rank_count"] == [48.0, 48.0, 47.0]
 
 
 def test_record_log_releases_layer_payloads_once_polled_past() -> None:
