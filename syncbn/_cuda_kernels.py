@@ -32,9 +32,23 @@ import torch.distributed as dist
 CUDA_KERNELS_ENV = "SYNCBN_CUDA_KERNELS"
 
 
-def use_cuda_kernels(x: torch.Tensor) -> bool:
-    """Whether ``x`` takes the single-pass CUDA path: a CUDA tensor with ``SYNCBN_CUDA_KERNELS=1``."""
-    return x.is_cuda and os.environ.get(CUDA_KERNELS_ENV) == "1"
+def use_cuda_kernels(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether ``x`` takes the single-pass CUDA path: a CUDA tensor with ``SYNCBN_CUDA_KERNELS=1``, in a dtype
+    pairing torch's kernels accept (:func:`kernel_dtypes_supported`); any other layer takes the generic path."""
+    return (
+        x.is_cuda
+        and os.environ.get(CUDA_KERNELS_ENV) == "1"
+        and kernel_dtypes_supported(x.dtype, None if weight is None else weight.dtype)
+    )
+
+
+def kernel_dtypes_supported(input_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> bool:
+    """Whether torch's CUDA batch-norm kernels take this input/parameter pairing: the same dtype, or a half
+    input (float16, bfloat16) with float32 parameters, as torch's own SyncBatchNorm uses them. A float32 input
+    with float64 parameters (a model converted with ``.double()`` and fed float32) is not one of them."""
+    if weight_dtype is None or weight_dtype == input_dtype:
+        return True
+    return input_dtype in (torch.float16, torch.bfloat16) and weight_dtype == torch.float32
 
 
 def kernel_layout(t: torch.Tensor) -> torch.Tensor:

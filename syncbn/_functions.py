@@ -151,7 +151,7 @@ def sync_forward(
     """
     channels = x.shape[1]
     count = x.numel() // channels if channels else 0
-    cuda_kernels = use_cuda_kernels(x)
+    cuda_kernels = use_cuda_kernels(x, weight)
     if cuda_kernels:
         x = kernel_layout(x)
         packed = cuda_local_packet(x, count, eps, record is not None)
@@ -211,7 +211,7 @@ def sync_backward(
     gradients are this rank's contributions (zeros where the rank had no data). Every rank all-reduces, needed or
     not, so that the collectives match across ranks.
     """
-    if use_cuda_kernels(x):
+    if use_cuda_kernels(x, weight):
         return cuda_backward(grad_out, x, weight, mean_k, var_k, total, eps, process_group, need_input_grad)
     channels = x.shape[1]
     upcast = x.dtype in _REDUCED_PRECISION

@@ -4,6 +4,7 @@ model (works on the default group; refuses, naming the remedy, when a live group
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -40,7 +41,33 @@ def test_cuda_kernels_switch_never_sends_cpu_tensors_to_cuda_only_kernels(monkey
     from syncbn._cuda_kernels import CUDA_KERNELS_ENV, use_cuda_kernels
 
     monkeypatch.setenv(CUDA_KERNELS_ENV, "1")
-    assert not use_cuda_kernels(torch.zeros(2, 3))  # torch.batch_norm_stats & co. have no CPU kernels
+    assert not use_cuda_kernels(torch.zeros(2, 3), None)  # torch.batch_norm_stats & co. have no CPU kernels
+    if torch.cuda.is_available():
+        cuda = torch.zeros(2, 3, device="cuda")
+        assert use_cuda_kernels(cuda, torch.ones(3, device="cuda"))
+        assert not use_cuda_kernels(cuda, torch.ones(3, device="cuda", dtype=torch.float64))
     monkeypatch.setenv(CUDA_KERNELS_ENV, "0")
     if torch.cuda.is_available():
-        assert not use_cuda_kernels(torch.zeros(2, 3, device="cuda"))
+        assert not use_cuda_kernels(torch.zeros(2, 3, device="cuda"), None)
+
+
+@pytest.mark.parametrize(
+    ("input_dtype", "weight_dtype", "supported"),
+    [
+        (torch.float32, None, True),
+        (torch.float32, torch.float32, True),
+        (torch.float64, torch.float64, True),
+        (torch.float16, torch.float32, True),
+        (torch.bfloat16, torch.float32, True),
+        (torch.float32, torch.float64, False),
+        (torch.float16, torch.float64, False),
+        (torch.float64, torch.float32, False),
+    ],
+)
+def test_cuda_kernels_take_only_the_dtype_pairings_torch_supports(
+    input_dtype: torch.dtype, weight_dtype: torch.dtype | None, supported: bool
+) -> None:
+    """Other pairings (a float64 model fed float32 input) take the generic path, which handles any."""
+    from syncbn._cuda_kernels import kernel_dtypes_supported
+
+    assert kernel_dtypes_supported(input_dtype, weight_dtype) is supported
