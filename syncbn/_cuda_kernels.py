@@ -30,6 +30,9 @@ import torch
 import torch.distributed as dist
 
 CUDA_KERNELS_ENV = "SYNCBN_CUDA_KERNELS"
+#: Half-precision dtypes: their statistics are computed in float32, and torch's CUDA kernels take them with
+#: float32 parameters.
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def use_cuda_kernels(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
@@ -48,7 +51,7 @@ def kernel_dtypes_supported(input_dtype: torch.dtype, weight_dtype: torch.dtype 
     with float64 parameters (a model converted with ``.double()`` and fed float32) is not one of them."""
     if weight_dtype is None or weight_dtype == input_dtype:
         return True
-    return input_dtype in (torch.float16, torch.bfloat16) and weight_dtype == torch.float32
+    return input_dtype in REDUCED_PRECISION and weight_dtype == torch.float32
 
 
 def kernel_layout(t: torch.Tensor) -> torch.Tensor:

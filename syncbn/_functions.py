@@ -35,9 +35,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from syncbn._cuda_kernels import cuda_backward, cuda_local_packet, cuda_normalize, kernel_layout, use_cuda_kernels
-
-_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+from syncbn._cuda_kernels import (
+    REDUCED_PRECISION,
+    cuda_backward,
+    cuda_local_packet,
+    cuda_normalize,
+    kernel_layout,
+    use_cuda_kernels,
+)
 
 
 @dataclass
@@ -74,7 +79,7 @@ def _shifted_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     on CPU than ``torch.var_mean`` over (N, H, W)). Reduced-precision inputs are upcast to float32 first, so the
     statistics accumulate in float32 or wider. ``x`` must not be empty.
     """
-    source = x.float() if x.dtype in _REDUCED_PRECISION else x
+    source = x.float() if x.dtype in REDUCED_PRECISION else x
     channels = x.shape[1]
     # A (1, C, 1, ...) view of element [0, c, 0, ...]: zero strides everywhere but the channel dimension.
     strides = [0] * x.dim()
@@ -126,7 +131,7 @@ def kernel_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
     """dtype of the statistics handed to aten's batch-norm kernels (the parameters' dtype, float32 for halves)."""
     if weight is not None:
         return weight.dtype
-    return torch.float32 if x.dtype in _REDUCED_PRECISION else x.dtype
+    return torch.float32 if x.dtype in REDUCED_PRECISION else x.dtype
 
 
 # The resolved overload: calling it skips torch.ops' per-call overload lookup on the hot path.
@@ -214,7 +219,7 @@ def sync_backward(
     if use_cuda_kernels(x, weight):
         return cuda_backward(grad_out, x, weight, mean_k, var_k, total, eps, process_group, need_input_grad)
     channels = x.shape[1]
-    upcast = x.dtype in _REDUCED_PRECISION
+    upcast = x.dtype in REDUCED_PRECISION
     x_c = x.float() if upcast else x
     dy = grad_out.float() if upcast else grad_out
     invstd = torch.rsqrt(var_k + eps)
