@@ -197,26 +197,37 @@ def run_training(args: argparse.Namespace, work: Path, store: Any, job_id: str) 
     }
 
 
-def piece_costs() -> dict[str, float]:
-    """Payload size and merge times on a freshly recorded pair of rank snapshots (in this process)."""
-    import pickle
-
+def recorded_ranks() -> list[Any]:
+    """Two ranks' `syncbn.BatchStatsRecorder`s after one recording pass of the bench's layers, each on its own
+    data (shifted by its rank, so the ranks disagree as real shards do)."""
     import torch
     from torch import nn
 
     import syncbn
-    from service.engine.reports import merge_layers
 
-    torch.set_num_threads(1)
-    per_rank_packed, per_rank_dicts = [], []
+    recorders = []
     for rank in range(2):
         torch.manual_seed(rank)
         model = nn.Sequential(*(nn.BatchNorm2d(CHANNELS) for _ in range(LAYERS)))
         recorder = syncbn.BatchStatsRecorder(model)
         with recorder.recording():
             model(torch.randn(BATCH, CHANNELS, SPATIAL, SPATIAL) + rank).sum().backward()
-        per_rank_packed.append(recorder.packed_snapshot())
-        per_rank_dicts.append(recorder.snapshot())
+        recorders.append(recorder)
+    return recorders
+
+
+def piece_costs() -> dict[str, float]:
+    """Payload size and merge times on a freshly recorded pair of rank snapshots (in this process)."""
+    import pickle
+
+    import torch
+
+    from service.engine.reports import merge_layers
+
+    torch.set_num_threads(1)
+    recorders = recorded_ranks()
+    per_rank_packed = [recorder.packed_snapshot() for recorder in recorders]
+    per_rank_dicts = [recorder.snapshot() for recorder in recorders]
 
     def best(fn: Any, repeat: int = 7) -> float:
         times = []
@@ -229,8 +240,8 @@ def piece_costs() -> dict[str, float]:
     return {
         "packed_payload_bytes": len(pickle.dumps(per_rank_packed[0], protocol=5)),
         "dict_payload_bytes": len(pickle.dumps(per_rank_dicts[0], protocol=5)),
-        "packed_snapshot_ms": best(lambda: recorder.packed_snapshot()),
-        "dict_snapshot_ms": best(lambda: recorder.snapshot()),
+        "packed_snapshot_ms": best(lambda: recorders[-1].packed_snapshot()),
+        "dict_snapshot_ms": best(lambda: recorders[-1].snapshot()),
         "merge_packed_ms": best(lambda: merge_layers(per_rank_packed)),
         "merge_per_layer_dicts_ms": best(lambda: merge_layers(per_rank_dicts)),
     }
@@ -359,31 +370,18 @@ def main() -> int:
         result["pieces"] = piece_costs()
 
         # A real merged record (the controller's output) as the template of the stored history.
-        import torch
-        from torch import nn
-
-        import syncbn
         from service.engine.reports import records_from_reports
 
-        reports = []
-        for rank in range(2):
-            torch.manual_seed(rank)
-            model = nn.Sequential(*(nn.BatchNorm2d(CHANNELS) for _ in range(LAYERS)))
-            recorder = syncbn.BatchStatsRecorder(model)
-            with recorder.recording():
-                model(torch.randn(BATCH, CHANNELS, SPATIAL, SPATIAL) + rank).sum().backward()
-            reports.append(
-                {
-                    "kind": "step",
-                    "step": 1,
-                    "epoch": 1,
-                    "train_loss": 1.0,
-                    "lr": 0.1,
-                    "samples_per_s": 1.0,
-                    "step_time_s": 0.1,
-                    "layers": recorder.packed_snapshot(),
-                }
-            )
+        step = {
+            "kind": "step",
+            "step": 1,
+            "epoch": 1,
+            "train_loss": 1.0,
+            "lr": 0.1,
+            "samples_per_s": 1.0,
+            "step_time_s": 0.1,
+        }
+        reports = [step | {"layers": recorder.packed_snapshot()} for recorder in recorded_ranks()]
         template = records_from_reports(reports)[1]
 
         data_dir = work / "serve"
