@@ -43,10 +43,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Top-level packages that only the `service` extra installs: an ImportError naming one of them means the extra is
+#: missing, not that the code is broken.
+_SERVICE_EXTRA_MODULES = frozenset(
+    {
+        "ray",
+        "fastapi",
+        "uvicorn",
+        "pydantic",
+        "pydantic_settings",
+        "sqlalchemy",
+        "alembic",
+        "yaml",
+        "numpy",
+        "sklearn",
+        "rich",
+        "prometheus_client",
+        "httpx",
+        "psutil",
+        "pyarrow",
+        "PIL",
+    }
+)
+
+MISSING_EXTRA_HINT = (
+    "the `syncbn` command (train, serve, submit, db) needs the service extra, which is not installed: "
+    "{missing} is missing. Install it with: pip install 'syncbn[service]' "
+    "(the library alone, `import syncbn`, needs torch only)"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `syncbn` script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    module = importlib.import_module(args._module)
+    """Entry point of the `syncbn` script; returns the process exit code.
+
+    A library-only install (`pip install syncbn`, torch alone) has this script too; there it says which extra to
+    install instead of showing a traceback.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+        module = importlib.import_module(args._module)
+    except ModuleNotFoundError as error:
+        top = (error.name or "").split(".")[0]
+        if top not in _SERVICE_EXTRA_MODULES:
+            raise
+        sys.stderr.write(f"syncbn: {MISSING_EXTRA_HINT.format(missing=top)}\n")
+        return 2
     return int(getattr(module, f"run_{args.command}")(args))
 
 
