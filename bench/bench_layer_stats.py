@@ -25,7 +25,14 @@ linear head; 2 Ray Train workers (gloo, one thread each), batch 16 x 256 x 4 x 4
    read; for comparison, what the dashboard sent before: `/layer-summaries` of all its 9 statistics at once, and
    the stream replaying every `layers` event.
 
+5. Layer history at ResNet-50 scale (`--history-channels 256,2048`): for each width, a store with two layers of
+   that many channels, 300 recorded steps and stats_keep=200 (so ~200 kept snapshots), served by `syncbn serve`:
+   p50 and bytes of `/layers/{layer}?max_points=200` and `/layers?step=` in JSON and in the binary safetensors
+   form (`Accept: application/x-safetensors`), and, in this process, the JSON encoding as the route did it before
+   (pydantic models + the standard encoder) against orjson on the store's float32 arrays.
+
     .venv/bin/python bench/bench_layer_stats.py [--rounds 6 --steps 20 --requests 30]
+    .venv/bin/python bench/bench_layer_stats.py --history-only [--history-channels 256,2048]
 
 Figures depend on the machine's load: on a shared machine run it more than once and say so.
 """
@@ -337,6 +344,121 @@ def measure_latency(data_dir: Path, job_id: str, requests: int) -> dict[str, flo
             os.killpg(server.pid, signal.SIGKILL)
 
 
+def serve(data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """`syncbn serve` on `data_dir` (a real server on a free loopback port), ready; (process, base URL)."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-c", "from service.cli import main; raise SystemExit(main())", "serve"]
+    command += ["--port", str(port), "--data-dir", str(data_dir), "--ray-num-cpus", "1", "--log-level", "warning"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCBN_")}
+    log = (data_dir / "serve.log").open("wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            stop(server)
+            raise RuntimeError(f"syncbn serve did not become ready; see {data_dir / 'serve.log'}")
+        time.sleep(0.5)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL after a minute."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def history_forms(work: Path, channels: int, requests: int) -> dict[str, Any]:
+    """Section 5 for one layer width: p50 (ms) and bytes of the history routes in JSON and safetensors."""
+    import httpx
+    import orjson
+    import torch
+    from torch import nn
+
+    import syncbn
+    from service.api.models import LayerHistoryPublic
+    from service.engine.reports import records_from_reports
+    from service.status import JobStatus
+    from service.store import JobStore
+
+    recorders = []
+    for rank in range(2):
+        torch.manual_seed(rank)
+        model = nn.Sequential(nn.BatchNorm2d(channels), nn.BatchNorm2d(channels))
+        recorder = syncbn.BatchStatsRecorder(model)
+        with recorder.recording():
+            model(torch.randn(4, channels, 2, 2) + rank).sum().backward()
+        recorders.append(recorder)
+    step = {"kind": "step", "step": 1, "epoch": 1, "train_loss": 1.0, "lr": 0.1, "samples_per_s": 1.0}
+    template = records_from_reports([step | {"step_time_s": 0.1, "layers": r.packed_snapshot()} for r in recorders])[1]
+    data_dir = work / f"history-{channels}"
+    store = JobStore(f"sqlite:///{(data_dir / 'syncbn.db').resolve()}", stats_keep=200)
+    job_id = uuid.uuid4().hex
+    store.create_job(job_id, {"name": f"bench-history-{channels}"})
+    store.transition(job_id, JobStatus.RUNNING)
+    fill_store(store, job_id, template, 300)
+
+    def best_ms(fn: Any, repeat: int = 5) -> float:
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return 1000.0 * min(times)
+
+    def before() -> bytes:  # the route's work before: Python lists, pydantic models, the standard encoder
+        history = store.layer_history(job_id, "0", max_points=200)
+        return LayerHistoryPublic.from_result(job_id, "0", history).model_dump_json().encode()
+
+    def now() -> bytes:
+        history = store.layer_history(job_id, "0", max_points=200, arrays=True)
+        points = [{"step": p.step, "epoch": p.epoch, "stats": p.stats} for p in history.points]
+        return orjson.dumps({"points": points}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    out: dict[str, Any] = {
+        "kept_snapshots": store.layer_history(job_id, "0", max_points=10_000, channels=True).available,
+        "in_process_best_ms": {"before: pydantic + json": best_ms(before), "orjson on float32 arrays": best_ms(now)},
+    }
+    store.close()
+    server, base = serve(data_dir)
+    try:
+        path = f"{base}/v1/jobs/{job_id}"
+        binary = {"Accept": "application/x-safetensors"}
+        cases = {
+            "/layers/{layer}?max_points=200 (JSON)": (f"{path}/layers/0", {"max_points": "200"}, {}),
+            "/layers/{layer}?max_points=200 (safetensors)": (f"{path}/layers/0", {"max_points": "200"}, binary),
+            "/layers?step=150 (JSON)": (f"{path}/layers", {"step": "150"}, {}),
+            "/layers?step=150 (safetensors)": (f"{path}/layers", {"step": "150"}, binary),
+        }
+        p50: dict[str, float] = {}
+        sizes: dict[str, int] = {}
+        with httpx.Client(timeout=60) as client:
+            for name, (url, params, headers) in cases.items():
+                times = []
+                for _ in range(requests):
+                    started = time.perf_counter()
+                    response = client.get(url, params=params, headers=headers)
+                    body = response.content
+                    times.append(time.perf_counter() - started)
+                    if response.status_code != 200:
+                        raise RuntimeError(f"{name}: {response.status_code} {body[:300]!r}")
+                p50[name] = median_ms(times)
+                sizes[name] = len(body)
+        out |= {"p50_ms": p50, "bytes": sizes}
+    finally:
+        stop(server)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6, help="rounds of all modes (default 6)")
@@ -344,7 +466,15 @@ def main() -> int:
     parser.add_argument("--recorded", type=int, default=500, help="recorded steps stored (default 500)")
     parser.add_argument("--requests", type=int, default=30, help="requests per route (default 30)")
     parser.add_argument("--skip-training", action="store_true", help="only pieces, storage and latency")
+    parser.add_argument("--history-channels", default="256,2048", help="layer widths of section 5 (default 256,2048)")
+    parser.add_argument("--history-only", action="store_true", help="only section 5 (layer history at scale)")
     args = parser.parse_args()
+    widths = [int(w) for w in args.history_channels.split(",") if w.strip()]
+    if args.history_only:
+        with tempfile.TemporaryDirectory(prefix="bench-layer-history-") as tmp:
+            forms = {str(w): history_forms(Path(tmp), w, args.requests) for w in widths}
+        print(json.dumps({"history_forms": forms}, indent=2))
+        return 0
 
     from service.status import JobStatus
     from service.store import JobStore
@@ -411,6 +541,7 @@ def main() -> int:
             "ingest_ms_per_recorded_step": 1000.0 * fill_s / args.recorded,
         }
         result["latency"] = measure_latency(data_dir, job_id, args.requests)
+        result["history_forms"] = {str(w): history_forms(work, w, args.requests) for w in widths}
         print(json.dumps(result, indent=2))
     return 0
 

@@ -37,6 +37,7 @@ from service.store.engine import make_engine
 from service.store.layer_codec import (
     SUMMARY_FIELDS,
     decode_summary,
+    decode_vector_arrays,
     decode_vectors,
     encode_summary,
     summary_columns,
@@ -709,10 +710,13 @@ class JobStore:
         with self._read() as session:
             return self._steps_of(session, [r.id for r in self._series_rows(session, job_id)], LayerVectorsRow)
 
-    def layers_at(self, job_id: str, step: int | None, *, channels: bool = True) -> LayersAtStep:
+    def layers_at(
+        self, job_id: str, step: int | None, *, channels: bool = True, arrays: bool = False
+    ) -> LayersAtStep:
         """Every layer's statistics at the recorded step nearest `step` (the latest when None), in model order.
 
-        With `channels`, the nearest step that still keeps its per-channel vectors, which are included.
+        With `channels`, the nearest step that still keeps its per-channel vectors, which are included: as lists
+        of floats, or with `arrays` as float32 numpy arrays (NaN kept; `layer_codec.decode_vector_arrays`).
         """
         with self._read() as session:
             series = self._series_rows(session, job_id)
@@ -746,7 +750,7 @@ class JobStore:
             result.epoch = epoch
             stats = decode_summary(blob, row.channels)
             if row.id in blocks:
-                stats |= decode_vectors(blocks[row.id])
+                stats |= decode_vector_arrays(blocks[row.id]) if arrays else decode_vectors(blocks[row.id])
             result.layers[row.layer] = stats
         return result
 
@@ -824,11 +828,12 @@ class JobStore:
         limit: int = 10_000,
         max_points: int | None = None,
         channels: bool = True,
+        arrays: bool = False,
     ) -> LayerHistory | None:
         """One layer's series after `since_step` (the first `limit` steps), downsampled to `max_points`.
 
         Without `channels`: the summaries of every recorded step; with `channels`: the kept snapshots, each with
-        its per-channel lists. None when the job has no such layer.
+        its per-channel lists (with `arrays`: float32 numpy arrays, NaN kept). None when the job has no such layer.
         """
         with self._read() as session:
             row = session.scalars(
@@ -863,7 +868,7 @@ class JobStore:
             epoch, blob = summaries[step]
             stats = decode_summary(blob, row.channels)
             if step in blocks:
-                stats |= decode_vectors(blocks[step])
+                stats |= decode_vector_arrays(blocks[step]) if arrays else decode_vectors(blocks[step])
             points.append(LayerPointData(step=step, epoch=epoch, stats=stats))
         return LayerHistory(points=points, available=len(steps))
 

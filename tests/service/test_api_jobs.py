@@ -8,6 +8,7 @@ The tests of this module run in order on one data folder: each step continues th
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +155,38 @@ def test_layer_statistics_latest_by_step_and_history(story: Story) -> None:
         assert history["points"][-1]["stats"] == stem
         later = client.get(f"/v1/jobs/{job_id}/layers/stem.1", params={"since_step": 4}).json()
         assert [p["step"] for p in later["points"]] == [6, 8]
+
+
+def test_layer_statistics_in_the_binary_form_equal_the_json(story: Story) -> None:
+    """`Accept: application/x-safetensors` gives the same numbers as JSON, as float32 tensors that the
+    safetensors library itself reads (the dashboard's form). JSON writes float32 at its shortest precision,
+    which reads back as the same float32."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors is a dev dependency")
+    job_id = story.first["id"]
+    binary = {"Accept": "application/x-safetensors"}
+    with story.client() as client:
+        history = client.get(f"/v1/jobs/{job_id}/layers/stem.1").json()
+        response = client.get(f"/v1/jobs/{job_id}/layers/stem.1", headers=binary)
+        assert response.headers["content-type"] == "application/x-safetensors"
+        tensors = safetensors_numpy.load(response.content)
+        latest = client.get(f"/v1/jobs/{job_id}/layers").json()
+        at_step = client.get(f"/v1/jobs/{job_id}/layers", headers=binary)
+    assert tensors["step"].tolist() == [p["step"] for p in history["points"]]
+    assert tensors["epoch"].tolist() == [p["epoch"] for p in history["points"]]
+    for key in ("mean", "var", "running_mean", "running_var"):
+        assert tensors[key].dtype == np.float32 and tensors[key].shape == (4, 16)
+        as_json = [[math.nan if v is None else v for v in p["stats"][key]] for p in history["points"]]
+        np.testing.assert_array_equal(tensors[key], np.array(as_json, dtype=np.float32), err_msg=key)
+    # The same file read by hand, as the dashboard does: the header names the summaries of every point.
+    size = int.from_bytes(response.content[:8], "little")
+    header = json.loads(response.content[8 : 8 + size])
+    assert size % 8 == 0 and header["__metadata__"]["format"] == '"syncbn.layer-history.v1"'
+    summaries = json.loads(header["__metadata__"]["summaries"])
+    assert summaries[-1] == {k: v for k, v in history["points"][-1]["stats"].items() if k not in tensors}
+
+    layers = safetensors_numpy.load(at_step.content)
+    np.testing.assert_array_equal(layers["stem.1.mean"], np.array(latest["layers"]["stem.1"]["mean"], np.float32))
+    assert {name.rsplit(".", 1)[0] for name in layers} == set(latest["layers"])
 
 
 def test_the_final_model_is_a_plain_batchnorm_state_dict(story: Story, tmp_path: Path) -> None:

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 
 from service.api.deps import JobDep, StoreDep
+from service.api.layer_forms import (
+    SAFETENSORS_MEDIA_TYPE,
+    history_json,
+    history_safetensors,
+    layers_json,
+    layers_safetensors,
+    wants_safetensors,
+)
 from service.api.models import LayerHistoryPublic, LayerMatrixPublic, LayersPublic
 from service.api.routes.responses import errors
 from service.store.layer_codec import SUMMARY_FIELDS
@@ -23,6 +31,16 @@ Channels = Annotated[
 ]
 
 
+#: The binary form in the OpenAPI document (the JSON form is the response model).
+BINARY_FORM = {
+    200: {
+        "content": {SAFETENSORS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JSON, or with `Accept: application/x-safetensors` the per-channel vectors as float32 "
+        "tensors in a safetensors file (see service/api/layer_forms.py).",
+    }
+}
+
+
 def _some(values: list, limit: int = 20) -> str:
     shown = ", ".join(str(v) for v in values[:limit])
     return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
@@ -32,9 +50,10 @@ def _some(values: list, limit: int = 20) -> str:
     "/jobs/{job_id}/layers",
     response_model=LayersPublic,
     summary="Read per-layer BatchNorm statistics",
-    responses=errors(401, 404, 422),
+    responses=errors(401, 404, 422) | BINARY_FORM,
 )
 def read_layers(
+    request: Request,
     job: JobDep,
     store: StoreDep,
     step: Annotated[
@@ -47,26 +66,28 @@ def read_layers(
         ),
     ] = None,
     channels: Channels = True,
-) -> LayersPublic:
+) -> Response:
     """Every BatchNorm layer's statistics at one step: global batch mean/variance, running stats, gamma/beta,
-    gradient norms, dead channels, drift and cross-worker skew. Empty (`step: null`) until the first record."""
-    result = store.layers_at(job.id, step, channels=channels)
+    gradient norms, dead channels, drift and cross-worker skew. Empty (`step: null`) until the first record.
+    With `Accept: application/x-safetensors`, the per-channel vectors come as float32 tensors."""
+    result = store.layers_at(job.id, step, channels=channels, arrays=True)
     if step is not None and result.step is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
             f"job {job.id} has no layer statistics at step {step}: none recorded yet; ask again once the run has "
             "recorded a step (every stats_every steps).",
         )
-    return LayersPublic.from_result(job.id, result)
+    return layers_safetensors(job.id, result) if wants_safetensors(request) else layers_json(job.id, result)
 
 
 @router.get(
     "/jobs/{job_id}/layers/{layer}",
     response_model=LayerHistoryPublic,
     summary="Read one layer's history",
-    responses=errors(401, 404, 422),
+    responses=errors(401, 404, 422) | BINARY_FORM,
 )
 def read_layer_history(
+    request: Request,
     job: JobDep,
     store: StoreDep,
     layer: Annotated[str, Path(description="Module path of the layer, e.g. 'layer1.0.bn1'.")],
@@ -82,11 +103,12 @@ def read_layer_history(
         Query(ge=1, le=10_000, description="Most points to return: the series is downsampled evenly to this."),
     ] = 500,
     channels: Channels = True,
-) -> LayerHistoryPublic:
+) -> Response:
     """One layer's statistics over the run, ascending: every recorded step's summary (`channels=false`), or the
-    kept snapshots with their per-channel lists (`channels=true`), downsampled to `max_points`."""
+    kept snapshots with their per-channel lists (`channels=true`), downsampled to `max_points`. With
+    `Accept: application/x-safetensors`, the steps and the per-channel vectors come as tensors (points x channels)."""
     history = store.layer_history(
-        job.id, layer, since_step=since_step, limit=limit, max_points=max_points, channels=channels
+        job.id, layer, since_step=since_step, limit=limit, max_points=max_points, channels=channels, arrays=True
     )
     if history is None:
         names = store.layer_names(job.id)
@@ -95,7 +117,9 @@ def read_layer_history(
             status.HTTP_404_NOT_FOUND,
             f"job {job.id} has no statistics for layer {layer!r}; its layers: {known}.",
         )
-    return LayerHistoryPublic.from_result(job.id, layer, history)
+    if wants_safetensors(request):
+        return history_safetensors(job.id, layer, history, channels=channels)
+    return history_json(job.id, layer, history)
 
 
 @router.get(

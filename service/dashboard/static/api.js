@@ -89,6 +89,17 @@ export class Api {
     return this.request("GET", path, { ...options, query });
   }
 
+  /** GET a binary form of an answer (the `accept` media type); resolve to its ArrayBuffer. */
+  async getBinary(path, query, accept) {
+    const response = await fetch(this.url(path, query), { headers: this.headers({ Accept: accept }) });
+    if (!response.ok) {
+      const error = await errorFrom(response);
+      if (response.status === 401) this.onUnauthorized(error.detail);
+      throw error;
+    }
+    return response.arrayBuffer();
+  }
+
   post(path, body, options = {}) {
     return this.request("POST", path, { ...options, body });
   }

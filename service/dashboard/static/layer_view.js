@@ -5,11 +5,13 @@
 // from the event stream); choosing another statistic asks the feed for that one and shows "Loading…" until it is
 // here. The per-channel lists are not on the stream, so the layer detail reads them on demand from
 // GET /v1/jobs/{id}/layers/{layer}: the snapshots the store keeps (the recent ones and a log-spaced selection of
-// older ones), at most DETAIL_POINTS.
+// older ones), at most DETAIL_POINTS, in the binary form (float32 tensors: a 2,048-channel layer's 120 snapshots
+// are 3.9 MB instead of ~10 MB of JSON, and the server writes them without building a float per value).
 
 import { align, Chart, PALETTE } from "./charts.js";
 import { h, num, replace } from "./dom.js";
 import { Heatmap } from "./heatmap.js";
+import { readSafetensors, rowOf, SAFETENSORS } from "./safetensors.js";
 
 /** Most snapshots the layer detail asks for (the server downsamples the kept ones evenly to this). */
 const DETAIL_POINTS = 120;
@@ -134,6 +136,18 @@ export class LayerDetail {
     return `v1/jobs/${encodeURIComponent(this.jobId)}/layers/${encodeURIComponent(layer)}`;
   }
 
+  /** The layer's history in the binary form, as the JSON form's points: `{step, epoch, stats}` with lists. */
+  async history(layer, query) {
+    const { tensors, metadata } = readSafetensors(await this.api.getBinary(this.path(layer), query, SAFETENSORS));
+    return metadata.summaries.map((summary, i) => {
+      const stats = { ...summary };
+      for (const key of ["mean", "var", "running_mean", "running_var"]) {
+        if (tensors[key]) stats[key] = rowOf(tensors[key], i);
+      }
+      return { step: Number(tensors.step.data[i]), epoch: Number(tensors.epoch.data[i]), stats };
+    });
+  }
+
   /** Show `layer` at the recorded step `step` (default: the latest). */
   async open(layer, step = null) {
     this.layer = layer;
@@ -141,9 +155,9 @@ export class LayerDetail {
     this.container.dataset.layer = layer;
     replace(this.container, h("p", { class: "muted" }, `Loading ${layer}…`));
     try {
-      const history = await this.api.get(this.path(layer), { max_points: DETAIL_POINTS });
+      const points = await this.history(layer, { max_points: DETAIL_POINTS });
       if (this.layer !== layer) return;
-      this.points = history.points;
+      this.points = points;
     } catch (error) {
       replace(this.container, h("p", { class: "error-text" }, `Could not read layer ${layer}: ${error.message}`));
       return;
@@ -164,12 +178,12 @@ export class LayerDetail {
     if (!this.layer || !this.points.length || this.loading) return;
     const layer = this.layer;
     const last = this.points[this.points.length - 1].step;
-    this.loading = this.api.get(this.path(layer), { since_step: last, max_points: DETAIL_POINTS });
+    this.loading = this.history(layer, { since_step: last, max_points: DETAIL_POINTS });
     try {
-      const history = await this.loading;
-      if (this.layer !== layer || !history.points.length) return;
+      const points = await this.loading;
+      if (this.layer !== layer || !points.length) return;
       const following = this.index === this.points.length - 1;
-      this.points.push(...history.points);
+      this.points.push(...points);
       if (following) this.index = this.points.length - 1;
       this.render();
     } catch {
