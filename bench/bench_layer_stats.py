@@ -279,25 +279,9 @@ def measure_latency(data_dir: Path, job_id: str, requests: int) -> dict[str, flo
     """p50 latency (ms) of the layer routes and the SSE replay against `syncbn serve` on `data_dir`."""
     import httpx
 
-    port = free_port()
-    command = [sys.executable, "-c", "from service.cli import main; raise SystemExit(main())", "serve"]
-    command += ["--port", str(port), "--data-dir", str(data_dir), "--ray-num-cpus", "1", "--log-level", "warning"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCBN_")}
-    log = (data_dir / "serve.log").open("wb")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    server, base = serve(data_dir)
     try:
         with httpx.Client(base_url=base, timeout=60) as client:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"syncbn serve did not become ready; see {data_dir / 'serve.log'}")
-                time.sleep(0.5)
             layer = "19"  # a layer in the middle of the model (module path of the 20th BatchNorm)
             path = f"/v1/jobs/{job_id}"
             cases = {
@@ -337,11 +321,7 @@ def measure_latency(data_dir: Path, job_id: str, requests: int) -> dict[str, flo
                 sizes[name] = len(body)
             return {"p50_ms": out, "bytes": sizes}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
 
 
 def serve(data_dir: Path) -> tuple[subprocess.Popen, str]:
