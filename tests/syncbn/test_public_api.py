@@ -10,7 +10,7 @@ import syncbn
 
 def test_all_is_the_public_surface() -> None:
     public = {name for name in dir(syncbn) if not name.startswith("_")}
-    submodules = {"batchnorm", "convert", "stats"}
+    submodules = {"batchnorm", "convert", "lightning", "norm_act", "stats"}
     assert set(syncbn.__all__) - {"__version__"} == public - submodules
     assert {"SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"} <= set(syncbn.__all__)
 
