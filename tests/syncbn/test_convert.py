@@ -223,7 +223,7 @@ def norm_act_global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_converted_norm_act_matches_the_unconverted_model_on_the_global_batch(pool2: ProcessGroupPool) -> None:
-    ranks = pool2.run(norm_act_step_on_rank, timeout=60)
+    ranks = pool2.run(norm_act_step_on_rank, timeout=180)
     model = norm_act_model()
     x, dy = norm_act_global_batch()
     x.requires_grad_(True)
