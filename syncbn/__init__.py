@@ -8,6 +8,8 @@ Public surface (everything else is private):
 - :class:`BatchStatsRecorder` / :func:`merge_rank_layer_stats`: per-layer batch statistics and cross-rank skew;
   :func:`merge_packed_layer_stats` merges :class:`PackedLayerStats` (all layers of a rank in two tensors) into
   :class:`MergedLayerStats` in one vectorised pass.
+
+:mod:`syncbn.lightning` (a Lightning ``LayerSync`` plugin) is not imported here: it needs Lightning.
 """
 
 from syncbn.batchnorm import SyncBatchNorm
