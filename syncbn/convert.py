@@ -68,21 +68,24 @@ def _children_after_norm(
     Raises:
         ValueError: a subclass whose forward is neither batch norm nor a known norm + act layer.
     """
+    mro = type(module).__mro__
     owner = _forward_owner(type(module))
     if owner in (_BatchNorm, nn.SyncBatchNorm):
         return None
-    names = norm_act.get(owner, _KNOWN_NORM_ACT.get((owner.__module__, owner.__qualname__)))
+    # The layer's class or any base up to the forward's owner: all of them run that same forward.
+    declared = next((norm_act[k] for k in mro[: mro.index(owner) + 1] if k in norm_act), None)
+    names = declared if declared is not None else _KNOWN_NORM_ACT.get((owner.__module__, owner.__qualname__))
     cls = type(module).__qualname__
     if names is None:
-        children = tuple(name for name, _ in module.named_children())
-        hint = f"{children}" if children else "('act',)"
+        children = ", ".join(repr(name) for name, _ in module.named_children()) or "none"
         raise ValueError(
             f"cannot synchronize layer '{path or '<root>'}' ({type(module).__module__}.{cls}): it subclasses "
             f"BatchNorm but {owner.__qualname__}.forward does more than batch norm, and a synchronized layer would "
-            f"silently skip the rest. If that forward is batch norm followed by child modules, pass "
-            f"convert_sync_batchnorm(model, norm_act={{{owner.__qualname__}: {hint}}}) with the children in the "
-            "order it applies them (() if it is batch norm alone); otherwise leave the layer out of the model you "
-            "convert, or replace it with plain BatchNorm plus those modules"
+            "silently skip the rest. If that forward is batch norm followed by child modules (this layer has: "
+            f"{children}), pass convert_sync_batchnorm(model, norm_act={{{owner.__qualname__}: (names of those "
+            f"children, in the order it applies them)}}), or norm_act={{{owner.__qualname__}: ()}} if it is batch "
+            "norm alone; otherwise leave the layer out of the model you convert, or replace it with plain "
+            "BatchNorm plus those modules"
         )
     missing = [name for name in names if name not in module._modules]
     if missing:

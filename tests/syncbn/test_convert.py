@@ -243,8 +243,19 @@ def test_subclass_with_an_unknown_forward_is_refused_with_its_path_and_the_fix()
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.ReLU(), DoubledBatchNorm(4)))
     with pytest.raises(ValueError, match=r"layer '1\.1' \(.*DoubledBatchNorm\).*norm_act=\{DoubledBatchNorm: "):
         syncbn.convert_sync_batchnorm(model)
-    with pytest.raises(ValueError, match=r"layer '1' \(.*BatchNormAct\).*\('drop', 'act'\)"):
+    with pytest.raises(ValueError, match=r"layer '1' \(.*BatchNormAct\).*this layer has: 'drop', 'act'"):
         syncbn.convert_sync_batchnorm(norm_act_model())  # not declared: refused, not flattened
+
+
+class LeakyBatchNormAct(BatchNormAct):
+    """Inherits BatchNormAct's forward: declaring the base class covers it."""
+
+
+def test_norm_act_declared_for_a_base_class_covers_subclasses_that_keep_its_forward() -> None:
+    layer = LeakyBatchNormAct(4, act=nn.LeakyReLU(), drop=nn.Identity())
+    converted = syncbn.convert_sync_batchnorm(nn.Sequential(layer), norm_act=NORM_ACT)
+    assert type(converted[0]) is syncbn.SyncBatchNormAct
+    assert type(syncbn.revert_sync_batchnorm(converted)[0]) is LeakyBatchNormAct
 
 
 def test_norm_act_naming_a_missing_child_is_refused() -> None:
