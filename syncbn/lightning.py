@@ -6,7 +6,9 @@ hook (Lightning calls ``apply`` when fitting starts and ``revert`` at teardown):
 
     trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, plugins=[syncbn.lightning.SyncBatchNorm()])
 
-Importing this module needs Lightning (``pip install lightning``); importing :mod:`syncbn` never does.
+Importing this module needs Lightning (``pip install lightning``); importing :mod:`syncbn` never does. The plugin
+is a ``lightning.pytorch`` ``LayerSync``, for ``lightning.Trainer``; the separate ``pytorch_lightning`` package
+checks plugins against its own copy of that class.
 """
 
 from __future__ import annotations
