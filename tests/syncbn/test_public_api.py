@@ -10,14 +10,21 @@ import syncbn
 
 def test_all_is_the_public_surface() -> None:
     public = {name for name in dir(syncbn) if not name.startswith("_")}
-    submodules = {"batchnorm", "convert", "stats"}
+    submodules = {"batchnorm", "convert", "lightning", "norm_act", "stats"}
     assert set(syncbn.__all__) - {"__version__"} == public - submodules
     assert {"SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"} <= set(syncbn.__all__)
 
 
 def test_importing_syncbn_pulls_in_no_service_dependencies() -> None:
-    code = (
-        "import sys, syncbn; print(sorted(m for m in ('ray', 'fastapi', 'pydantic', 'sqlalchemy') if m in sys.modules))"
-    )
+    heavy = ("ray", "fastapi", "pydantic", "sqlalchemy", "lightning")
+    code = f"import sys, syncbn; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_importing_syncbn_lightning_without_lightning_names_the_install() -> None:
+    code = "import sys; sys.modules['lightning'] = None; import syncbn.lightning"  # as if Lightning were absent
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ImportError: syncbn.lightning needs Lightning" in result.stderr, result.stderr[-2000:]
+    assert "pip install lightning" in result.stderr
