@@ -31,7 +31,7 @@ from service.settings import Settings
 from service.spec import JobSpec
 from tests.service.conftest_api import LiveServer, free_port, tiny_spec, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(480)  # the MLflow server's start (its database migrations) counts in the first test
 
 REPO = Path(__file__).resolve().parents[2]
 #: The `mlflow` command of the tool environment (SYNCBN_MLFLOW_BIN overrides it).
@@ -134,6 +134,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        # the server's job runner (a second process for MLflow's own server-side jobs) is not needed here
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         start_new_session=True,  # its own process group: the server's workers stop with it
     )
     uri = f"http://127.0.0.1:{port}"
@@ -147,7 +149,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             return False
 
     try:
-        wait_for(healthy, 120, "the mlflow server to answer /health", interval=0.5)
+        wait_for(healthy, 240, "the mlflow server to answer /health", interval=0.5)
         yield uri
     finally:
         os.killpg(process.pid, signal.SIGTERM)
