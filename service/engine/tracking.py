@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -79,8 +80,9 @@ LAYER_SCALARS = (
 TENSORBOARD_DIR = "tensorboard"
 #: Failures in a row after which a tracker is switched off for the rest of the run.
 MAX_CONSECUTIVE_FAILURES = 3
-#: Records waiting for the tracker thread; beyond this they are dropped (and counted as failures).
-_QUEUE_SIZE = 2000
+#: Report rounds waiting for the tracker thread (a layers round of a large model holds ~1 MB); beyond this they are
+#: dropped (and counted as a failure).
+_QUEUE_SIZE = 256
 #: The MLflow client's own retry policy (7 retries with exponential backoff, 120 s per request) would hold one
 #: failing call for minutes; the operator's environment still wins (setdefault).
 _MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
@@ -343,6 +345,7 @@ class RunTracker:
         self.job_id = job_id
         self.storage_uri = storage_uri
         self.run_name = run_name
+        self._temporary: list[str] = []
         self._state: _TrackerThread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -361,7 +364,8 @@ class RunTracker:
             self._thread().submit(records, checkpoint_path)
         except Exception as exc:  # nothing here may reach the controller's report loop
             logger.exception("tracking: could not queue records")
-            self._thread().note_failure(None, f"could not queue records: {type(exc).__name__}: {exc}")
+            if self._state is not None:
+                self._state.note_failure(None, f"could not queue records: {type(exc).__name__}: {exc}")
 
     def take_log_records(self) -> list[dict[str, Any]]:
         """The `log` records written since the last call (failures, where the run goes)."""
@@ -385,7 +389,13 @@ class RunTracker:
 
     def _thread(self) -> _TrackerThread:
         if self._state is None:
-            self._state = _TrackerThread(self._sinks(), self._find_model)
+            try:
+                sinks, problem = self._sinks(), None
+            except Exception as exc:  # e.g. a storage URI that cannot be opened here: no tracker, the job goes on
+                sinks, problem = [], f"could not set up the trackers: {type(exc).__name__}: {exc}"
+            self._state = _TrackerThread(sinks, self._find_model, self._temporary)
+            if problem is not None:
+                self._state.note_failure(None, problem)
         return self._state
 
     def _find_model(self, checkpoint_path: str) -> Path | None:
@@ -398,7 +408,13 @@ class RunTracker:
             return None
         if storage.is_local:
             return Path(found)
-        return storage.copy_to(found, Path(tempfile.mkdtemp(prefix=f"syncbn-model-{self.job_id}-")) / "model.pt")
+        return storage.copy_to(found, Path(self._temporary_dir("model")) / "model.pt")
+
+    def _temporary_dir(self, what: str) -> str:
+        """A local folder for a bucket storage's files, removed when the trackers end (`_TrackerThread.close`)."""
+        folder = tempfile.mkdtemp(prefix=f"syncbn-{what}-{self.job_id}-")
+        self._temporary.append(folder)
+        return folder
 
     def _sinks(self) -> list[_Sink]:
         from service.engine.storage import RunStorage
@@ -415,7 +431,7 @@ class RunTracker:
             if storage.is_local:
                 logdir, upload = str(Path(storage.base) / self.run_name / TENSORBOARD_DIR), None
             else:
-                logdir = tempfile.mkdtemp(prefix=f"syncbn-tensorboard-{self.job_id}-")
+                logdir = self._temporary_dir("tensorboard")
                 upload = (storage.filesystem, f"{storage.base}/{self.run_name}/{TENSORBOARD_DIR}")
             sinks.append(_TensorBoardSink(tracking.tensorboard, logdir, upload))
         return sinks
@@ -424,9 +440,10 @@ class RunTracker:
 class _TrackerThread:
     """The process-local half of a `RunTracker`: the queue, the worker thread and the pending log records."""
 
-    def __init__(self, sinks: list[_Sink], find_model: Callable[[str], Path | None]) -> None:
+    def __init__(self, sinks: list[_Sink], find_model: Callable[[str], Path | None], temporary: list[str]) -> None:
         self.sinks = sinks
         self.find_model = find_model
+        self.temporary = temporary
         self.last = {"step": -1, "layers": -1, "epoch": 0}  # a restarted worker group reports some rounds again
         self.queue: queue.Queue[tuple[list[dict[str, Any]], str | None] | None] = queue.Queue(_QUEUE_SIZE)
         self.lock = threading.Lock()
@@ -541,6 +558,8 @@ class _TrackerThread:
                 self.note(f"tracking: {sink.name}: run ended {status}; {sink.failures} failure(s)")
             else:
                 self.note(f"tracking: {sink.name}: {sink.failures} failure(s); nothing was logged")
+        for folder in self.temporary:  # what a bucket storage needed locally (RunTracker._temporary_dir)
+            shutil.rmtree(folder, ignore_errors=True)
         return self.take_log_records()
 
     def _model_file(self) -> Path | None:
