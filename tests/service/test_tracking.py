@@ -13,6 +13,7 @@ TensorBoard and an MLflow server that is not there.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -26,12 +27,12 @@ import pytest
 import torch
 
 from service.engine.runner import JobRun, launch_run
-from service.engine.tracking import LAYER_SCALARS, check_tracking, flatten_spec, normalize_tracking_uri
+from service.engine.tracking import LAYER_SCALARS, RunTracker, check_tracking, flatten_spec, normalize_tracking_uri
 from service.settings import Settings
 from service.spec import JobSpec
 from tests.service.conftest_api import LiveServer, free_port, tiny_spec, wait_for
 
-pytestmark = pytest.mark.timeout(480)  # the MLflow server's start (its database migrations) counts in the first test
+pytestmark = pytest.mark.timeout(600)  # the MLflow server's start (its database migrations) counts in the first test
 
 REPO = Path(__file__).resolve().parents[2]
 #: The `mlflow` command of the tool environment (SYNCBN_MLFLOW_BIN overrides it).
@@ -106,6 +107,33 @@ def test_the_spec_flattens_into_mlflow_params() -> None:
     assert flat["sync_bn"] == "true" and flat["name"] == "null" and flat["tracking"] == "null"
 
 
+def test_a_pickled_tracker_writes_each_step_once_even_when_a_restarted_group_repeats_it(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = JobSpec(tracking={"tensorboard": {"histograms": False}})
+    # Built by the job's driver, used in the Ray Train controller: it travels pickled, before any thread exists.
+    tracker = pickle.loads(pickle.dumps(RunTracker(spec, "job-x", str(tmp_path), "syncbn-job-x")))
+
+    def step(n: int) -> dict[str, Any]:
+        return {"kind": "step", "step": n, "epoch": 1, "train_loss": 1 / n, "lr": 0.1, "samples_per_s": 9.0}
+
+    tracker.submit([step(2), step(4)])
+    tracker.submit([step(4), step(6)])  # a worker group restarted from a checkpoint reports step 4 again
+    tracker.submit([{"kind": "summary", "verdict": "completed"}])
+    lines = [record["message"] for record in tracker.close(failed=False)]
+    assert "tracking: tensorboard: run ended FINISHED; 0 failure(s)" in lines, lines
+
+    events = EventAccumulator(str(tmp_path / "syncbn-job-x" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("step/train_loss")] == [
+        (2, pytest.approx(0.5)),
+        (4, pytest.approx(0.25)),
+        (6, pytest.approx(1 / 6)),
+    ]
+    assert "step/step_time_s" not in events.Tags()["scalars"]  # a field the record lacks is not invented
+    assert not events.Tags()["histograms"]
+
+
 # ------------------------------------------------------------------ a real MLflow server
 
 
@@ -161,7 +189,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-def _follow(run: JobRun, timeout: float = 200.0) -> list[dict[str, Any]]:
+def _follow(run: JobRun, timeout: float = 300.0) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while not records or records[-1]["kind"] != "end":
@@ -241,7 +269,7 @@ def test_tensorboard_events_and_a_failing_mlflow_that_does_not_fail_the_job(ray_
         job_id = created.json()["id"]
         job = wait_for(
             lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and j,
-            240,
+            300,
             "the job to end",
             interval=0.5,
         )
