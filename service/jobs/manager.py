@@ -233,8 +233,8 @@ class JobManager:
         Raises:
             JobCannotFitError: more CPUs/GPUs in total, or per worker, than the cluster has; fewer nodes able
                 to host a worker than `workers` under STRICT_SPREAD; an npz path that escapes the data root
-                or does not exist; a dataset.uri/val_uri outside the data root or with a scheme not allowed; an MLflow
-            tracking URI the operator did not list in tracking_uris.
+                or does not exist; a dataset.uri/val_uri outside the data root or with a scheme not allowed; an
+                MLflow tracking URI the operator did not list in tracking_uris.
         """
         from service.engine.tracking import check_tracking
 

@@ -12,6 +12,7 @@ TensorBoard and an MLflow server that is not there.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -26,6 +27,7 @@ import httpx
 import pytest
 import torch
 
+from service.cli import main
 from service.engine.runner import JobRun, launch_run
 from service.engine.tracking import LAYER_SCALARS, RunTracker, check_tracking, flatten_spec, normalize_tracking_uri
 from service.settings import Settings
@@ -98,6 +100,18 @@ def test_only_allowed_tracking_servers_pass_and_spellings_of_one_server_match() 
     assert settings.tracking_uris == ["http://a:5000", "https://b"]
     with pytest.raises(ValueError, match="tracking_uris"):
         Settings(tracking_uris="file:///tmp/mlruns")
+
+
+def test_cli_train_refuses_a_tracking_server_the_environment_does_not_allow(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec_path = tmp_path / "spec.json"
+    tracking = {"mlflow": {"tracking_uri": "http://10.0.0.1:5000", "experiment_name": "e"}}
+    spec_path.write_text(json.dumps({"tracking": tracking}))
+    monkeypatch.setenv("SYNCBN_TRACKING_URIS", "http://127.0.0.1:5000")
+    assert main(["train", str(spec_path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'http://10.0.0.1:5000' is not a tracking server" in err and "http://127.0.0.1:5000" in err
 
 
 def test_the_spec_flattens_into_mlflow_params() -> None:
