@@ -3,13 +3,27 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench browser gpu-check
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
+
+.PHONY: serve test lint bench browser gpu-check mlflow-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[service,dev]'
 	touch $(STAMP)
+
+# The MLflow server that the tracking tests start (tests/service/test_tracking.py). The full mlflow package pins
+# pyarrow < 26, below the service's pin, so it gets a tool environment of its own; jobs log through mlflow-skinny,
+# which the service extra installs into .venv.
+$(MLFLOW_STAMP): constraints-mlflow.txt
+	$(PY) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q -U pip
+	$(MLFLOW_VENV)/bin/pip install -q -c constraints-mlflow.txt mlflow
+	touch $(MLFLOW_STAMP)
+
+mlflow-venv: $(MLFLOW_STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/syncbn serve
@@ -21,7 +35,7 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium not installed: the dashboard's browser tests will skip"; }
 
-test: $(STAMP) browser
+test: $(STAMP) $(MLFLOW_STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check syncbn service tests bench
 	$(VENV)/bin/python -m pytest -q

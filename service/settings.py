@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         "(comma-separated in SYNCBN_ALLOWED_URI_SCHEMES; read with pyarrow's filesystems and the cluster's "
         "credentials). Empty: local data only.",
     )
+    tracking_uris: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="MLflow tracking servers a spec's tracking.mlflow.tracking_uri may name, http(s) URIs compared "
+        "after normalising (comma-separated in SYNCBN_TRACKING_URIS). A tracking URI is a network destination that "
+        "a request carries: only these are ever contacted. Empty: MLflow tracking is refused (TensorBoard, which "
+        "writes into the run storage, needs nothing).",
+    )
     storage_uri: str | None = Field(
         None,
         min_length=1,
@@ -204,6 +211,25 @@ class Settings(BaseSettings):
                     f"allowed_uri_schemes entries must be one of {sorted(KNOWN_SCHEMES)} (got {scheme!r})."
                 )
         return schemes
+
+    @field_validator("tracking_uris", mode="before")
+    @classmethod
+    def _split_tracking_uris(cls, value: object) -> object:
+        """Accept "http://a:5000,https://b" (the environment's form) as well as a list; blanks are dropped."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            return [str(uri).strip() for uri in value if str(uri).strip()]
+        return value
+
+    @field_validator("tracking_uris")
+    @classmethod
+    def _check_tracking_uris(cls, uris: list[str]) -> list[str]:
+        from service.engine.tracking import normalize_tracking_uri
+
+        for uri in uris:
+            normalize_tracking_uri(uri, "tracking_uris")
+        return uris
 
     @field_validator("log_level")
     @classmethod

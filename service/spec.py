@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from service.data_location import check_data_uri, check_npz_path, resolve_npz_path
 
@@ -24,14 +25,18 @@ __all__ = [
     "BUILTIN_MODELS",
     "CONV_MODELS",
     "STREAMED_KINDS",
+    "TRACKING_URI_SCHEMES",
     "DatasetSpec",
     "EarlyStopSpec",
     "JobSpec",
     "LrScheduleSpec",
+    "MlflowSpec",
     "ModelName",
     "OptimizerSpec",
     "PlacementStrategy",
     "Precision",
+    "TensorBoardSpec",
+    "TrackingSpec",
     "load_spec_file",
     "resolve_npz_path",
 ]
@@ -372,6 +377,100 @@ class DatasetSpec(_Strict):
         return total - max(1, round(total * self.val_fraction))
 
 
+#: URI schemes an MLflow tracking URI may use: a tracking server's REST API. File stores and plugin schemes
+#: (databricks://, custom entry points) are refused, so that a request never picks which code MLflow loads.
+TRACKING_URI_SCHEMES: tuple[str, ...] = ("http", "https")
+
+
+class MlflowSpec(_Strict):
+    """Where the run shows up in MLflow: a tracking server the operator allows, an experiment, a run name.
+
+    Credentials never travel in a spec: the MLflow client reads them from the environment of the service's
+    cluster (`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME`/`PASSWORD`).
+    """
+
+    tracking_uri: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="The MLflow tracking server, http:// or https:// (no user:password@ part); the service "
+        "accepts only servers its operator lists in tracking_uris (SYNCBN_TRACKING_URIS).",
+        examples=["http://127.0.0.1:5000"],
+    )
+    experiment_name: str = Field(
+        min_length=1,
+        max_length=256,
+        description="MLflow experiment the run is logged to (created when it does not exist).",
+        examples=["syncbn-digits"],
+    )
+    run_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=250,
+        description="MLflow run name; null: the job's name, else its id.",
+    )
+    log_model: bool = Field(
+        True,
+        description="Log the final model (model.pt: a plain nn.BatchNorm*d state dict) as the run's artifact "
+        "model/model.pt.",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _check_tracking_uri(cls, uri: str) -> str:
+        parts = urlsplit(uri.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in TRACKING_URI_SCHEMES:
+            raise ValueError(
+                f"tracking.mlflow.tracking_uri must be an http:// or https:// MLflow server (got the scheme "
+                f"{scheme or 'none'!r} in {uri!r}): run `mlflow server` and give its address."
+            )
+        if not parts.hostname:
+            raise ValueError(f"tracking.mlflow.tracking_uri names no host (got {uri!r}): e.g. http://mlflow:5000.")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "tracking.mlflow.tracking_uri must not carry credentials (a spec is stored and shown): remove the "
+                "user:password@ part and let the operator set MLFLOW_TRACKING_USERNAME/PASSWORD or "
+                "MLFLOW_TRACKING_TOKEN on the cluster."
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"tracking.mlflow.tracking_uri takes no ?query or #fragment (got {uri!r}).")
+        return uri.strip()
+
+
+class TensorBoardSpec(_Strict):
+    """TensorBoard event files in the run storage (`<storage>/syncbn-<job>/tensorboard/`)."""
+
+    histograms: bool = Field(
+        True,
+        description="Also write per-layer histograms of the per-channel batch means and variances on every "
+        "recorded step (stats_every); false: scalars only.",
+    )
+
+
+class TrackingSpec(_Strict):
+    """Where the run is mirrored besides the service's own store: MLflow and/or TensorBoard.
+
+    A tracker that fails (server down, disk full) never fails the job: each failure is a warning line in the
+    job's log, and the count shows in its last tracking line and in the service's Prometheus metrics.
+    """
+
+    mlflow: MlflowSpec | None = Field(
+        None,
+        description="Log params (the spec), step and epoch metrics, per-layer summaries and the final model to an "
+        "MLflow tracking server; null: no MLflow.",
+    )
+    tensorboard: TensorBoardSpec | None = Field(
+        None,
+        description="Write TensorBoard event files (scalars, per-layer histograms) into the run storage; null: none.",
+    )
+
+    @model_validator(mode="after")
+    def _check_has_tracker(self) -> TrackingSpec:
+        if self.mlflow is None and self.tensorboard is None:
+            raise ValueError("tracking needs mlflow and/or tensorboard: set one of them, or remove tracking.")
+        return self
+
+
 _EXAMPLE: dict[str, Any] = {
     "name": "digits-small-resnet",
     "model": "small_resnet",
@@ -507,6 +606,11 @@ class JobSpec(_Strict):
         ge=0,
         le=10_000,
         description="Save a checkpoint every N epochs (used to resume after a failure); 0: never.",
+    )
+    tracking: TrackingSpec | None = Field(
+        None,
+        description="Mirror the run to MLflow and/or TensorBoard (a tracker's failures never fail the job); "
+        "null: the service's own store only.",
     )
 
     @model_validator(mode="after")

@@ -73,13 +73,16 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     from service.engine.model_registry import check_model_name
     from service.engine.storage import RunStorage
+    from service.engine.tracking import check_tracking
 
     data_root = args.data_root if args.data_root is not None else _data_root_from_env()
     schemes_env = os.environ.get("SYNCBN_ALLOWED_URI_SCHEMES", "")
     allowed_schemes = [s.strip().lower() for s in schemes_env.split(",") if s.strip()]
+    tracking_uris = [u.strip() for u in os.environ.get("SYNCBN_TRACKING_URIS", "").split(",") if u.strip()]
     try:
         check_model_name(spec.model)
         check_dataset_locations(spec.dataset, data_root, allowed_schemes)
+        check_tracking(spec.tracking, tracking_uris)
     except ValueError as exc:
         sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
         return 2

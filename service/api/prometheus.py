@@ -4,6 +4,7 @@
 - `syncbn_queue_length`, `syncbn_running_jobs`, `syncbn_max_concurrent_jobs`;
 - `syncbn_records_ingested_total`: run records stored by the job manager;
 - `syncbn_scheduler_errors_total`: failed passes of the scheduler thread (each retried);
+- `syncbn_tracking_failures_total{tracker}`: failures of the runs' MLflow/TensorBoard trackers (none fails a job);
 - `syncbn_http_request_duration_seconds{method,route,status}`: request latencies by route template
   (event streams are left out: their duration is the job's).
 """
@@ -53,6 +54,12 @@ class _JobsCollector(Collector):
         yield CounterMetricFamily(
             "syncbn_scheduler_errors", "Failed scheduler passes (each retried).", value=manager.loop_errors
         )
+        tracking = CounterMetricFamily(
+            "syncbn_tracking_failures", "Failures of MLflow/TensorBoard trackers (jobs go on).", labels=["tracker"]
+        )
+        for tracker, count in sorted(dict(manager.tracking_failures).items()):
+            tracking.add_metric([tracker], count)
+        yield tracking
 
 
 class ServiceMetrics:

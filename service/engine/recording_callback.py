@@ -5,6 +5,10 @@ Ray Train V2 calls `UserCallback.after_report` in the controller's process with 
 (`service.engine.reports.records_from_reports`) and push the records to the recorder. The callbacks hold only the
 recorder's handle: per-job state lives in the recorder actor, which the service reads (the callback object itself
 lives in another process, and `Result.metrics` is None for reports without a checkpoint).
+
+With a `tracking` section in the spec, the same merged records also go to a `service.engine.tracking.RunTracker`
+(MLflow, TensorBoard) that runs on a thread of this process; `TrackingCallback` ends its runs when the controller
+finishes or aborts. The tracker's failures come back as `log` records in the next push.
 """
 
 from __future__ import annotations
@@ -19,10 +23,17 @@ from ray.train import Checkpoint, UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 from service.engine.reports import records_from_reports
+from service.engine.tracking import RunTracker
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ControllerHandleCallback", "PlacementGroupCallback", "RecordingCallback", "describe_worker_error"]
+__all__ = [
+    "ControllerHandleCallback",
+    "PlacementGroupCallback",
+    "RecordingCallback",
+    "TrackingCallback",
+    "describe_worker_error",
+]
 
 _PUSH_TIMEOUT_S = 60.0
 
@@ -45,10 +56,12 @@ class RecordingCallback(UserCallback):
 
     Args:
         recorder: handle of the job's recorder actor (`service.engine.recorder.RecordLog` as a Ray actor).
+        tracker: the run's MLflow/TensorBoard tracker, or None; it gets every round's records (never blocking).
     """
 
-    def __init__(self, recorder: ActorHandle) -> None:
+    def __init__(self, recorder: ActorHandle, tracker: RunTracker | None = None) -> None:
         self._recorder = recorder
+        self._tracker = tracker
 
     def after_report(
         self,
@@ -65,6 +78,10 @@ class RecordingCallback(UserCallback):
             epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
             after = f" after epoch {epochs[0]}" if epochs else ""
             records.append({"kind": "log", "level": "debug", "message": f"checkpoint{after} saved: {checkpoint.path}"})
+        if self._tracker is not None:
+            final = checkpoint is not None and any(r["kind"] == "summary" for r in records)
+            self._tracker.submit(records, checkpoint.path if final else None)
+            records = records + self._tracker.take_log_records()
         # Waiting here keeps the order: records reach the recorder before the driver writes the end record.
         ray.get(self._recorder.push.remote(records), timeout=_PUSH_TIMEOUT_S)
 
@@ -74,6 +91,26 @@ class RecordingCallback(UserCallback):
             logger.debug("worker error on rank %d: %s", rank, "".join(traceback.format_exception(error)))
             records.append({"kind": "log", "level": "error", "message": describe_worker_error(rank, error)})
         ray.get(self._recorder.push.remote(records), timeout=_PUSH_TIMEOUT_S)
+
+
+class TrackingCallback(ControllerCallback):
+    """Ends the run's trackers with the run: their last records reach the record log before `fit()` returns.
+
+    Holds the same `RunTracker` as the `RecordingCallback` of the run (both travel to the controller in one
+    pickled list of callbacks, so they share it there).
+    """
+
+    def __init__(self, tracker: RunTracker, recorder: ActorHandle) -> None:
+        self._tracker = tracker
+        self._recorder = recorder
+
+    def after_controller_finish(self, result: Any) -> None:
+        records = self._tracker.close(failed=getattr(result, "error", None) is not None)
+        if records:
+            ray.get(self._recorder.push.remote(records), timeout=_PUSH_TIMEOUT_S)
+
+    def before_controller_abort(self) -> None:
+        self._tracker.abort()
 
 
 class ControllerHandleCallback(ControllerCallback):

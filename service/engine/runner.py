@@ -139,7 +139,9 @@ class JobDriver:
             ControllerHandleCallback,
             PlacementGroupCallback,
             RecordingCallback,
+            TrackingCallback,
         )
+        from service.engine.tracking import RunTracker
         from service.engine.train_loop import train_loop_per_worker
         from service.spec import CONV_MODELS
 
@@ -160,6 +162,8 @@ class JobDriver:
             )
         ray.get(self.recorder.log.remote("info", info.describe()), timeout=_RPC_TIMEOUT_S)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        # MLflow/TensorBoard run in the controller, which gets every merged report (service.engine.tracking).
+        tracker = RunTracker(spec, self.job_id, self.storage.uri, self.run_name) if spec.tracking else None
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -185,9 +189,10 @@ class JobDriver:
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=[
-                    RecordingCallback(self.recorder),
+                    RecordingCallback(self.recorder, tracker),
                     ControllerHandleCallback([self.recorder, ray.get_runtime_context().current_actor]),
                     PlacementGroupCallback(self.recorder),
+                    *([TrackingCallback(tracker, self.recorder)] if tracker is not None else []),
                 ],
                 # Ray Train logs every report at INFO (with its metrics: whole layer statistics); ours go to
                 # the recorder instead.

@@ -127,6 +127,7 @@ class JobManager:
         self._capacity_at = 0.0
         self.records_ingested = 0
         self.loop_errors = 0
+        self.tracking_failures: dict[str, int] = {}  # by tracker (mlflow, tensorboard, tracking): for Prometheus
 
     # -- life of the manager --------------------------------------------------------------------------------
 
@@ -232,10 +233,14 @@ class JobManager:
         Raises:
             JobCannotFitError: more CPUs/GPUs in total, or per worker, than the cluster has; fewer nodes able
                 to host a worker than `workers` under STRICT_SPREAD; an npz path that escapes the data root
-                or does not exist; a dataset.uri/val_uri outside the data root or with a scheme not allowed.
+                or does not exist; a dataset.uri/val_uri outside the data root or with a scheme not allowed; an
+                MLflow tracking URI the operator did not list in tracking_uris.
         """
+        from service.engine.tracking import check_tracking
+
         try:
             check_dataset_locations(spec.dataset, self.settings.resolved_data_root(), self.settings.allowed_uri_schemes)
+            check_tracking(spec.tracking, self.settings.tracking_uris)
         except ValueError as exc:
             raise JobCannotFitError(str(exc)) from exc
         capacity = self.cluster_capacity(fresh=fresh)
@@ -472,6 +477,10 @@ class JobManager:
                 if not records:
                     break
                 result = self.store.ingest(job_id, records)
+                for record in records:
+                    if record.get("tracking_failure"):
+                        tracker = str(record.get("tracker", "tracking"))
+                        self.tracking_failures[tracker] = self.tracking_failures.get(tracker, 0) + 1
                 stored_any = True
                 cursor = result.record_seq
                 self.records_ingested += result.stored
