@@ -152,20 +152,34 @@ def _as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+# One constant ``[0, 1]`` per device: ``total - [0, 1]`` gives N and N - 1 in one op.
+_ZERO_ONE: dict[torch.device, torch.Tensor] = {}
+
+
+def _zero_one(device: torch.device) -> torch.Tensor:
+    zero_one = _ZERO_ONE.get(device)
+    if zero_one is None:
+        zero_one = _ZERO_ONE[device] = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
+    return zero_one
+
+
 def global_statistics(packed: torch.Tensor, channels: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """The (4, C) rows :data:`MEAN`, :data:`VAR`, :data:`UNBIASED_VAR`, :data:`INVSTD` in ``dtype``, from the
-    all-reduced packet ``[N, sum(x), sum(x^2), ...]`` (float64), with float64 arithmetic throughout.
+    all-reduced packet ``[N, sum(x), sum(x^2), ...]`` (float64).
 
-    Written into one float64 tensor with out= and in-place ops (11 small ops), then converted once.
+    Nine small ops: ``max(N, 1)`` and ``max(N - 1, 1)`` together, the float64 moments and biased variance (where
+    ``E[x^2] - E[x]^2`` needs the width), then the rows written into the result (out= ops round once on store);
+    a batch empty on every rank (N = 0) gives zeros, not NaN.
     """
-    total = packed[0:1]
-    stats = torch.empty((4, channels), dtype=torch.float64, device=packed.device)
-    torch.div(packed[1 : 2 * channels + 1].view(2, channels), total.clamp(min=1.0), out=stats[0:2])
-    mean, var = stats[MEAN], stats[VAR]
+    counts = torch.sub(packed[0:1], _zero_one(packed.device)).clamp_(min=1.0)  # [max(N, 1), max(N - 1, 1)]
+    moments = packed[1 : 2 * channels + 1].view(2, channels) / counts[0:1]
+    mean, var = moments[0], moments[1]
     var.addcmul_(mean, mean, value=-1.0).clamp_(min=0.0)  # E[x^2] - E[x]^2, the biased variance
-    torch.mul(var, total, out=stats[UNBIASED_VAR]).div_((total - 1.0).clamp_(min=1.0))
-    torch.add(var, eps, out=stats[INVSTD]).rsqrt_()
-    return stats.to(dtype)
+    stats = torch.empty((4, channels), dtype=dtype, device=packed.device)
+    stats[0:2].copy_(moments)
+    torch.addcdiv(stats[VAR], stats[VAR], counts[1:2], out=stats[UNBIASED_VAR])  # var * N / (N - 1)
+    torch.rsqrt(var + eps, out=stats[INVSTD])
+    return stats
 
 
 # The resolved overload: calling it skips torch.ops' per-call overload lookup on the hot path.
@@ -357,12 +371,14 @@ def update_running_stats(
     has_data = total > 0
     if num_batches_tracked is not None:
         num_batches_tracked.add_(has_data[0])
-    factor = has_data.to(running_mean.dtype)
+    per_channel = has_data.expand(mean.shape[0])
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked (got None)")
-        factor.div_(num_batches_tracked.clamp(min=1))
-    else:
-        factor.mul_(momentum)
-    running_mean.lerp_(mean, factor)
-    running_var.lerp_(unbiased_var, factor)
+        factor = torch.div(per_channel, num_batches_tracked.clamp(min=1)).to(running_mean.dtype)
+    elif running_mean.dtype == torch.float32:
+        factor = torch.mul(per_channel, momentum)  # bool * float: float32, one op
+    else:  # momentum rounded in the buffers' own dtype
+        factor = per_channel.to(running_mean.dtype).mul_(momentum)
+    # Both buffers in one op (one launch on CUDA).
+    torch._foreach_lerp_([running_mean, running_var], [mean, unbiased_var], [factor, factor])
