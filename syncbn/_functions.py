@@ -375,7 +375,7 @@ def update_running_stats(
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked (got None)")
-        factor = torch.div(per_channel, num_batches_tracked.clamp(min=1)).to(running_mean.dtype)
+        factor = per_channel.to(running_mean.dtype).div_(num_batches_tracked.clamp(min=1))
     elif running_mean.dtype == torch.float32:
         factor = torch.mul(per_channel, momentum)  # bool * float: float32, one op
     else:  # momentum rounded in the buffers' own dtype

@@ -417,7 +417,7 @@ def stand_in_kernels(cuda_rules: bool = True) -> Iterator[StandInKernels]:
     """The stand-ins active, and syncbn allowed to take its kernels path on CPU tensors (with
     ``SYNCBN_CUDA_KERNELS=1``, as on CUDA); yields the mode, whose records the caller may read."""
     mode = StandInKernels(cuda_rules)
-    before = _cuda_kernels._ON_CPU_FOR_STAND_INS
+    before = getattr(_cuda_kernels, "_ON_CPU_FOR_STAND_INS", False)
     _cuda_kernels._ON_CPU_FOR_STAND_INS = True
     try:
         with mode:
