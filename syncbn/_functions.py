@@ -365,9 +365,10 @@ def update_running_stats(
     on every rank gets weight 0 (stats and batch counter unchanged) instead of a host-side check. The running
     variance is unbiased with the *global* count. Plain tensor ops, so ``torch.compile`` traces them.
     """
-    # The statistics are float32 for half inputs; a half module's buffers take them rounded.
-    mean = _as_dtype(stats_k[MEAN], running_mean.dtype)
-    unbiased_var = _as_dtype(stats_k[UNBIASED_VAR], running_var.dtype)
+    # The statistics are float32 for half inputs; a half module's buffers take them rounded (both rows in one op:
+    # MEAN and UNBIASED_VAR as one strided view).
+    both = _as_dtype(stats_k[MEAN : UNBIASED_VAR + 1 : UNBIASED_VAR - MEAN], running_mean.dtype)
+    mean, unbiased_var = both[0], _as_dtype(both[1], running_var.dtype)
     has_data = total > 0
     if num_batches_tracked is not None:
         num_batches_tracked.add_(has_data[0])
@@ -378,7 +379,9 @@ def update_running_stats(
         factor = per_channel.to(running_mean.dtype).div_(num_batches_tracked.clamp(min=1))
     elif running_mean.dtype == torch.float32:
         factor = torch.mul(per_channel, momentum)  # bool * float: float32, one op
-    else:  # momentum rounded in the buffers' own dtype
+    elif running_mean.dtype in REDUCED_PRECISION:  # float32 arithmetic stored as half: one op, same rounding
+        factor = torch.mul(per_channel, momentum, out=torch.empty_like(running_mean))
+    else:  # float64: momentum in the buffers' own precision
         factor = per_channel.to(running_mean.dtype).mul_(momentum)
     # Both buffers in one op (one launch on CUDA).
     torch._foreach_lerp_([running_mean, running_var], [mean, unbiased_var], [factor, factor])
