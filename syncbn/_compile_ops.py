@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from syncbn._functions import kernel_dtype, sync_backward, sync_forward, update_running_stats
+from syncbn._functions import INVSTD, MEAN, kernel_dtype, sync_backward, sync_forward, update_running_stats
 
 DEFAULT_GROUP = ""
 
@@ -37,7 +37,7 @@ def resolve_group(group_name: str) -> dist.ProcessGroup | None:
 def _forward_op(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, group_name: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(y, stats, total)``: output, ``stats = [mean, biased var, unbiased var]`` (3, C), count."""
+    """Returns ``(y, stats, total)``: output, ``stats = [mean, biased var, unbiased var, invstd]`` (4, C), count."""
     y, stats, total = sync_forward(x, weight, bias, eps, resolve_group(group_name), None)
     if y.stride() != x.stride():
         # The fake below promises x's layout (empty_like); keep that promise whatever the kernel returned.
@@ -49,7 +49,7 @@ def _forward_op(
 def _forward_fake(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, group_name: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    stats = x.new_empty((3, x.shape[1]), dtype=kernel_dtype(x, weight))
+    stats = x.new_empty((4, x.shape[1]), dtype=kernel_dtype(x, weight))
     return torch.empty_like(x), stats, x.new_empty((1,), dtype=torch.float64)
 
 
@@ -63,10 +63,11 @@ def _backward_op(
     eps: float,
     group_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(grad_input, grad_weight, grad_bias)``; the weight/bias ones are zeros for a layer without them."""
+    """Returns ``(grad_input, grad_weight, grad_bias)``; the weight/bias ones (in the weight's dtype) are zeros for
+    a layer without them."""
     # grad_out may come in any layout from the compiled graph: both paths accept mixed layouts (no copy here).
     grad_input, grad_weight, grad_bias = sync_backward(
-        grad_out, x, weight, stats[0], stats[1], total, eps, resolve_group(group_name), True
+        grad_out, x, weight, stats[MEAN], stats[INVSTD], total, eps, resolve_group(group_name), True
     )
     if grad_input is None:  # not reached: need_input_grad=True above; keeps the output a tensor for the schema
         grad_input = torch.zeros_like(x)
@@ -85,7 +86,8 @@ def _backward_fake(
     eps: float,
     group_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), torch.empty_like(stats[0]), torch.empty_like(stats[0])
+    grad_param = torch.empty_like(stats[0]) if weight is None else torch.empty_like(weight)
+    return torch.empty_like(x), grad_param, grad_param.clone()
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:

@@ -7,6 +7,8 @@ Every rank builds the same global batch from a seed and takes its slice; the tes
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import syncbn
+from tests.syncbn.reference_kernels import StandInKernels, stand_in_kernels
 
 BN_CLASS_FOR_DIMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
@@ -54,17 +57,29 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def run_layer(layer: nn.Module, cfg: dict[str, Any], rank: int | None, part: slice | None = None) -> dict[str, Any]:
+def run_layer(
+    layer: nn.Module,
+    cfg: dict[str, Any],
+    rank: int | None,
+    part: slice | None = None,
+    mode: StandInKernels | None = None,
+) -> dict[str, Any]:
     """Run ``cfg['steps']`` forward/backward passes of ``layer`` on rank ``rank``'s slice of the global batch.
 
-    ``rank=None`` takes ``part`` of the batch instead (default: all of it).
+    ``rank=None`` takes ``part`` of the batch instead (default: all of it). Inputs and upstream gradients are
+    made on ``cfg['device']`` before each pass; with ``cfg['forbid_host_sync']`` (CUDA) every pass runs under
+    ``torch.cuda.set_sync_debug_mode("error")``, reset whatever happens. With the stand-ins' ``mode``, the
+    host syncs the passes themselves issued are returned in ``host_syncs``.
     """
+    host_syncs: list[str] = []
     in_dtype = _dtype(cfg.get("dtype", "float64"))
+    device = cfg.get("device", "cpu")
     out: dict[str, Any] = {}
     for step in range(cfg.get("steps", 1)):
         x_all, dy_all = make_global_batch(cfg, step)
         rows = (part or slice(None)) if rank is None else rank_slice(cfg, rank)
-        x = x_all[rows].to(device=cfg.get("device", "cpu"), dtype=in_dtype)
+        x = x_all[rows].to(device=device, dtype=in_dtype)
+        dy = dy_all[rows].to(device=device, dtype=in_dtype)
         if cfg.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
@@ -72,11 +87,18 @@ def run_layer(layer: nn.Module, cfg: dict[str, Any], rank: int | None, part: sli
             layer.weight.grad = None
             layer.bias.grad = None
         if cfg.get("forbid_host_sync"):
+            torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")  # any .item()/.cpu() on the hot path raises
-        y = layer(x)
-        y.backward(dy_all[rows].to(device=y.device, dtype=y.dtype))
-        if cfg.get("forbid_host_sync"):
-            torch.cuda.set_sync_debug_mode("default")
+        if mode is not None:
+            mode.clear()
+        try:
+            y = layer(x)
+            y.backward(dy)
+            if mode is not None:
+                host_syncs += mode.host_syncs
+        finally:
+            if cfg.get("forbid_host_sync"):
+                torch.cuda.set_sync_debug_mode("default")
         out = {
             "y": y.detach().cpu(),
             "dx": x.grad.cpu(),
@@ -90,14 +112,19 @@ def run_layer(layer: nn.Module, cfg: dict[str, Any], rank: int | None, part: sli
     out["running_mean"] = None if layer.running_mean is None else layer.running_mean.cpu()
     out["running_var"] = None if layer.running_var is None else layer.running_var.cpu()
     out["num_batches_tracked"] = None if layer.num_batches_tracked is None else int(layer.num_batches_tracked)
+    out["host_syncs"] = host_syncs
+    out["param_dtype"] = None if layer.weight is None else layer.weight.dtype
+    out["grad_dtype"] = None if layer.weight is None else layer.weight.grad.dtype
     return out
 
 
 def build_sync_layer(cfg: dict[str, Any], process_group: Any = None) -> syncbn.SyncBatchNorm:
+    """The layer of ``cfg`` on ``cfg['device']`` with ``cfg['param_dtype']`` parameters and buffers."""
     layer = syncbn.SyncBatchNorm(
         cfg["channels"],
         **layer_kwargs(cfg),
         process_group=process_group,
+        device=cfg.get("device", "cpu"),
         dtype=_dtype(cfg.get("param_dtype", "float64")),
     )
     if layer.affine:
@@ -108,23 +135,80 @@ def build_sync_layer(cfg: dict[str, Any], process_group: Any = None) -> syncbn.S
     return layer
 
 
+@contextmanager
+def kernels_switch(cfg: dict[str, Any]) -> Iterator[StandInKernels | None]:
+    """``SYNCBN_CUDA_KERNELS`` as ``cfg['cuda_kernels']`` says, for this call only (the pool's processes are
+    reused), and with ``cfg['stand_in']`` the CPU stand-ins for torch's CUDA kernels (yielded, else None)."""
+    before = os.environ.get("SYNCBN_CUDA_KERNELS")
+    if "cuda_kernels" in cfg:
+        os.environ["SYNCBN_CUDA_KERNELS"] = "1" if cfg["cuda_kernels"] else "0"
+    try:
+        if cfg.get("stand_in"):
+            with stand_in_kernels(cuda_rules=True) as mode:
+                yield mode
+        else:
+            yield None
+    finally:
+        if before is None:
+            os.environ.pop("SYNCBN_CUDA_KERNELS", None)
+        else:
+            os.environ["SYNCBN_CUDA_KERNELS"] = before
+
+
 def sync_layer_parity(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """Train-mode passes of one SyncBatchNorm on this rank's slice; returns outputs, grads and running stats.
 
-    ``cfg['cuda_kernels']`` sets ``SYNCBN_CUDA_KERNELS`` for this call only (the pool's processes are reused).
+    ``cfg['cuda_kernels']`` sets ``SYNCBN_CUDA_KERNELS`` for this call only; ``cfg['stand_in']`` runs the passes
+    under the CPU stand-ins for torch's CUDA kernels and adds what they recorded (``host_syncs``, ``ops``).
     """
     layer = build_sync_layer(cfg)
-    if "cuda_kernels" not in cfg:
-        return run_layer(layer, cfg, rank)
-    before = os.environ.get("SYNCBN_CUDA_KERNELS")
-    os.environ["SYNCBN_CUDA_KERNELS"] = "1" if cfg["cuda_kernels"] else "0"
-    try:
-        return run_layer(layer, cfg, rank)
-    finally:
-        if before is None:
-            del os.environ["SYNCBN_CUDA_KERNELS"]
-        else:
-            os.environ["SYNCBN_CUDA_KERNELS"] = before
+    with kernels_switch(cfg) as mode:
+        out = run_layer(layer, cfg, rank, mode=mode)
+        if mode is not None:
+            out["kernel_ops"] = sorted({op for op in mode.ops if "batch_norm" in op})
+    return out
+
+
+def launch_counts(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Ops (that would launch GPU work), collectives and host syncs of one layer's forward and backward, under
+    the stand-ins, after a warm-up step: ours (``cfg['cuda_kernels']``) and torch.nn.SyncBatchNorm's Function."""
+    from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBatchNormFunction
+
+    from syncbn._functions import SyncBatchNormFunction
+
+    layer = build_sync_layer(cfg)
+    x_all, dy_all = make_global_batch(cfg)
+    dtype = _dtype(cfg.get("dtype", "float64"))
+    x0 = x_all[rank_slice(cfg, rank)].to(dtype)
+    if cfg.get("channels_last"):
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    dy = dy_all[rank_slice(cfg, rank)].to(dtype)
+    group = dist.group.WORLD
+    counts: dict[str, Any] = {}
+    with kernels_switch(dict(cfg, stand_in=True)) as mode:
+        assert mode is not None
+        for variant in ("ours", "torch"):
+            for _ in range(2):  # the first pass warms caches (the packet's constant, torch's lazy state)
+                x = x0.detach().clone().requires_grad_(True)
+                mode.clear()
+                if variant == "ours":
+                    y = SyncBatchNormFunction.apply(
+                        x, layer.weight, layer.bias, layer.running_mean, layer.running_var,
+                        layer.num_batches_tracked, layer.momentum, layer.eps, group, None,
+                    )  # fmt: skip
+                else:
+                    y = TorchSyncBatchNormFunction.apply(
+                        x, layer.weight, layer.bias, layer.running_mean, layer.running_var,
+                        layer.eps, layer.momentum, group, world_size,
+                    )  # fmt: skip
+                forward = (list(mode.ops), list(mode.collectives), list(mode.host_syncs))
+                if layer.weight is not None:  # no gradient accumulation (add_) in the count
+                    layer.weight.grad = layer.bias.grad = None
+                mode.clear()
+                y.backward(dy)
+                backward = (list(mode.ops), list(mode.collectives), list(mode.host_syncs))
+            counts[variant] = {"forward": forward, "backward": backward}
+    return counts
 
 
 def subgroup_parity(rank: int, world_size: int, cfg: dict[str, Any], groups: list[list[int]]) -> dict[str, Any]:
@@ -270,3 +354,41 @@ def record_both_stats(rank: int, world_size: int, cfg: dict[str, Any]) -> tuple[
     both = recorder.snapshot(), recorder.packed_snapshot()
     recorder.close()
     return both
+
+
+def apex_uneven_batches(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """apex's ``two_gpu_test_different_batch_size`` on two ranks: a conv's output, rank 0's input scaled by 50 with
+    16 samples, rank 1's 8; one train step of a float32 SyncBatchNorm(6) on it. Returns the layer's output,
+    input, upstream gradient, weight/bias gradients and running stats (the test builds the truth from them)."""
+    inputs = apex_inputs()
+    x, dy = inputs[rank]
+    layer = syncbn.SyncBatchNorm(6)
+    with kernels_switch(cfg):
+        xr = x.clone().requires_grad_(True)
+        y = layer(xr)
+        y.backward(dy)
+    return {
+        "y": y.detach(),
+        "dx": xr.grad,
+        "dw": layer.weight.grad,
+        "db": layer.bias.grad,
+        "running_mean": layer.running_mean.clone(),
+        "running_var": layer.running_var.clone(),
+    }
+
+
+def apex_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The two ranks' (BatchNorm input, upstream gradient) of apex's uneven-batch test, float32, seeded."""
+    gen = torch.Generator().manual_seed(2809)
+    conv = nn.Conv2d(3, 6, 3, 1, 1)
+    with torch.no_grad():
+        w = torch.empty_like(conv.weight)
+        nn.init.kaiming_uniform_(w, a=5**0.5, generator=gen)
+        conv.weight.copy_(w)
+        conv.bias.uniform_(-((1 / 27) ** 0.5), (1 / 27) ** 0.5, generator=gen)
+        out = []
+        for batch, scale in ((16, 50.0), (8, 1.0)):
+            data = torch.randn(batch, 3, 8, 8, generator=gen) * scale
+            grad = torch.randint(0, 10, (batch, 6, 8, 8), generator=gen).float() / 10.0 * 2 / 24
+            out.append((conv(data), grad))
+    return out

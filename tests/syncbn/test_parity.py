@@ -20,7 +20,8 @@ TIGHT = 1e-10
 def reference(cfg: dict[str, Any], part: slice | None = None) -> dict[str, Any]:
     """Plain BatchNorm (float64) on the whole global batch of ``cfg`` (or on rows ``part`` of it)."""
     dims = 2 + len(cfg.get("spatial", ()))
-    ref_cfg = dict(cfg, dtype="float64", param_dtype="float64", channels_last=False)
+    ref_cfg = dict(cfg, dtype="float64", param_dtype="float64", channels_last=False, device="cpu")
+    ref_cfg.pop("forbid_host_sync", None)
     layer = sc.BN_CLASS_FOR_DIMS[dims](cfg["channels"], dtype=torch.float64, **sc.layer_kwargs(cfg))
     if layer.affine:
         w, b = sc.make_affine(cfg)
