@@ -66,4 +66,4 @@ test-containers: $(STAMP)
 		deploy/podman/setup-podman.sh || echo "podman set-up failed: the container test will skip"; fi
 	@engine="$$(deploy/podman/engine.sh)" && $(MAKE) --no-print-directory images ENGINE="$$engine" || \
 		echo "no container engine usable here: the container test will skip"
-	SYNCBN_CONTAINER_IMAGE=$(IMAGE_CPU) $(VENV)/bin/python -m pytest -q -rs -p no:cacheprovider tests/deploy/containers
+	SYNCBN_CONTAINER_IMAGE=$(IMAGE_CPU) $(VENV)/bin/python -m pytest -q -s -rs -p no:cacheprovider --durations=8 tests/deploy/containers

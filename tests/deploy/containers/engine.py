@@ -109,8 +109,12 @@ class ComposeStack:
         drop_env: tuple[str, ...] = (),
         publish: str | None = None,
         extra_env: dict[str, str] | None = None,
+        restart: bool = False,
     ) -> str:
-        """Start compose's `service` as the container `<prefix>-<name>` (hostname `name`); returns its name."""
+        """Start compose's `service` as the container `<prefix>-<name>` (hostname `name`); returns its name.
+
+        `restart`: with compose's restart policy (left out by default, so that a crash shows).
+        """
         spec = self.compose_service(service)
         container = f"{self.prefix}-{name}"
         command = [interpolate(str(word), self.env) for word in spec.get("command", [])]
@@ -127,6 +131,8 @@ class ComposeStack:
             args += ["--env", f"{key}={value}"]
         if publish:
             args += ["--publish", publish]
+        if restart and "restart" in spec:
+            args += ["--restart", str(spec["restart"])]
         self.containers.append(container)
         self.engine.run(*args, self.image, *command)
         return container
