@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MLFLOW_VENV := .venv-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
-.PHONY: serve test lint bench browser gpu-check mlflow-venv
+.PHONY: serve test lint bench browser gpu-check mlflow-venv images test-containers
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -75,3 +75,30 @@ gpu-check:
 	cat $(GPU_OUT)/bench_gpu.log; \
 	if [ $$rc -ne 0 ]; then echo "gpu-check: bench_gpu verdicts failed (exit $$rc)"; exit 1; fi; \
 	echo "gpu-check: passed (logs and results in $(GPU_OUT))"
+
+# Container images (deploy/README.md): the CPU image with docker, or with podman and the flags this machine needs
+# (deploy/podman/build-flags.sh: --format docker, the local base image, the pip configuration bind-mounted).
+# Machines without a registry: run deploy/podman/setup-podman.sh once first (as root).
+ENGINE ?= $(shell deploy/podman/engine.sh 2>/dev/null)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_CPU ?= syncbn:$(VERSION)-cpu
+
+images:
+	@test -n "$(ENGINE)" || { deploy/podman/engine.sh; exit 1; }
+	$(ENGINE) build $$(deploy/podman/build-flags.sh $(ENGINE)) -f deploy/docker/Dockerfile.cpu -t $(IMAGE_CPU) .
+	@# Dockerfile.cuda's base cannot be pulled everywhere: its wheel stage is checked on the CPU image instead
+	@# (everything but the CUDA layer), and the tag of that check removed again.
+	$(ENGINE) build $$(deploy/podman/build-flags.sh $(ENGINE)) --target build --build-arg CUDA_IMAGE=$(IMAGE_CPU) \
+		-f deploy/docker/Dockerfile.cuda -t syncbn-cuda-wheel-check:$(VERSION) .
+	$(ENGINE) run --rm syncbn-cuda-wheel-check:$(VERSION) ls /wheels/syncbn-$(VERSION)-py3-none-any.whl
+	$(ENGINE) rmi syncbn-cuda-wheel-check:$(VERSION) >/dev/null
+
+# The container test (issue 19): podman set up where it can be (root and apt), the CPU image built, then a Ray head,
+# two Ray workers and the service in containers run a STRICT_SPREAD job through a worker's loss. It skips with the
+# reason where no container engine is usable.
+test-containers: $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$$(deploy/podman/engine.sh 2>/dev/null)" != docker ]; then \
+		deploy/podman/setup-podman.sh || echo "podman set-up failed: the container test will skip"; fi
+	@engine="$$(deploy/podman/engine.sh)" && $(MAKE) --no-print-directory images ENGINE="$$engine" || \
+		echo "no container engine usable here: the container test will skip"
+	SYNCBN_CONTAINER_IMAGE=$(IMAGE_CPU) $(VENV)/bin/python -m pytest -q -s -rs -p no:cacheprovider --durations=8 tests/deploy/containers

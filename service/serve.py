@@ -111,7 +111,13 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         # Worker output is not forwarded: it would flood the service's log with Ray Train's per-report lines,
         # and what matters (progress, worker errors with their rank) reaches the job's records and log anyway.
-        ensure_ray(settings.ray_address, settings.ray_num_cpus, log_to_driver=False)
+        ensure_ray(
+            settings.ray_address,
+            settings.ray_num_cpus,
+            log_to_driver=False,
+            join_timeout_s=settings.ray_join_timeout_s,
+            allow_insecure=settings.ray_allow_insecure,
+        )
     except Exception as exc:
         where = settings.ray_address or "an embedded local Ray"
         sys.stderr.write(f"syncbn serve: could not start or join {where}: {type(exc).__name__}: {exc}\n")

@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(
         None, ge=1, le=4096, description="Logical CPUs of the embedded Ray (default: Ray's own count)."
     )
+    ray_join_timeout_s: float = Field(
+        120.0,
+        ge=0.0,
+        le=3600.0,
+        description="Seconds to keep retrying, with backoff, to join ray_address while that cluster is still "
+        "starting; then the service stops with the last error. 0: one attempt.",
+    )
+    ray_allow_insecure: bool = Field(
+        False,
+        description="Join a ray_address on another machine without Ray's token authentication (RAY_AUTH_MODE=token "
+        "with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH); refused otherwise. Not recommended.",
+    )
     max_concurrent_jobs: int | None = Field(
         None,
         ge=0,

@@ -7,10 +7,12 @@ beside the checkout (KubeRay v1.7.0's own CustomResourceDefinitions, never copie
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jsonschema
@@ -60,6 +62,15 @@ def find_object(kind: str, name: str | None = None) -> dict[str, Any]:
     if len(found) != 1:
         raise AssertionError(f"expected exactly one {kind} named {name or '(any)'} in deploy/k8s, got {len(found)}")
     return found[0]
+
+
+def load_healthcheck() -> ModuleType:
+    """deploy/docker/healthcheck.py as a module (it is a script, not part of a package)."""
+    spec = importlib.util.spec_from_file_location("syncbn_healthcheck", DOCKER_DIR / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pyproject() -> dict[str, Any]:

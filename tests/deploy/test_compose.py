@@ -4,13 +4,17 @@ Proves that the one-machine stack has a Ray head, Ray workers joined to it, Post
 service's environment points at the head's Ray Client port and at the Postgres service with its user and
 database; that every container has a health check and the service starts only after its dependencies are
 healthy; that the service and the Ray nodes share one image and one volume at the service's data folder; that
-nothing is published beyond loopback; and that compose refuses to start without API tokens. Where a `docker`
-CLI with the compose plugin exists, `docker compose config` also validates both files against the Compose spec.
+nothing is published beyond loopback; that compose refuses to start without API tokens or without Ray's token,
+which the head, every worker and the service share; that Ray's object store fits in the /dev/shm given; that a
+stop leaves Ray time to drain; and that every image is named fully (podman does not default to docker.io).
+Where a `docker` CLI with the compose plugin exists, `docker compose config` also validates both files against the
+Compose spec.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from typing import Any
@@ -25,13 +29,18 @@ from tests.deploy.manifests import (
     MissingVariableError,
     interpolate,
     load_documents,
+    load_healthcheck,
     project_version,
 )
 
 pytestmark = pytest.mark.timeout(120)
 
+url_for_command = load_healthcheck().url_for_command
+
 #: What a user exports before `docker compose up` (see the file's header).
-USER_ENV = {"SYNCBN_API_TOKENS": "a-token-of-thirty-two-characters"}
+USER_ENV = {"SYNCBN_API_TOKENS": "a-token-of-thirty-two-characters", "SYNCBN_RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
+#: Ray's drain on SIGTERM: a container stopped with less grace than this is SIGKILLed (exit 137) mid-drain.
+RAY_DRAIN_S = 30
 
 
 def _compose() -> dict[str, Any]:
@@ -93,8 +102,63 @@ def test_database_password_follows_the_users_choice() -> None:
 
 
 def test_compose_refuses_to_start_without_api_tokens() -> None:
+    env = {k: v for k, v in USER_ENV.items() if k != "SYNCBN_API_TOKENS"}
     with pytest.raises(MissingVariableError, match="SYNCBN_API_TOKENS"):
-        _env(_compose()["services"]["syncbn"], env={})
+        _env(_compose()["services"]["syncbn"], env=env)
+
+
+def test_compose_refuses_to_start_without_the_ray_token() -> None:
+    services = _compose()["services"]
+    env = {k: v for k, v in USER_ENV.items() if k != "SYNCBN_RAY_AUTH_TOKEN"}
+    for name in ("ray-head", "ray-worker", "syncbn"):
+        with pytest.raises(MissingVariableError, match="SYNCBN_RAY_AUTH_TOKEN"):
+            _env(services[name], env=env)
+
+
+def test_head_workers_and_service_share_one_ray_token() -> None:
+    services = _compose()["services"]
+    envs = {name: _env(services[name]) for name in ("ray-head", "ray-worker", "syncbn")}
+    for name, env in envs.items():
+        assert env["RAY_AUTH_MODE"] == "token", f"{name}: token authentication is off"
+        assert env["RAY_AUTH_TOKEN"] == USER_ENV["SYNCBN_RAY_AUTH_TOKEN"], f"{name} holds another token"
+
+
+def _bytes(size: str) -> int:
+    """A compose byte size (2gb, 512m, 1500000000) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)\s*([kmg]?)b?", size.strip().lower()).groups()
+    return int(number) * 1024 ** " kmg".index(unit or " ")
+
+
+@pytest.mark.parametrize("name", ["ray-head", "ray-worker"])
+def test_ray_object_store_fits_in_the_shm_given(name: str) -> None:
+    """Ray sizes its object store at 30 % of the machine's memory unless told; above /dev/shm it falls back to
+    /tmp/ray ("The object store is using /tmp/ray instead of /dev/shm")."""
+    service = _compose()["services"][name]
+    shm = _bytes(interpolate(service["shm_size"], {}))
+    store = int(interpolate(_flags(service["command"])["object-store-memory"], {}))
+    assert 75 * 2**20 <= store < shm, f"{name}: object store {store} B does not fit in shm_size {shm} B"
+    assert store + 256 * 2**20 <= shm, f"{name}: leave /dev/shm room beside the object store (got {shm - store} B)"
+
+
+def test_stops_leave_ray_time_to_drain() -> None:
+    for name in ("ray-head", "ray-worker", "syncbn"):
+        grace = _compose()["services"][name]["stop_grace_period"]
+        seconds = int(re.fullmatch(r"(\d+)s", grace).group(1))
+        assert seconds > RAY_DRAIN_S, f"{name}: stop_grace_period {grace} cuts Ray's {RAY_DRAIN_S} s drain short"
+
+
+def test_every_image_is_fully_qualified_or_built_here() -> None:
+    for name, service in _compose()["services"].items():
+        image = service["image"]
+        if "build" in service:
+            continue  # built by compose itself under a local name
+        assert image.split("/")[0] in ("docker.io", "quay.io", "ghcr.io"), f"{name}: {image} is a short name"
+
+
+def test_service_uses_data_root_not_its_deprecated_name() -> None:
+    env = _env(_compose()["services"]["syncbn"])
+    assert "SYNCBN_NPZ_ROOT" not in env, "SYNCBN_NPZ_ROOT is deprecated (a warning at every start)"
+    assert env["SYNCBN_DATA_ROOT"].startswith(env["SYNCBN_DATA_DIR"] + "/"), "data sets live on the shared volume"
 
 
 def test_every_container_has_a_health_check_and_the_service_waits_for_healthy_dependencies() -> None:
@@ -108,13 +172,15 @@ def test_every_container_has_a_health_check_and_the_service_waits_for_healthy_de
 
 
 def test_ray_health_checks_probe_the_ports_ray_listens_on() -> None:
+    """Each container's probe is the image's role-fitting one: its URL comes from the container's command."""
     services = _compose()["services"]
+    for name in ("ray-head", "ray-worker", "syncbn"):
+        assert services[name]["healthcheck"]["test"] == ["CMD", "syncbn-healthcheck"], name
     head = _flags(services["ray-head"]["command"])
-    head_url = services["ray-head"]["healthcheck"]["test"][-1]
+    head_url = url_for_command(services["ray-head"]["command"])
     assert urlsplit(head_url).port == int(head["dashboard-port"]) and head_url.endswith("/api/gcs_healthz")
-    worker_url = services["ray-worker"]["healthcheck"]["test"][-1]
-    assert worker_url.endswith("/api/local_raylet_healthz")
-    assert services["syncbn"]["healthcheck"]["test"] == ["CMD", "syncbn-healthcheck"]
+    assert url_for_command(services["ray-worker"]["command"]).endswith(":52365/api/local_raylet_healthz")
+    assert url_for_command(services["syncbn"]["command"]).endswith(":8000/healthz")
 
 
 def test_service_and_ray_nodes_share_one_image_and_the_data_volume() -> None:

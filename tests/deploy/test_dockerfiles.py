@@ -104,9 +104,12 @@ def test_base_images_and_torch_are_pinned_and_agree() -> None:
         assert dockerfile_arg(path, "TORCH_VERSION") == torch, f"{path.name}: TORCH_VERSION differs from constraints"
 
     python_image = dockerfile_arg(DOCKERFILES["cpu"], "PYTHON_IMAGE")
-    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-[a-z]+", python_image), f"pin a patch release: {python_image}"
+    # Fully qualified: podman and buildah do not default to docker.io.
+    assert re.fullmatch(r"docker\.io/library/python:3\.\d+\.\d+-slim-[a-z]+", python_image), (
+        f"pin a patch release, fully qualified: {python_image}"
+    )
     cuda_image = dockerfile_arg(DOCKERFILES["cuda"], "CUDA_IMAGE")
-    assert re.fullmatch(rf"pytorch/pytorch:{re.escape(torch)}-cuda\d+\.\d+-cudnn\d+-runtime", cuda_image), (
+    assert re.fullmatch(rf"docker\.io/pytorch/pytorch:{re.escape(torch)}-cuda\d+\.\d+-cudnn\d+-runtime", cuda_image), (
         f"expected PyTorch's official runtime image of torch {torch}, got {cuda_image}"
     )
 
@@ -138,7 +141,14 @@ def test_runtime_stage_is_small_non_root_and_healthy(flavour: str) -> None:
 def _runtime_requirements() -> list[Requirement]:
     project = pyproject()["project"]
     requirements = [Requirement(r) for r in project["dependencies"]]
-    requirements += [Requirement(r) for r in project["optional-dependencies"]["postgres"]]
+    extras = project["optional-dependencies"]
+    # The postgres extra names the service extra through the project itself (syncbn[service]): expand that.
+    for raw in extras["postgres"]:
+        requirement = Requirement(raw)
+        if normalise_name(requirement.name) == normalise_name(project["name"]):
+            requirements += [Requirement(r) for extra in sorted(requirement.extras) for r in extras[extra]]
+        else:
+            requirements.append(requirement)
     ray_extras = [
         Requirement(r)
         for r in importlib.metadata.requires("ray") or []

@@ -91,3 +91,37 @@ def test_default_probes_the_service_healthz_at_syncbn_port(server_port: int) -> 
 def test_wrong_call_exits_two() -> None:
     result = _probe("http://a", "http://b")
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+#: (the container's main command, the URL its probe must hit)
+ROLE_COMMANDS = [
+    (["ray", "start", "--head", "--port=6379", "--dashboard-port=8265", "--block"], "8265/api/gcs_healthz"),
+    (["/opt/syncbn/bin/ray", "start", "--head", "--dashboard-port", "9265"], "9265/api/gcs_healthz"),
+    (["ray", "start", "--head"], "8265/api/gcs_healthz"),
+    (["ray", "start", "--address=ray-head:6379", "--block"], "52365/api/local_raylet_healthz"),
+    # Behind an init (docker run --init, podman's catatonit): the command after it counts.
+    (["/run/podman-init", "--", "ray", "start", "--address=h:6379"], "52365/api/local_raylet_healthz"),
+    (["ray", "start", "--address=h:6379", "--dashboard-agent-listen-port=6000"], "6000/api/local_raylet_healthz"),
+    (["syncbn", "serve"], "8000/healthz"),
+    ([], "8000/healthz"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"), ROLE_COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, list) else v
+)
+def test_default_url_fits_the_containers_role(command: list[str], expected: str) -> None:
+    """The image's one HEALTHCHECK probes what the container runs: a Ray head is never probed for a service."""
+    from tests.deploy.manifests import load_healthcheck
+
+    assert load_healthcheck().url_for_command(command) == f"http://127.0.0.1:{expected}"
+
+
+def test_main_process_command_reads_a_nul_separated_cmdline(tmp_path) -> None:
+    from tests.deploy.manifests import load_healthcheck
+
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"ray\0start\0--head\0")
+    module = load_healthcheck()
+    assert module.main_process_command(str(cmdline)) == ["ray", "start", "--head"]
+    assert module.main_process_command(str(tmp_path / "missing")) == []

@@ -161,10 +161,10 @@ def _pod_specs() -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.mark.parametrize(("where", "pod_spec"), _pod_specs(), ids=[w for w, _ in _pod_specs()])
 def test_pods_run_unprivileged_as_the_image_user(where: str, pod_spec: dict[str, Any]) -> None:
+    # The image's user is the last USER of its Dockerfile (a build stage may run as root: it is thrown away).
     image_uid = {
-        int(uid)
+        int(re.findall(r"^USER (\d+):\d+\s*$", dockerfile.read_text(encoding="utf-8"), re.MULTILINE)[-1])
         for dockerfile in DOCKER_DIR.glob("Dockerfile.*")
-        for uid in re.findall(r"^USER (\d+):\d+\s*$", dockerfile.read_text(encoding="utf-8"), re.MULTILINE)
     }
     assert len(image_uid) == 1, f"the Dockerfiles should share one numeric USER, got {sorted(image_uid)}"
     pod_security = pod_spec["securityContext"]

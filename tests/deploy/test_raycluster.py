@@ -133,3 +133,23 @@ def test_service_joins_the_head_through_ray_client(raycluster: dict[str, Any]) -
     expected = f"ray://{name}-head-svc.{namespace}.svc.cluster.local:{ports['client']}"
     address = find_object("ConfigMap", "syncbn-settings")["data"]["SYNCBN_RAY_ADDRESS"]
     assert address == expected
+
+
+def test_ray_token_auth_shares_one_secret_with_the_service(raycluster: dict[str, Any]) -> None:
+    """KubeRay (authOptions) hands every Ray container RAY_AUTH_MODE=token and the Secret's auth_token; the service
+    must hold the same token, or the head refuses its Ray Client connection."""
+    auth = raycluster["spec"]["authOptions"]
+    assert auth["mode"] == "token"
+    container = find_object("Deployment", "syncbn")["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == (auth["secretName"], "auth_token"), "KubeRay reads the key auth_token"
+    template = find_object("Secret", auth["secretName"])
+    assert "CHANGE-ME" in template["stringData"]["auth_token"], "the committed Secret holds a placeholder only"
+
+
+def test_unknown_auth_mode_is_rejected(raycluster: dict[str, Any], raycluster_validator) -> None:
+    broken = copy.deepcopy(raycluster)
+    broken["spec"]["authOptions"]["mode"] = "tokens"
+    assert any("is not one of" in e for e in schema_errors(raycluster_validator, broken))

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.timeout(120)
 
 EXAMPLES_DIR = DEPLOY_DIR / "examples"
 A_TOKEN = "a-token-of-thirty-two-characters"
+#: What a user exports before `docker compose up`: the API tokens and Ray's token.
+USER_ENV = {"SYNCBN_API_TOKENS": A_TOKEN, "SYNCBN_RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,8 @@ def _deployment_env() -> dict[str, str]:
     container = find_object("Deployment", "syncbn")["spec"]["template"]["spec"]["containers"][0]
     env = dict(find_object("ConfigMap", "syncbn-settings")["data"])
     env.update({"SYNCBN_API_TOKENS": A_TOKEN, "SYNCBN_DATABASE_URL": "postgresql+psycopg://u:p@db:5432/syncbn"})
-    env.update({item["name"]: item["value"] for item in container.get("env", [])})
+    # Values from a Secret (RAY_AUTH_TOKEN) are not settings; only literal values are taken here.
+    env.update({item["name"]: item["value"] for item in container.get("env", []) if "value" in item})
     return env
 
 
@@ -61,8 +64,9 @@ def _all_syncbn_variables() -> dict[str, str]:
         for name in re.findall(r"\b(SYNCBN_[A-Z0-9_]+)=", path.read_text(encoding="utf-8")):
             if name != "SYNCBN_VERSION":  # a build ARG, never an environment variable of the image
                 found[name] = path.name
-    for name in _compose_service_env({"SYNCBN_API_TOKENS": A_TOKEN}):
-        found[name] = COMPOSE_FILE.name
+    for name in _compose_service_env(USER_ENV):
+        if name.startswith("SYNCBN_"):  # beside Ray's own RAY_AUTH_* variables
+            found[name] = COMPOSE_FILE.name
     for path, doc in k8s_objects():
         names: list[str] = list(doc.get("data", {})) + list(doc.get("stringData", {}))
         if doc["kind"] == "Deployment":
@@ -90,7 +94,7 @@ def _settings_from(env: dict[str, str], settings_class: type, monkeypatch: pytes
 
 
 def test_compose_settings_are_valid(settings_class: type, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = _settings_from(_compose_service_env({"SYNCBN_API_TOKENS": A_TOKEN}), settings_class, monkeypatch)
+    settings = _settings_from(_compose_service_env(USER_ENV), settings_class, monkeypatch)
     assert settings.ray_address == "ray://ray-head:10001"
     assert settings.data_dir == Path("/data")
     assert settings.api_tokens == [A_TOKEN]
@@ -101,7 +105,9 @@ def test_kubernetes_settings_are_valid(settings_class: type, monkeypatch: pytest
     settings = _settings_from(_deployment_env(), settings_class, monkeypatch)
     assert settings.ray_address.startswith("ray://syncbn-head-svc.")
     assert settings.host == "0.0.0.0" and settings.api_tokens == [A_TOKEN]
-    assert settings.resolved_npz_root() == Path("/data/npz")
+    assert settings.resolved_data_root() == Path("/data/npz")
+    assert settings.npz_root is None, "SYNCBN_NPZ_ROOT is deprecated: the manifests set SYNCBN_DATA_ROOT"
+    assert settings.ray_join_timeout_s > 0, "a head that is still starting must be waited for"
 
 
 def test_placeholder_token_stops_the_service(settings_class: type, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +119,7 @@ def test_placeholder_token_stops_the_service(settings_class: type, monkeypatch: 
 
 def test_open_bind_without_tokens_stops_the_service(settings_class: type, monkeypatch: pytest.MonkeyPatch) -> None:
     """compose already refuses an unset token (test_compose); the service itself is the second line."""
-    env = _compose_service_env({"SYNCBN_API_TOKENS": A_TOKEN})
+    env = _compose_service_env(USER_ENV)
     del env["SYNCBN_API_TOKENS"]
     with pytest.raises(ValueError, match="api_tokens"):
         _settings_from(env, settings_class, monkeypatch)
@@ -150,3 +156,12 @@ def test_cpu_example_fits_the_compose_workers(load_spec_file) -> None:
     assert not spec.use_gpu
     assert spec.cpus_per_worker <= cpus
     assert spec.workers * spec.cpus_per_worker <= worker["deploy"]["replicas"] * cpus
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_multi_node_examples_spread_their_workers_over_nodes(path: Path, load_spec_file) -> None:
+    """Named "...-nodes": one worker per node, which Ray does only under STRICT_SPREAD (PACK, the default, put
+    both ranks of digits-two-nodes-cpu on one compose worker)."""
+    spec = load_spec_file(path)
+    assert "nodes" in spec.name, f"{path.name}: expected a multi-node example, got the name {spec.name!r}"
+    assert spec.placement_strategy == "STRICT_SPREAD", f"{path.name}: {spec.placement_strategy} may share a node"
