@@ -11,6 +11,8 @@ refused as a job.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -26,7 +28,7 @@ from pydantic import (
 
 from service.spec import JobSpec, Precision
 
-__all__ = ["ARM_FIELDS", "MAX_ARMS", "MAX_SEEDS", "ArmSpec", "StudySpec", "arm_label"]
+__all__ = ["ARM_FIELDS", "MAX_ARMS", "MAX_SEEDS", "ArmSpec", "StudySpec", "arm_label", "load_study_file"]
 
 #: Most arms of one study, and most seeds per arm (so at most 80 trials).
 MAX_ARMS = 8
@@ -207,3 +209,26 @@ class StudySpec(BaseModel):
             if not self.trial_spec(arm, 0).sync_bn:
                 return arm
         return None
+
+
+def load_study_file(path: Path | str) -> StudySpec:
+    """Read a study spec from a `.json`, `.yaml` or `.yml` file and validate it.
+
+    Raises:
+        ValueError: unknown file type, unreadable content, or a spec that does not validate (pydantic's
+            `ValidationError` is a `ValueError` and names each bad field).
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(text)
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        raise ValueError(f"study spec file must end in .json, .yaml or .yml (got {path.name!r}).")
+    if not isinstance(data, dict):
+        raise ValueError(f"study spec file {path.name!r} must hold a mapping of fields (got {type(data).__name__}).")
+    return StudySpec.model_validate(data)
