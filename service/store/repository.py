@@ -600,6 +600,18 @@ class JobStore:
                 study.cancel_requested = True
         return study
 
+    def status_events(self, job_ids: Sequence[str]) -> list[JobEventRow]:
+        """The `status` events of these jobs (a handful per job), oldest first: a study's event stream."""
+        if not job_ids:
+            return []
+        query = (
+            select(JobEventRow)
+            .where(JobEventRow.job_id.in_(list(job_ids)), JobEventRow.kind == "status")
+            .order_by(JobEventRow.created_at, JobEventRow.id)
+        )
+        with self._read() as session:
+            return list(session.scalars(query))
+
     def trial_results(self, job_ids: Sequence[str]) -> dict[str, TrialResult]:
         """Per job: the best validation accuracy and lowest validation loss of its epochs, and the mean samples/s
         of its steps (two aggregate queries, whatever the number of trials)."""

@@ -7,10 +7,12 @@ with a sentence naming the field, and queue nothing (a spec one arm of which can
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from service.client import AsyncClient, Client
@@ -161,3 +163,41 @@ def test_both_clients_submit_read_list_and_cancel_studies(server: LiveServer) ->
             assert (await client.cancel_study(study.id)).status == "cancelled"
 
     asyncio.run(use_async())
+
+
+def _study_events(client: httpx.Client, study_id: str, last_event_id: str | None = None) -> list[dict[str, Any]]:
+    """Read a study's SSE stream until the server ends it; each event as {id, event, data}."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
+    events: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    timeout = httpx.Timeout(60, connect=10)
+    with client.stream("GET", f"/v1/studies/{study_id}/events", headers=headers, timeout=timeout) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line == "":
+                if "data" in current:
+                    events.append(current)
+                current = {}
+            elif not line.startswith((":", "retry:")):
+                field, _, value = line.partition(": ")
+                current[field] = json.loads(value) if field == "data" else value
+    return events
+
+
+def test_study_events_replay_the_trials_transitions_and_resume_after_an_id(server: LiveServer) -> None:
+    with server.client(token=ALICE) as alice:
+        study = alice.post("/v1/studies", json=_body()).json()
+        alice.delete(f"/v1/studies/{study['id']}")  # every trial ends (cancelled), so the stream ends by itself
+        events = _study_events(alice, study["id"])
+        assert events[0]["event"] == "study" and events[0]["data"]["id"] == study["id"]
+        trial_events = [e for e in events if e["event"] == "trial"]
+        assert sorted((e["data"]["job_id"], e["data"]["status"]) for e in trial_events) == sorted(
+            (t["job_id"], status) for t in study["trials"] for status in ("queued", "cancelled")
+        )
+        assert events[-1]["event"] == "study" and events[-1]["data"]["status"] == "cancelled"
+        assert trial_events[-1]["id"].count(".") == 3, "one position per trial"
+        resumed = _study_events(alice, study["id"], last_event_id=trial_events[3]["id"])
+        assert [e["id"] for e in resumed if e["event"] == "trial"] == [e["id"] for e in trial_events[4:]]
+        assert _study_events(alice, study["id"], last_event_id="1.2")[0]["event"] == "study"
+    with server.client(token=BOB) as bob:
+        assert bob.get(f"/v1/studies/{study['id']}/events").status_code == 404

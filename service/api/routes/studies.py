@@ -1,16 +1,29 @@
-"""The studies resource: submit a study (its trials are queued as ordinary jobs), list, read, cancel.
+"""The studies resource: submit a study (its trials are queued as ordinary jobs), list, read, cancel, follow.
 
 No scheduling lives here or anywhere else for studies: the trials are jobs of the study's owner that the job
 manager's queue runs like any other; a study's status and verdict are derived from them on every read.
+
+`GET /v1/studies/{id}/events` (Server-Sent Events):
+- `study` (no id): the study as `GET /v1/studies/{id}` answers it, when the stream opens and after every trial
+  that ends (so the verdict's updates arrive as they happen);
+- `trial`: a trial's status transition, `job_id, arm, seed` and the data of the job's own `status` event. Its id
+  is the stream's cursor: the trials' status-event ids in trial order, joined by dots (e.g. `3.1.0.0`). It is
+  derived from the jobs' stored event logs, so `Last-Event-ID` resumes exactly, across restarts of the service
+  too; an id that does not fit the study (another study's, or trials deleted since) starts from the beginning.
+The stream ends once every trial has ended (after the last `study` event).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
-from typing import Annotated
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from service.api.deps import ManagerDep, PrincipalDep, StoreDep
 from service.api.models import StudiesPublic, StudyCreate, StudyPublic
@@ -18,6 +31,7 @@ from service.api.routes.responses import errors
 from service.engine.model_registry import check_model_name
 from service.jobs.manager import JobCannotFitError, JobStateError
 from service.status import JobStatus
+from service.store import JobStore
 from service.store.models import StudyRow
 from service.store.study_results import read_study
 from service.study_spec import StudySpec
@@ -25,6 +39,11 @@ from service.study_spec import StudySpec
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["studies"])
+
+#: Seconds between two reads of the trials' status events while a study runs.
+EVENTS_TICK_S = 1.0
+#: Reconnection delay suggested to clients, in milliseconds.
+RETRY_MS = 2000
 
 
 def get_study(
@@ -118,3 +137,69 @@ def cancel_study(study: StudyDep, store: StoreDep, manager: ManagerDep) -> Study
             manager.cancel(job.id)
     latest = store.get_study(study.id) or study
     return StudyPublic.from_state(read_study(store, latest))
+
+
+def _cursor(last_event_id: str | None, trials: int) -> list[int]:
+    """The per-trial positions named by a `Last-Event-ID` (zeros when absent or not one of this study's ids)."""
+    if last_event_id:
+        parts = last_event_id.split(".")
+        if len(parts) == trials and all(part.isdigit() for part in parts):
+            return [int(part) for part in parts]
+    return [0] * trials
+
+
+@router.get(
+    "/studies/{study_id}/events",
+    response_class=EventSourceResponse,
+    summary="Follow a study live (Server-Sent Events)",
+    responses=errors(401, 404, 422, non_json_route=True),
+)
+async def stream_study_events(
+    study: StudyDep,
+    store: StoreDep,
+    manager: ManagerDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            max_length=2000,
+            pattern=r"^[0-9.]*$",
+            description="Resume after this event id (browsers send it when they reconnect).",
+        ),
+    ] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Trial transitions and the study (with its verdict) after each trial that ends; ends when all trials ended."""
+    trials = await run_in_threadpool(store.study_trials, study.id)
+    place = {job.id: index for index, job in enumerate(trials)}
+    cursor = _cursor(last_event_id, len(trials))
+    yield ServerSentEvent(comment=f"events of study {study.id}", retry=RETRY_MS)
+    yield ServerSentEvent(event="study", data=await _study_data(store, study.id))
+    while True:
+        # Statuses first: a trial seen ended here has its final status event stored already (same transaction).
+        latest = await run_in_threadpool(store.study_trials, study.id)
+        finished = all(JobStatus(job.status).is_terminal for job in latest)
+        rows = await run_in_threadpool(store.status_events, list(place))
+        ended_now = False
+        for row in rows:
+            index = place[row.job_id]
+            if row.seq <= cursor[index]:
+                continue
+            cursor[index] = row.seq
+            job = trials[index]
+            data = {"job_id": job.id, "arm": job.study_arm, "seed": job.study_seed, **row.data}
+            yield ServerSentEvent(id=".".join(map(str, cursor)), event="trial", data=data)
+            ended_now = ended_now or JobStatus(row.data.get("status", "queued")).is_terminal
+        if ended_now:
+            yield ServerSentEvent(event="study", data=await _study_data(store, study.id))
+        if finished or manager.stopping:
+            return  # shutting down: the client reconnects with Last-Event-ID
+        await asyncio.sleep(EVENTS_TICK_S)
+
+
+async def _study_data(store: JobStore, study_id: str) -> dict[str, Any]:
+    """The study as GET /v1/studies/{id} answers it, as JSON data."""
+    row = await run_in_threadpool(store.get_study, study_id)
+    if row is None:
+        return {}
+    state = await run_in_threadpool(read_study, store, row)
+    return StudyPublic.from_state(state).model_dump(mode="json")
