@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from service.client import AsyncClient, Client
 from service.settings import Settings
@@ -201,3 +203,41 @@ def test_study_events_replay_the_trials_transitions_and_resume_after_an_id(serve
         assert _study_events(alice, study["id"], last_event_id="1.2")[0]["event"] == "study"
     with server.client(token=BOB) as bob:
         assert bob.get(f"/v1/studies/{study['id']}/events").status_code == 404
+
+
+def test_syncbn_submit_study_queues_it_and_refuses_a_bad_file(
+    server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    good = tmp_path / "study.yaml"
+    good.write_text(yaml.safe_dump({"name": "from the cli", "base": tiny_spec(), "seeds": 2}))
+    assert main(["submit", "--study", str(good), "--url", server.url, "--token", ALICE, "--json"]) == 0
+    study = json.loads(capsys.readouterr().out)
+    assert study["name"] == "from the cli" and len(study["trials"]) == 4 and study["owner"] == "alice"
+    with server.client(token=ALICE) as alice:
+        alice.delete(f"/v1/studies/{study['id']}")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"base": tiny_spec(), "seeds": 1}))
+    assert main(["submit", "--study", str(bad), "--url", server.url, "--token", ALICE]) == 2
+    assert "seeds must be between 2 and 10" in capsys.readouterr().err
+
+
+def test_the_verdict_table_shows_every_arm_and_the_sentence() -> None:
+    from service.api.models import VerdictPublic
+    from service.store.verdict import ArmResult, study_verdict
+    from service.study_submit import format_verdict
+
+    verdict = study_verdict(
+        [ArmResult({0: 0.9, 1: 0.8, 2: 0.85}, [100.0], [10.0]), ArmResult({0: 0.7, 1: 0.62, 2: 0.66}, [200.0], [6.0])],
+        metric="val_accuracy",
+        confidence=0.95,
+        margin=0.005,
+        labels=["sync_bn=true", "sync_bn=false"],
+        sync_only=True,
+    )
+    table = format_verdict(VerdictPublic.from_verdict(verdict, ["sync_bn=true", "sync_bn=false"]))
+    lines = table.splitlines()
+    assert lines[1].split()[:2] == ["sync_bn=true", "85.00"] and lines[2].split()[:2] == ["sync_bn=false", "66.00"]
+    assert "reference - sync_bn=false: 19.00 (points)" in lines[3] and lines[3].endswith("cost ratio 2.00: pays")
+    assert lines[-1] == verdict.sentence

@@ -23,11 +23,11 @@ from service.settings import Settings
 from service.store.verdict import ArmResult, default_margin, paired_difference, study_verdict
 from tests.service.conftest_api import LiveServer, read_events, tiny_spec, wait_for
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1500)
 
 
 def _study_body() -> dict:
-    base = tiny_spec(name="tiny-study", epochs=2, steps_per_epoch=3, stats_every=1, batch_size=8)
+    base = tiny_spec(name="tiny-study", epochs=1, steps_per_epoch=3, stats_every=1, batch_size=8)
     return {"name": "tiny study", "base": base, "seeds": 2}
 
 
@@ -81,7 +81,7 @@ def test_a_study_survives_a_restart_and_its_verdict_is_the_stored_metrics(ray_cl
                     in ("succeeded", "failed", "cancelled")
                     and s
                 ),
-                480,
+                1200,
                 "the study to end",
                 interval=1.0,
             )
