@@ -11,6 +11,8 @@ Responsibilities:
   neither lose nor duplicate a record;
 - answer the API's queries (listing, metrics, layer statistics, logs, events); listings and counts take an
   `owner` to show one principal's jobs only (None: every job).
+- studies: create a study with all its trial jobs in one transaction, read and list studies, a study's trials,
+  and the aggregates its verdict reads (best validation metrics and mean throughput per trial, status events).
 
 Writes of this process are serialised by a lock (SQLite allows one writer anyway, and the per-job event
 counter must not race); reads run concurrently. Rows are returned detached from their session.
