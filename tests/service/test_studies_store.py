@@ -46,8 +46,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[JobStore]:
-    opened = JobStore(f"sqlite:///{tmp_path / 'studies.db'}")
+def store(database_url: str) -> Iterator[JobStore]:
+    opened = JobStore(database_url)
     yield opened
     opened.close()
 
