@@ -43,6 +43,11 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
         "--idempotency-key", default=None, help="Idempotency-Key to send (default: a fresh UUID per invocation)."
     )
     parser.add_argument("--follow", "-f", action="store_true", help="Follow the job's events until it ends.")
+    parser.add_argument(
+        "--study",
+        action="store_true",
+        help="SPEC is a study spec (POST /v1/studies): with --follow, wait for its verdict (service.study_submit).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the job as JSON instead of text.")
     parser.add_argument("--timeout", type=float, default=30.0, help="Seconds per HTTP request (default: 30).")
 
@@ -100,6 +105,10 @@ def _client_notes(stream: TextIO) -> Iterator[None]:
 def run_submit(args: argparse.Namespace) -> int:
     """Submit the spec file; with --follow, stream the job until it ends. Returns the exit code."""
     with _client_notes(sys.stderr):
+        if getattr(args, "study", False):
+            from service.study_submit import run_study_submit
+
+            return run_study_submit(args)
         return _submit(args)
 
 

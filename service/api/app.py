@@ -17,7 +17,19 @@ from service.api.body_limit import BodySizeLimitMiddleware
 from service.api.deps import require_token
 from service.api.errors import register_error_handlers
 from service.api.prometheus import RequestMetricsMiddleware, ServiceMetrics
-from service.api.routes import cluster, events, health, job_metrics, jobs, layers, logs, models, prometheus, whoami
+from service.api.routes import (
+    cluster,
+    events,
+    health,
+    job_metrics,
+    jobs,
+    layers,
+    logs,
+    models,
+    prometheus,
+    studies,
+    whoami,
+)
 from service.api.storable_text import reject_unstorable_parameters
 from service.dashboard import mount_dashboard
 from service.engine.model_registry import list_models
@@ -86,7 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(prometheus.router, dependencies=secured)
     # Parameters the database cannot store are refused before any route reads it (422 naming the parameter).
     guarded = [*secured, Depends(reject_unstorable_parameters)]
-    for resource in (jobs, job_metrics, layers, logs, events, cluster, models, whoami):
+    for resource in (jobs, job_metrics, layers, logs, events, cluster, models, whoami, studies):
         app.include_router(resource.router, dependencies=guarded)
     mount_dashboard(app)  # the web page at / and its files under /ui/static (public; its data comes from /v1)
     return app

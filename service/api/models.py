@@ -16,6 +16,9 @@ from service.status import JobStatus
 from service.store.limits import find_unstorable_text
 from service.store.models import EpochPointRow, JobRow, LogLineRow, StepPointRow
 from service.store.repository import LayerHistory, LayerMatrix, LayersAtStep, as_utc
+from service.store.study_results import StudyState
+from service.store.verdict import Verdict
+from service.study_spec import StudySpec
 
 __all__ = [
     "ClusterPublic",
@@ -36,12 +39,31 @@ __all__ = [
     "ModelsPublic",
     "ReadinessPublic",
     "StepPoint",
+    "StudiesPublic",
+    "StudyCreate",
+    "StudyPublic",
+    "TrialPublic",
+    "VerdictPublic",
     "WhoAmIPublic",
 ]
 
 
 class JobCreate(JobSpec):
     """Body of `POST /v1/jobs`: the job spec (unknown fields are refused)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unstorable_text(cls, data: Any) -> Any:
+        """Text the database cannot store (a NUL character, ...) anywhere in the body is a 422 naming the field."""
+        found = find_unstorable_text(data)
+        if found is not None:
+            where, reason = found
+            raise ValueError(f"{where or 'the body'} {reason}: remove it.")
+        return data
+
+
+class StudyCreate(StudySpec):
+    """Body of `POST /v1/studies`: the study spec (unknown fields are refused)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -96,6 +118,9 @@ class JobPublic(BaseModel):
     queue_position: int | None = Field(description="1-based place in the queue while queued.")
     has_model: bool = Field(description="The final model can be downloaded from /v1/jobs/{id}/model.")
     summary: JobSummary = Field(description="Progress and results.")
+    study_id: str | None = Field(None, description="The study this job is a trial of (null: not a trial).")
+    study_arm: int | None = Field(None, description="For a trial: the index of its arm in the study's `arms`.")
+    study_seed: int | None = Field(None, description="For a trial: its seed.")
 
     @classmethod
     def from_row(cls, job: JobRow, *, queue_position: int | None = None, has_model: bool = False) -> JobPublic:
@@ -121,6 +146,9 @@ class JobPublic(BaseModel):
                 final_train_loss=job.final_train_loss,
                 verdict=job.verdict,
             ),
+            study_id=job.study_id,
+            study_arm=job.study_arm,
+            study_seed=job.study_seed,
         )
 
 
@@ -330,3 +358,179 @@ class ModelsPublic(BaseModel):
 
     data: list[ModelPublic] = Field(description="The models, built-ins first.")
     count: int = Field(description="Number of models.")
+
+
+class ArmVerdictPublic(BaseModel):
+    """One arm's result over its succeeded trials."""
+
+    arm: int = Field(description="Index of the arm in the study's `arms`.")
+    label: str = Field(description="What the arm changes, e.g. 'sync_bn=false'.")
+    mean: float | None = Field(description="Mean over seeds of each trial's best metric (null: no trial done).")
+    ci_low: float | None = Field(description="Lower end of the t interval of that mean (null: fewer than 2 seeds).")
+    ci_high: float | None = Field(description="Upper end of the t interval of that mean.")
+    n: int = Field(description="Seeds with a result.")
+    samples_per_s: float | None = Field(description="Mean training throughput of its trials (all workers).")
+    wall_s: float | None = Field(description="Mean wall time of its trials, from start to end.")
+
+
+class DifferencePublic(BaseModel):
+    """The reference arm minus another arm, seed by seed (paired)."""
+
+    mean: float = Field(description="Mean paired difference (positive: the reference's metric is larger).")
+    ci_low: float | None = Field(description="Lower end of its t interval (null: one pair only).")
+    ci_high: float | None = Field(description="Upper end of its t interval.")
+    p_value: float | None = Field(description="Two-sided paired t-test (scipy.stats.ttest_rel's test).")
+    n_pairs: int = Field(description="Seeds both arms finished.")
+
+
+class ComparisonPublic(BaseModel):
+    """The reference arm (the first) against one other arm."""
+
+    arm: int = Field(description="Index of the other arm.")
+    label: str = Field(description="What the other arm changes.")
+    outcome: str = Field(description="pays, does_not_pay or inconclusive.")
+    difference: DifferencePublic = Field(description="Reference minus this arm, paired by seed.")
+    cost_ratio: float | None = Field(
+        description="This arm's samples/s over the reference's: above 1, the reference is that much slower."
+    )
+    seeds_needed: int | None = Field(
+        description="When inconclusive: about how many paired seeds would resolve a difference of this size at this "
+        "spread (1001: more than 1000)."
+    )
+
+
+class LayerSkewPublic(BaseModel):
+    """A BatchNorm layer whose workers' batches disagreed most in the local arm."""
+
+    layer: str = Field(description="Module path of the layer.")
+    between_share_mean: float = Field(
+        description="Mean over training of the between-rank share of the batch variance (skew_between_share_mean)."
+    )
+    points: int = Field(description="Recorded steps (over the local arm's trials) the mean is taken over.")
+
+
+class VerdictPublic(BaseModel):
+    """Does the reference arm pay? The answer for the first other arm, with every comparison and its parts."""
+
+    outcome: str = Field(
+        description="pays (the interval of the difference lies on the good side of zero, beyond the margin), "
+        "does_not_pay (within +-margin, or on the bad side) or inconclusive."
+    )
+    sentence: str = Field(description="The answer in one plain sentence, with the numbers.")
+    metric: str = Field(description="val_accuracy or val_loss.")
+    margin: float = Field(description="Differences within +-margin were judged too small to matter.")
+    confidence: float = Field(description="Confidence of the intervals.")
+    arms: list[ArmVerdictPublic] = Field(description="Per arm, in the study's order.")
+    difference: DifferencePublic = Field(description="The reference minus the first other arm (what `outcome` says).")
+    cost_ratio: float | None = Field(description="Of the first comparison (see comparisons[].cost_ratio).")
+    seeds_needed: int | None = Field(description="Of the first comparison (see comparisons[].seeds_needed).")
+    comparisons: list[ComparisonPublic] = Field(description="The reference against each other arm.")
+    layers: list[LayerSkewPublic] = Field(
+        description="The local arm's layers with the largest cross-worker skew (what synchronisation corrects)."
+    )
+
+    @classmethod
+    def from_verdict(cls, verdict: Verdict, labels: list[str]) -> VerdictPublic:
+        arms = []
+        for index, summary in enumerate(verdict.arms):
+            parts = (
+                {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "samples_per_s": None, "wall_s": None}
+                if summary is None
+                else {
+                    "mean": summary.mean,
+                    "ci_low": summary.ci_low,
+                    "ci_high": summary.ci_high,
+                    "n": summary.n,
+                    "samples_per_s": summary.samples_per_s,
+                    "wall_s": summary.wall_s,
+                }
+            )
+            arms.append(ArmVerdictPublic(arm=index, label=labels[index], **parts))
+        comparisons = [
+            ComparisonPublic(
+                arm=c.arm,
+                label=labels[c.arm],
+                outcome=c.outcome,
+                difference=DifferencePublic(
+                    mean=c.difference.mean,
+                    ci_low=c.difference.ci_low,
+                    ci_high=c.difference.ci_high,
+                    p_value=c.difference.p_value,
+                    n_pairs=c.difference.n_pairs,
+                ),
+                cost_ratio=c.cost_ratio,
+                seeds_needed=c.seeds_needed,
+            )
+            for c in verdict.comparisons
+        ]
+        first = comparisons[0]
+        return cls(
+            outcome=verdict.outcome,
+            sentence=verdict.sentence,
+            metric=verdict.metric,
+            margin=verdict.margin,
+            confidence=verdict.confidence,
+            arms=arms,
+            difference=first.difference,
+            cost_ratio=first.cost_ratio,
+            seeds_needed=first.seeds_needed,
+            comparisons=comparisons,
+            layers=[LayerSkewPublic(**layer) for layer in verdict.layers],
+        )
+
+
+class TrialPublic(BaseModel):
+    """One trial of a study: an ordinary job (see GET /v1/jobs/{job_id})."""
+
+    job_id: str = Field(description="The job.")
+    arm: int = Field(description="Index of its arm in the study's `arms`.")
+    seed: int = Field(description="Its seed.")
+    status: JobStatus = Field(description="The job's status.")
+
+
+class StudyPublic(BaseModel):
+    """A study as the API shows it: status and verdict are derived from its trials when read."""
+
+    id: str = Field(description="Study id (32 hex digits).")
+    owner: str = Field(description="The principal whose token submitted the study (its trials are theirs too).")
+    name: str | None = Field(description="The spec's optional label.")
+    status: str = Field(
+        description="queued (no trial started), running, succeeded (every trial ended and there is a verdict), "
+        "failed (every trial ended, no verdict possible) or cancelled."
+    )
+    created_at: datetime = Field(description="When the study was submitted (UTC).")
+    spec: StudySpec = Field(description="The submitted spec, with defaults filled in.")
+    arms: list[dict[str, Any]] = Field(description="Per arm: its index, label and the fields it overrides.")
+    trials: list[TrialPublic] = Field(description="Its trials, arm by arm and seed by seed.")
+    verdict: VerdictPublic | None = Field(
+        description="null until at least two seeds of two arms have succeeded; then updated as trials finish."
+    )
+
+    @classmethod
+    def from_state(cls, state: StudyState) -> StudyPublic:
+        labels = state.spec.labels()
+        return cls(
+            id=state.study.id,
+            owner=state.study.owner,
+            name=state.study.name,
+            status=state.status,
+            created_at=as_utc(state.study.created_at),
+            spec=state.spec,
+            arms=[
+                {"arm": index, "label": labels[index], "overrides": arm.overrides()}
+                for index, arm in enumerate(state.spec.arms)
+            ],
+            trials=[
+                TrialPublic(job_id=job.id, arm=job.study_arm, seed=job.study_seed, status=JobStatus(job.status))
+                for job in state.trials
+                if job.study_arm is not None and job.study_seed is not None
+            ],
+            verdict=VerdictPublic.from_verdict(state.verdict, labels) if state.verdict is not None else None,
+        )
+
+
+class StudiesPublic(BaseModel):
+    """One page of studies, newest first."""
+
+    data: list[StudyPublic] = Field(description="The studies of this page.")
+    count: int = Field(description="Number of studies over all pages.")

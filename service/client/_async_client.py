@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from service.api.models import JobPublic, LayerHistoryPublic, LayersPublic, LogLine, MetricsPublic
+from service.api.models import JobPublic, LayerHistoryPublic, LayersPublic, LogLine, MetricsPublic, StudyPublic
 from service.client import _plans
 from service.client._client import DEFAULT_TIMEOUT_S, default_headers
 from service.client._retry import RetryPolicy
@@ -152,6 +152,22 @@ class AsyncClient:
     async def download_model(self, job_id: str, path: str | os.PathLike) -> Path:
         """`Client.download_model`, awaited."""
         return await self._run(_plans.download_model(job_id, path, self.retry))
+
+    async def submit_study(self, spec: _plans.StudySpecLike) -> StudyPublic:
+        """`Client.submit_study`, awaited."""
+        return await self._run(_plans.submit_study(spec, self.retry))
+
+    async def study(self, study_id: str) -> StudyPublic:
+        """`Client.study`, awaited."""
+        return await self._run(_plans.study(study_id, self.retry))
+
+    def studies(self, *, page_size: int = 20) -> AsyncIterator[StudyPublic]:
+        """`Client.studies`, as an async iterator."""
+        return self._drive(PlanRunner(_plans.studies(page_size, self.retry)))
+
+    async def cancel_study(self, study_id: str) -> StudyPublic:
+        """`Client.cancel_study`, awaited."""
+        return await self._run(_plans.cancel_study(study_id, self.retry))
 
     # -- taking the plans' steps ---------------------------------------------------------------------------
 

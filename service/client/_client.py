@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from service.api.models import JobPublic, LayerHistoryPublic, LayersPublic, LogLine, MetricsPublic
+from service.api.models import JobPublic, LayerHistoryPublic, LayersPublic, LogLine, MetricsPublic, StudyPublic
 from service.client import _plans
 from service.client._retry import RetryPolicy
 from service.client._sse import Event
@@ -185,6 +185,25 @@ class Client:
         """Save the final model of a succeeded job (a plain-BatchNorm state dict for `torch.load(...,
         weights_only=True)`) to `path`; returns it. `ConflictError` when the job has not succeeded."""
         return self._run(_plans.download_model(job_id, path, self.retry))
+
+    # -- studies ---------------------------------------------------------------------------------------------
+
+    def submit_study(self, spec: _plans.StudySpecLike) -> StudyPublic:
+        """Submit a study (a StudySpec, a dict, or a .json/.yaml path): its trials are queued as jobs at once.
+        Not retried after the request was sent (that could queue a second study)."""
+        return self._run(_plans.submit_study(spec, self.retry))
+
+    def study(self, study_id: str) -> StudyPublic:
+        """A study: its trials, derived status and verdict (null until two seeds of two arms succeeded)."""
+        return self._run(_plans.study(study_id, self.retry))
+
+    def studies(self, *, page_size: int = 20) -> Iterator[StudyPublic]:
+        """Every study you can see, newest first (fetched page by page as you iterate)."""
+        return self._iterate(_plans.studies(page_size, self.retry))
+
+    def cancel_study(self, study_id: str) -> StudyPublic:
+        """Cancel a study's queued and running trials (finished ones are kept); the study reads `cancelled`."""
+        return self._run(_plans.cancel_study(study_id, self.retry))
 
     # -- taking the plans' steps ---------------------------------------------------------------------------
 

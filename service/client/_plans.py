@@ -28,6 +28,8 @@ from service.api.models import (
     LogLine,
     LogsPublic,
     MetricsPublic,
+    StudiesPublic,
+    StudyPublic,
 )
 from service.client._errors import (
     ConnectionFailedError,
@@ -41,10 +43,13 @@ from service.client._sse import Event, EventDecoder
 from service.client._steps import Call, Emit, Plan, ReadChunk, ReadLine, Send, Sleep
 from service.spec import JobSpec, load_spec_file
 from service.status import JobStatus
+from service.study_spec import StudySpec, load_study_file
 
 __all__ = [
     "SpecLike",
+    "StudySpecLike",
     "cancel",
+    "cancel_study",
     "delete",
     "download_model",
     "events",
@@ -54,7 +59,10 @@ __all__ = [
     "list_jobs",
     "logs",
     "metrics",
+    "studies",
+    "study",
     "submit",
+    "submit_study",
     "wait",
 ]
 
@@ -64,6 +72,9 @@ M = TypeVar("M", bound=BaseModel)
 
 #: What `submit` takes: a JobSpec, a mapping of its fields, or the path of a .json/.yaml/.yml file.
 SpecLike = JobSpec | Mapping[str, Any] | str | os.PathLike
+
+#: What `submit_study` takes: a StudySpec, a mapping of its fields, or the path of a .json/.yaml/.yml file.
+StudySpecLike = StudySpec | Mapping[str, Any] | str | os.PathLike
 
 #: Jobs per page when listing (the API allows up to 500).
 LIST_PAGE = 100
@@ -357,3 +368,65 @@ def download_model(job_id: str, path: str | os.PathLike, retry: RetryPolicy) -> 
             return target
     finally:
         partial.unlink(missing_ok=True)
+
+
+# -- studies -----------------------------------------------------------------------------------------------
+
+
+def _study_path(study_id: str) -> str:
+    if not isinstance(study_id, str) or not study_id:
+        raise ValueError(f"study_id must be a non-empty string, the id returned by submit_study (got {study_id!r}).")
+    return f"/v1/studies/{quote(study_id, safe='')}"
+
+
+def study_body(spec: StudySpecLike) -> dict[str, Any]:
+    """The JSON body for a study spec (as `spec_body` for a job spec)."""
+    if isinstance(spec, StudySpec):
+        return spec.model_dump(mode="json")
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    if isinstance(spec, str | os.PathLike):
+        try:
+            return load_study_file(spec).model_dump(mode="json")
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"{os.fspath(spec)}: {exc}") from exc
+    raise TypeError(
+        f"spec must be a StudySpec, a mapping or the path of a .json/.yaml file (got {type(spec).__name__})."
+    )
+
+
+def submit_study(spec: StudySpecLike, retry: RetryPolicy) -> Plan[StudyPublic]:
+    """POST /v1/studies: every trial is queued at once (an answer lost in transit is not retried: the POST would
+    queue a second study)."""
+    call = Call("POST", "/v1/studies", json=study_body(spec))
+    return (yield from request_model(call, retry, StudyPublic))
+
+
+def study(study_id: str, retry: RetryPolicy) -> Plan[StudyPublic]:
+    """GET /v1/studies/{id}: trials, status and verdict as of now."""
+    return (yield from request_model(Call("GET", _study_path(study_id), repeatable=True), retry, StudyPublic))
+
+
+def studies(page_size: int, retry: RetryPolicy) -> Plan[None]:
+    """Emit every study (newest first), page after page, each once."""
+    if not 1 <= page_size <= 100:
+        raise ValueError(f"page_size must be between 1 and 100 (got {page_size}).")
+    seen: set[str] = set()
+    offset = 0
+    while True:
+        params = {"offset": offset, "limit": page_size}
+        call = Call("GET", "/v1/studies", params=params, repeatable=True)
+        page = yield from request_model(call, retry, StudiesPublic)
+        for item in page.data:
+            if item.id not in seen:
+                seen.add(item.id)
+                yield Emit(item)
+        offset += len(page.data)
+        if not page.data or offset >= page.count:
+            return None
+
+
+def cancel_study(study_id: str, retry: RetryPolicy) -> Plan[StudyPublic]:
+    """DELETE /v1/studies/{id}: cancels the queued and running trials, keeps the finished ones."""
+    call = Call("DELETE", _study_path(study_id), read_timeout=CANCEL_READ_TIMEOUT_S, repeatable=True)
+    return (yield from request_model(call, retry, StudyPublic))

@@ -16,6 +16,9 @@
   which is what makes `Last-Event-ID` resumption lossless, even across restarts.
 - `idempotency_keys`: (owner, `Idempotency-Key` header) -> job, with a hash of the request body; each
   principal has its own keys.
+- `studies`: one row per study (owner, name, its StudySpec, whether a cancel was asked for); its trials are
+  ordinary `jobs` rows carrying `study_id`, `study_arm` and `study_seed`, and its status and verdict are derived
+  from them when read (`service.store.study_results`).
 
 Tables reference jobs by their public id; rows of a job are deleted together with it by the repository.
 """
@@ -53,6 +56,7 @@ __all__ = [
     "LayerVectorsRow",
     "LogLineRow",
     "StepPointRow",
+    "StudyRow",
 ]
 
 JOB_ID_LENGTH = 32
@@ -94,6 +98,10 @@ class JobRow(Base):
     model_path: Mapped[str | None] = mapped_column(Text)
     record_seq: Mapped[int] = mapped_column(Integer, default=0)
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # A trial of a study: the study, the arm's index in its spec and the seed (all null for a plain job).
+    study_id: Mapped[str | None] = mapped_column(String(JOB_ID_LENGTH), index=True)
+    study_arm: Mapped[int | None] = mapped_column(Integer)
+    study_seed: Mapped[int | None] = mapped_column(Integer)
 
 
 class StepPointRow(Base):
@@ -207,3 +215,19 @@ class IdempotencyKeyRow(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StudyRow(Base):
+    """A study: paired runs of a job spec's arms over the same seeds. Status and verdict are derived, not kept."""
+
+    __tablename__ = "studies"
+
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(JOB_ID_LENGTH), unique=True, index=True)
+    owner: Mapped[str] = mapped_column(
+        String(OWNER_LENGTH), index=True, default=DEFAULT_OWNER, server_default=DEFAULT_OWNER
+    )
+    name: Mapped[str | None] = mapped_column(String(100))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

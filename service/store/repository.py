@@ -11,6 +11,8 @@ Responsibilities:
   neither lose nor duplicate a record;
 - answer the API's queries (listing, metrics, layer statistics, logs, events); listings and counts take an
   `owner` to show one principal's jobs only (None: every job).
+- studies: create a study with all its trial jobs in one transaction, read and list studies, a study's trials,
+  and the aggregates its verdict reads (best validation metrics and mean throughput per trial, status events).
 
 Writes of this process are serialised by a lock (SQLite allows one writer anyway, and the per-job event
 counter must not race); reads run concurrently. Rows are returned detached from their session.
@@ -55,6 +57,7 @@ from service.store.models import (
     LayerVectorsRow,
     LogLineRow,
     StepPointRow,
+    StudyRow,
 )
 from service.store.retention import downsample, nearest, snapshots_to_keep
 
@@ -67,6 +70,7 @@ __all__ = [
     "LayerMatrix",
     "LayerPointData",
     "LayersAtStep",
+    "TrialResult",
     "json_safe",
     "utcnow",
 ]
@@ -141,6 +145,15 @@ def _integer(value: Any, default: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return default
     return int(value)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What a study's verdict reads of one trial: its best validation metrics and mean throughput."""
+
+    best_val_acc: float | None
+    lowest_val_loss: float | None
+    samples_per_s: float | None
 
 
 @dataclass
@@ -349,11 +362,21 @@ class JobStore:
             return session.scalars(select(JobRow).where(JobRow.id == job_id)).first()
 
     def list_jobs(
-        self, *, status: JobStatus | None = None, offset: int = 0, limit: int = 50, owner: str | None = None
+        self,
+        *,
+        status: JobStatus | None = None,
+        offset: int = 0,
+        limit: int = 50,
+        owner: str | None = None,
+        study: str | None = None,
     ) -> tuple[list[JobRow], int]:
-        """One page of jobs, newest first, optionally of one status and one owner; and how many match in total."""
+        """One page of jobs, newest first, optionally of one status, one owner and one study (its trials); and how
+        many match in total."""
         query = select(JobRow)
         count_query = select(func.count()).select_from(JobRow)
+        if study is not None:
+            query = query.where(JobRow.study_id == study)
+            count_query = count_query.where(JobRow.study_id == study)
         if owner is not None:
             query = query.where(JobRow.owner == owner)
             count_query = count_query.where(JobRow.owner == owner)
@@ -489,6 +512,131 @@ class JobStore:
         with self._latest_lock:
             self._latest_event.pop(job_id, None)
         return True
+
+    # -- studies --------------------------------------------------------------------------------------------
+
+    def create_study(
+        self,
+        study_id: str,
+        spec: dict[str, Any],
+        trials: Sequence[tuple[str, int, int, dict[str, Any]]],
+        *,
+        owner: str = DEFAULT_OWNER,
+    ) -> tuple[StudyRow, list[JobRow]]:
+        """Insert a study of `owner` and its trials, queued jobs given as (job id, arm, seed, job spec), in ONE
+        transaction: a study is never half-created, and its trials enter the queue together, in the given order.
+
+        Returns:
+            (study, trial jobs in the given order).
+        """
+        now = utcnow()
+        with self._write() as session:
+            study = StudyRow(
+                id=study_id,
+                owner=owner,
+                name=spec.get("name"),
+                spec=json_safe(spec),
+                created_at=now,
+                cancel_requested=False,
+            )
+            session.add(study)
+            jobs = []
+            for job_id, arm, seed, job_spec in trials:
+                job = JobRow(
+                    id=job_id,
+                    owner=owner,
+                    name=job_spec.get("name"),
+                    status=JobStatus.QUEUED.value,
+                    spec=json_safe(job_spec),
+                    created_at=now,
+                    cancel_requested=False,
+                    epochs_done=0,
+                    record_seq=0,
+                    event_seq=0,
+                    study_id=study_id,
+                    study_arm=arm,
+                    study_seed=seed,
+                )
+                session.add(job)
+                jobs.append(job)
+            session.flush()
+            for job in jobs:
+                self._add_event(session, job, "status", self._status_data(job, None, now), now)
+                message = (
+                    f"job submitted and queued (trial of study {study_id}: arm {job.study_arm}, seed {job.study_seed})"
+                )
+                self._add_log(session, job, "info", message, "service", now)
+            session.flush()
+        for job in jobs:
+            self._note_event(job.id, job.event_seq)
+        return study, jobs
+
+    def get_study(self, study_id: str) -> StudyRow | None:
+        """The study with this id, or None."""
+        with self._read() as session:
+            return session.scalars(select(StudyRow).where(StudyRow.id == study_id)).first()
+
+    def list_studies(self, *, offset: int = 0, limit: int = 50, owner: str | None = None) -> tuple[list[StudyRow], int]:
+        """One page of studies, newest first, of one owner (None: everyone's); and how many there are in total."""
+        query = select(StudyRow)
+        count_query = select(func.count()).select_from(StudyRow)
+        if owner is not None:
+            query = query.where(StudyRow.owner == owner)
+            count_query = count_query.where(StudyRow.owner == owner)
+        with self._read() as session:
+            rows = list(session.scalars(query.order_by(StudyRow.number.desc()).offset(offset).limit(limit)))
+            count = session.scalar(count_query) or 0
+        return rows, count
+
+    def study_trials(self, study_id: str) -> list[JobRow]:
+        """The trial jobs of a study still in the store, in the order they were created (arm by arm, seed by seed)."""
+        with self._read() as session:
+            query = select(JobRow).where(JobRow.study_id == study_id).order_by(JobRow.number)
+            return list(session.scalars(query))
+
+    def mark_study_cancel_requested(self, study_id: str) -> StudyRow | None:
+        """Record that a study was cancelled (its trials are cancelled by the manager); None if there is no study."""
+        with self._write() as session:
+            study = session.scalars(select(StudyRow).where(StudyRow.id == study_id).with_for_update()).first()
+            if study is not None:
+                study.cancel_requested = True
+        return study
+
+    def status_events(self, job_ids: Sequence[str]) -> list[JobEventRow]:
+        """The `status` events of these jobs (a handful per job), oldest first: a study's event stream."""
+        if not job_ids:
+            return []
+        query = (
+            select(JobEventRow)
+            .where(JobEventRow.job_id.in_(list(job_ids)), JobEventRow.kind == "status")
+            .order_by(JobEventRow.created_at, JobEventRow.id)
+        )
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def trial_results(self, job_ids: Sequence[str]) -> dict[str, TrialResult]:
+        """Per job: the best validation accuracy and lowest validation loss of its epochs, and the mean samples/s
+        of its steps (two aggregate queries, whatever the number of trials)."""
+        if not job_ids:
+            return {}
+        ids = list(job_ids)
+        with self._read() as session:
+            epochs = session.execute(
+                select(EpochPointRow.job_id, func.max(EpochPointRow.val_acc), func.min(EpochPointRow.val_loss))
+                .where(EpochPointRow.job_id.in_(ids))
+                .group_by(EpochPointRow.job_id)
+            ).all()
+            steps = session.execute(
+                select(StepPointRow.job_id, func.avg(StepPointRow.samples_per_s))
+                .where(StepPointRow.job_id.in_(ids))
+                .group_by(StepPointRow.job_id)
+            ).all()
+        best = {job_id: (_number(acc), _number(loss)) for job_id, acc, loss in epochs}
+        speed = {job_id: _number(value) for job_id, value in steps}
+        return {
+            job_id: TrialResult(best.get(job_id, (None, None))[0], best.get(job_id, (None, None))[1], speed.get(job_id))
+            for job_id in ids
+        }
 
     # -- run records ----------------------------------------------------------------------------------------
 
@@ -710,9 +858,7 @@ class JobStore:
         with self._read() as session:
             return self._steps_of(session, [r.id for r in self._series_rows(session, job_id)], LayerVectorsRow)
 
-    def layers_at(
-        self, job_id: str, step: int | None, *, channels: bool = True, arrays: bool = False
-    ) -> LayersAtStep:
+    def layers_at(self, job_id: str, step: int | None, *, channels: bool = True, arrays: bool = False) -> LayersAtStep:
         """Every layer's statistics at the recorded step nearest `step` (the latest when None), in model order.
 
         With `channels`, the nearest step that still keeps its per-channel vectors, which are included: as lists

@@ -88,10 +88,15 @@ def list_jobs(
     status_filter: Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this state.")] = None,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000, description="Jobs to skip (newest first).")] = 0,
     limit: Annotated[int, Query(ge=1, le=500, description="Jobs per page.")] = 50,
+    study: Annotated[
+        str | None, Query(max_length=64, description="Only the trials of this study (GET /v1/studies).")
+    ] = None,
 ) -> JobsPublic:
     """One page of your jobs (an admin's: everyone's), newest first; `count` is the number of matching jobs over
     all pages."""
-    rows, count = store.list_jobs(status=status_filter, offset=offset, limit=limit, owner=principal.owner_filter())
+    rows, count = store.list_jobs(
+        status=status_filter, offset=offset, limit=limit, owner=principal.owner_filter(), study=study
+    )
     positions = store.queue_positions() if any(r.status == JobStatus.QUEUED.value for r in rows) else {}
     return JobsPublic(data=[job_public(row, manager, positions.get(row.id)) for row in rows], count=count)
 

@@ -1,0 +1,152 @@
+"""A study through REST, trained for real: 2 arms (sync_bn true / false) x 2 seeds of a tiny digits job on 2 CPU
+workers each, with the service restarted while its trials run. The study completes with exactly one job per
+(arm, seed), none of which ran twice (one `running` transition each, no `resumed` event), and its verdict is what
+the test recomputes from the trials' stored metrics and layer summaries, read through the API's own routes, with
+`service.store.verdict`'s functions.
+
+Real parts: a uvicorn server (`LiveServer`) on the session's local Ray, an SQLite file; the restart is a second
+server on the same data folder (the runs live in Ray and are re-attached, as after `syncbn serve` restarts).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from scipy import stats
+
+from service.settings import Settings
+from service.store.verdict import ArmResult, default_margin, paired_difference, study_verdict
+from tests.service.conftest_api import LiveServer, read_events, tiny_spec, wait_for
+
+pytestmark = pytest.mark.timeout(1500)
+
+
+def _study_body() -> dict:
+    base = tiny_spec(name="tiny-study", epochs=1, steps_per_epoch=3, stats_every=1, batch_size=8)
+    return {"name": "tiny study", "base": base, "seeds": 2}
+
+
+def _recompute(client: httpx.Client, study: dict) -> dict:
+    """Per arm: best val_acc per seed, mean samples/s and wall time per trial, from the metrics routes."""
+    arms: list[dict] = [{"values": {}, "speeds": [], "walls": []} for _ in study["arms"]]
+    for trial in study["trials"]:
+        job = client.get(f"/v1/jobs/{trial['job_id']}").json()
+        metrics = client.get(f"/v1/jobs/{trial['job_id']}/metrics").json()
+        accuracies = [e["val_acc"] for e in metrics["epochs"] if e["val_acc"] is not None]
+        speeds = [s["samples_per_s"] for s in metrics["steps"] if s["samples_per_s"] is not None]
+        arm = arms[trial["arm"]]
+        arm["values"][trial["seed"]] = max(accuracies)
+        arm["speeds"].append(float(np.mean(speeds)))
+        wall = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+        arm["walls"].append(wall.total_seconds())
+    return {"arms": arms}
+
+
+def test_a_study_survives_a_restart_and_its_verdict_is_the_stored_metrics(ray_cluster: dict, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", max_concurrent_jobs=2, poll_interval_s=0.2)
+    first = LiveServer(settings).start()
+    try:
+        with first.client() as client:
+            created = client.post("/v1/studies", json=_study_body())
+            assert created.status_code == 201, created.text
+            study = created.json()
+            assert study["status"] == "queued" and study["verdict"] is None
+            assert [(t["arm"], t["seed"]) for t in study["trials"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+            wait_for(
+                lambda: client.get(f"/v1/studies/{study['id']}").json()["status"] == "running",
+                120,
+                "a trial to start",
+            )
+            running = wait_for(
+                lambda: [
+                    t for t in client.get(f"/v1/studies/{study['id']}").json()["trials"] if t["status"] == "running"
+                ],
+                120,
+                "a trial running",
+            )
+    finally:
+        first.stop()
+
+    second = LiveServer(settings).start()
+    try:
+        with second.client() as client:
+            final = wait_for(
+                lambda: (
+                    (s := client.get(f"/v1/studies/{study['id']}").json())["status"]
+                    in ("succeeded", "failed", "cancelled")
+                    and s
+                ),
+                1200,
+                "the study to end",
+                interval=1.0,
+            )
+            assert final["status"] == "succeeded", final
+            assert running, "the service was restarted while a trial ran"
+            listed = client.get("/v1/jobs", params={"study": study["id"]}).json()
+            assert listed["count"] == 4, "one job per (arm, seed): nothing was submitted twice"
+            assert sorted((j["study_arm"], j["study_seed"]) for j in listed["data"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+            for job in listed["data"]:
+                assert job["status"] == "succeeded" and job["study_id"] == study["id"]
+                assert job["spec"]["seed"] == job["study_seed"]
+                assert job["spec"]["sync_bn"] is (job["study_arm"] == 0)
+                events = read_events(client, job["id"], timeout=30)
+                statuses = [e["data"]["status"] for e in events if e["event"] == "status"]
+                assert statuses == ["queued", "running", "succeeded"], (job["id"], statuses)
+                assert not [e for e in events if e["event"] == "resumed"], "no trial ran twice"
+
+            # The verdict, recomputed from what the API serves of the trials.
+            got = _recompute(client, final)
+            arms = [ArmResult(a["values"], a["speeds"], a["walls"]) for a in got["arms"]]
+            reference = list(got["arms"][0]["values"].values())
+            margin = default_margin("val_accuracy", float(np.mean(reference)))
+            local = [t["job_id"] for t in final["trials"] if t["arm"] == 1]
+            shares: dict[str, list[float]] = {}
+            for job_id in local:
+                matrix = client.get(
+                    f"/v1/jobs/{job_id}/layer-summaries", params={"keys": "skew_between_share_mean"}
+                ).json()
+                for layer, row in zip(matrix["layers"], matrix["values"]["skew_between_share_mean"], strict=True):
+                    shares.setdefault(layer, []).extend(v for v in row if v is not None)
+            expected = study_verdict(
+                arms,
+                metric="val_accuracy",
+                confidence=0.95,
+                margin=margin,
+                labels=["sync_bn=true", "sync_bn=false"],
+                sync_only=True,
+                layer_shares=shares,
+            )
+            assert expected is not None
+            verdict = final["verdict"]
+            assert verdict["outcome"] == expected.outcome and verdict["sentence"] == expected.sentence
+            assert verdict["margin"] == pytest.approx(margin)
+            diff = paired_difference(got["arms"][0]["values"], got["arms"][1]["values"], 0.95)
+            assert verdict["difference"]["mean"] == pytest.approx(diff.mean, abs=1e-12)
+            assert verdict["difference"]["n_pairs"] == 2
+            pairs = [got["arms"][0]["values"][s] - got["arms"][1]["values"][s] for s in (0, 1)]
+            if np.std(pairs) > 0:  # scipy's own paired test on the same numbers
+                ttest = stats.ttest_rel(
+                    [got["arms"][0]["values"][s] for s in (0, 1)], [got["arms"][1]["values"][s] for s in (0, 1)]
+                )
+                assert verdict["difference"]["p_value"] == pytest.approx(ttest.pvalue, rel=1e-9)
+                half = stats.t.ppf(0.975, 1) * np.std(pairs, ddof=1) / math.sqrt(2)
+                assert verdict["difference"]["ci_low"] == pytest.approx(diff.mean - half, abs=1e-12)
+            for index, arm in enumerate(verdict["arms"]):
+                assert arm["n"] == 2
+                assert arm["mean"] == pytest.approx(np.mean(list(got["arms"][index]["values"].values())))
+                assert arm["samples_per_s"] == pytest.approx(np.mean(got["arms"][index]["speeds"]), rel=1e-9)
+                assert arm["wall_s"] == pytest.approx(np.mean(got["arms"][index]["walls"]), abs=1e-3)
+            ratio = np.mean(got["arms"][1]["speeds"]) / np.mean(got["arms"][0]["speeds"])
+            assert verdict["cost_ratio"] == pytest.approx(ratio, rel=1e-9)
+            assert verdict["layers"] and verdict["layers"] == [
+                {**layer, "between_share_mean": pytest.approx(layer["between_share_mean"], rel=1e-6)}
+                for layer in expected.layers
+            ]
+            print("tiny study verdict:", verdict["sentence"])
+    finally:
+        second.stop()
