@@ -42,6 +42,7 @@ from syncbn_example_models import tiny_convnet  # noqa: E402
 
 import syncbn  # noqa: E402
 from service.engine.data import load_data  # noqa: E402
+from service.engine.running_lag import LAG_THRESHOLD, LAG_WINDOW, excess_drift  # noqa: E402
 from service.spec import DatasetSpec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -73,9 +74,13 @@ def run(schedule: str, seed: int, epochs: int) -> dict[str, Any]:
     steps_per_epoch = len(y_train) // batch
     total = steps_per_epoch * epochs
     ema, precise, step = [], [], 0
-    for _ in range(epochs):
+    drifts: list[float] = []  # every layer's excess drift at each of the last LAG_WINDOW steps, in layer order
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for epoch in range(epochs):
         order = torch.randperm(len(y_train))
         for i in range(steps_per_epoch):
+            measure = epoch == epochs - 1 and i >= steps_per_epoch - LAG_WINDOW
+            hooks = [layer.register_forward_pre_hook(_drift_hook(drifts)) for layer in layers] if measure else []
             lr = 0.1 if schedule == "constant" else 0.5 * 0.1 * (1 + math.cos(math.pi * step / total))
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -85,6 +90,8 @@ def run(schedule: str, seed: int, epochs: int) -> dict[str, Any]:
             loss.backward()
             optimizer.step()
             step += 1
+            for hook in hooks:
+                hook.remove()
         ema.append(_accuracy(model, x_val, y_val))
         saved = [b.clone() for b in model.buffers()]
         order = torch.randperm(len(y_train))
@@ -93,11 +100,28 @@ def run(schedule: str, seed: int, epochs: int) -> dict[str, Any]:
         with torch.no_grad():
             for b, value in zip(model.buffers(), saved, strict=True):
                 b.copy_(value)
-    return {"schedule": schedule, "seed": seed, "ema": ema, "precise": precise}
+    # As the job's warning: each layer's mean over the last steps, then the worst layer.
+    lag = max(statistics.mean(drifts[j :: len(layers)]) for j in range(len(layers)))
+    return {"schedule": schedule, "seed": seed, "ema": ema, "precise": precise, "lag": lag}
+
+
+def _drift_hook(out: list[float]) -> Any:
+    """Record a layer's drift beyond batch noise, as the job's lag warning computes it from the recorded steps."""
+
+    def hook(layer: nn.BatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach()
+        mean = x.mean((0, 2, 3))
+        drift = ((layer.running_mean - mean).abs() / torch.sqrt(layer.running_var + layer.eps)).mean()
+        out.append(excess_drift({"drift_mean": float(drift), "count": x.numel() // x.shape[1]}) or 0.0)
+
+    return hook
 
 
 def _table(runs: list[dict[str, Any]]) -> str:
-    lines = ["schedule  | EMA mean | EMA worst epoch | precise mean | precise worst epoch | last epoch EMA -> precise"]
+    lines = [
+        "schedule  | EMA mean | EMA worst epoch | precise mean | precise worst epoch | last epoch EMA -> precise"
+        f" | lag at the end (warning above {LAG_THRESHOLD})"
+    ]
     for schedule in SCHEDULES:
         mine = [r for r in runs if r["schedule"] == schedule]
         ema = [a for r in mine for a in r["ema"][1:]]  # epoch 1 is still warm-up noise for both
@@ -107,6 +131,7 @@ def _table(runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"{schedule:9} | {statistics.mean(ema):8.4f} | {min(ema):15.4f} | {statistics.mean(precise):12.4f} | "
             f"{min(precise):19.4f} | {last_ema:.4f} -> {last_precise:.4f}"
+            " | " + ", ".join(f"{r['lag']:.3f}" for r in mine)
         )
     return "\n".join(lines)
 
@@ -156,7 +181,8 @@ def main() -> None:
         for schedule in SCHEDULES:
             for seed in args.seeds:
                 runs.append(run(schedule, seed, args.epochs))
-                print(f"{schedule} seed {seed}: EMA {runs[-1]['ema']}\n{'':>17}precise {runs[-1]['precise']}")
+                r = runs[-1]
+                print(f"{schedule} seed {seed}: EMA {r['ema']}\n{'':>17}precise {r['precise']}\n{'':>17}lag {r['lag']}")
         elapsed = time.perf_counter() - started
         raw.write_text(json.dumps({"epochs": args.epochs, "seeds": args.seeds, "wall_s": elapsed, "runs": runs}))
         print(f"{len(runs)} runs in {elapsed:.0f} s")
