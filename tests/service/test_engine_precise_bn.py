@@ -136,3 +136,27 @@ def test_the_record_log_puts_the_lag_warning_in_the_end_record() -> None:
     steady = RecordLog("steady")
     steady.push([layers(s, 0.2 if s < 6 else 0.01) for s in range(1, 11)])  # lagged early, caught up at the end
     assert steady.finish("succeeded")["warning"] is None
+
+
+def test_the_store_and_the_api_carry_both_accuracies_and_the_warning(tmp_path: Path) -> None:
+    from service.api.models import EpochPoint, JobPublic
+    from service.status import JobStatus
+    from service.store import JobStore
+
+    store = JobStore(f"sqlite:///{tmp_path / 'syncbn.db'}")
+    try:
+        job_id = uuid.uuid4().hex
+        store.create_job(job_id, JobSpec(precise_bn={"every": "epoch"}).model_dump(mode="json"))
+        store.transition(job_id, JobStatus.RUNNING)
+        epoch = {"kind": "epoch", "epoch": 1, "step": 5, "val_acc": 0.5, "val_acc_precise": 0.9, "seq": 1}
+        end = {"kind": "end", "status": "succeeded", "final_val_acc": 0.5, "final_val_acc_precise": 0.9, "seq": 2}
+        store.ingest(job_id, [epoch, {**end, "warning": "the BatchNorm running statistics lag the weights"}])
+        summary = JobPublic.from_row(store.get_job(job_id)).summary
+        assert (summary.final_val_acc, summary.final_val_acc_precise) == (0.5, 0.9)
+        assert summary.warning == "the BatchNorm running statistics lag the weights"
+        points = [EpochPoint.model_validate(p) for p in store.metrics(job_id)[1]]
+        assert [(p.val_acc, p.val_acc_precise, p.val_loss_precise) for p in points] == [(0.5, 0.9, None)]
+        status = [e.data for e in store.events(job_id) if e.kind == "status"][-1]
+        assert status["final_val_acc_precise"] == 0.9 and status["warning"].startswith("the BatchNorm")
+    finally:
+        store.close()
