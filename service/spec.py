@@ -179,6 +179,27 @@ class EarlyStopSpec(_Strict):
         return self
 
 
+class PreciseBnSpec(_Strict):
+    """Precise BatchNorm: running statistics recomputed exactly over training batches (`syncbn.recalibrate`).
+
+    With momentum 0.1 and a slowly decaying learning rate the running statistics trail the moving weights and
+    validation accuracy swings from epoch to epoch; recomputing them with the final weights removes the lag.
+    """
+
+    batches: int = Field(
+        200,
+        ge=1,
+        le=100_000,
+        description="Training batches per rank whose pooled statistics replace the running ones (at most an epoch).",
+    )
+    every: Literal["epoch", "end"] = Field(
+        "end",
+        description="'epoch': recalibrate a copy of the statistics before every validation and report both "
+        "accuracies (training keeps the running ones); 'end': once, after the last epoch. Either way the saved "
+        "model carries the precise statistics.",
+    )
+
+
 class DatasetSpec(_Strict):
     """Where the samples come from.
 
@@ -594,6 +615,11 @@ class JobSpec(_Strict):
     early_stop: EarlyStopSpec | None = Field(
         None,
         description="Stop early on a validation accuracy target and/or a patience; null: run every epoch.",
+    )
+    precise_bn: PreciseBnSpec | None = Field(
+        None,
+        description="Recompute the BatchNorm running statistics exactly over training batches (at every "
+        "validation or at the end) and report validation accuracy with both; null: off.",
     )
     max_failures: int = Field(
         0,

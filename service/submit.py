@@ -147,6 +147,14 @@ def _submit(args: argparse.Namespace) -> int:
         sys.stdout.write(
             f"job {final.id} {final.status.value}: epochs {summary.epochs_done}, best val acc "
             f"{_num(summary.best_val_acc)}, final train loss {_num(summary.final_train_loss)}, "
-            f"verdict {summary.verdict}" + (f", error: {final.error}" if final.error else "") + "\n"
+            f"verdict {summary.verdict}"
+            + (
+                ""
+                if summary.final_val_acc_precise is None
+                else f", precise-BN val acc {_num(summary.final_val_acc_precise)}"
+            )
+            + (f", error: {final.error}" if final.error else "")
+            + (f"\nwarning: {summary.warning}" if summary.warning else "")
+            + "\n"
         )
     return 0 if final.status.value == "succeeded" else 1

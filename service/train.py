@@ -219,7 +219,8 @@ def _show(record: dict[str, Any], progress: Any, task: Any, run: Any, spec: JobS
             task,
             completed=record["step"],
             description=f"epoch {record['epoch']}/{spec.epochs}",
-            acc=f"{record['val_acc']:.4f}",
+            acc=f"{record['val_acc']:.4f}"
+            + ("" if record.get("val_acc_precise") is None else f" / {record['val_acc_precise']:.4f}"),
         )
     elif kind == "log" and record["level"] != "debug":  # debug: checkpoint paths, kept in metrics.jsonl
         style = {"error": "red", "warning": "yellow"}.get(record["level"], "dim")
@@ -253,7 +254,13 @@ def _print_summary(summary: dict[str, Any], spec: JobSpec) -> None:
     )
     table.add_row("epochs done", f"{summary.get('epochs_done')}/{spec.epochs}")
     table.add_row("best val acc", pct(summary.get("best_val_acc")))
-    table.add_row("final val acc", pct(summary.get("final_val_acc")))
+    if spec.precise_bn is None:
+        table.add_row("final val acc", pct(summary.get("final_val_acc")))
+    else:  # side by side: the running (EMA) statistics, and the precise ones the saved model carries
+        precise = pct(summary.get("final_val_acc_precise"))
+        table.add_row("final val acc", f"{pct(summary.get('final_val_acc'))} (EMA) / {precise} (precise BN)")
+    if summary.get("warning"):
+        table.add_row("warning", f"[yellow]{summary['warning']}")
     loss = summary.get("final_train_loss")
     table.add_row("final train loss", "-" if loss is None else f"{loss:.4f}")
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")

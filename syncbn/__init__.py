@@ -8,6 +8,8 @@ Public surface (everything else is private):
 - :class:`BatchStatsRecorder` / :func:`merge_rank_layer_stats`: per-layer batch statistics and cross-rank skew;
   :func:`merge_packed_layer_stats` merges :class:`PackedLayerStats` (all layers of a rank in two tensors) into
   :class:`MergedLayerStats` in one vectorised pass.
+- :func:`recalibrate`: "precise BatchNorm": every layer's running statistics set to the exact population
+  statistics of given batches, pooled over the ranks (one all-reduce per layer).
 
 :mod:`syncbn.lightning` (a Lightning ``LayerSync`` plugin) is not imported here: it needs Lightning.
 """
@@ -15,6 +17,7 @@ Public surface (everything else is private):
 from syncbn.batchnorm import SyncBatchNorm
 from syncbn.convert import convert_sync_batchnorm, revert_sync_batchnorm
 from syncbn.norm_act import SyncBatchNormAct
+from syncbn.recalibrate import recalibrate
 from syncbn.stats import (
     BatchStatsRecorder,
     MergedLayerStats,
@@ -33,6 +36,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "merge_packed_layer_stats",
     "merge_rank_layer_stats",
+    "recalibrate",
     "revert_sync_batchnorm",
 ]
 

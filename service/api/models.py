@@ -93,10 +93,20 @@ class JobSummary(BaseModel):
     last_val_acc: float | None = Field(description="Validation accuracy after the latest epoch.")
     best_val_acc: float | None = Field(description="Best validation accuracy of any epoch.")
     final_val_acc: float | None = Field(description="Validation accuracy at the end of the run.")
+    final_val_acc_precise: float | None = Field(
+        None,
+        description="Validation accuracy at the end with precise BatchNorm statistics (precise_bn; what the saved "
+        "model scores); null without precise_bn.",
+    )
     final_train_loss: float | None = Field(description="Training loss of the latest epoch (final once ended).")
     verdict: str | None = Field(
         description="converged (target reached), plateaued (no improvement for `patience` epochs), diverged "
         "(NaN/inf loss) or completed; null until the run ends."
+    )
+    warning: str | None = Field(
+        None,
+        description="Something to act on, found at the end: the BatchNorm running statistics lagging the weights "
+        "(recorded drift beyond batch noise), with the remedy.",
     )
 
 
@@ -143,8 +153,10 @@ class JobPublic(BaseModel):
                 last_val_acc=job.last_val_acc,
                 best_val_acc=job.best_val_acc,
                 final_val_acc=job.final_val_acc,
+                final_val_acc_precise=job.final_val_acc_precise,
                 final_train_loss=job.final_train_loss,
                 verdict=job.verdict,
+                warning=job.warning,
             ),
             study_id=job.study_id,
             study_arm=job.study_arm,
@@ -183,6 +195,12 @@ class EpochPoint(BaseModel):
     train_acc: float | None = Field(description="Training accuracy of the epoch.")
     val_loss: float | None = Field(description="Validation loss.")
     val_acc: float | None = Field(description="Validation accuracy.")
+    val_loss_precise: float | None = Field(
+        None, description="Validation loss with precise BatchNorm statistics (precise_bn); null when not run."
+    )
+    val_acc_precise: float | None = Field(
+        None, description="Validation accuracy with precise BatchNorm statistics (precise_bn); null when not run."
+    )
     epoch_time_s: float | None = Field(description="Wall time of the epoch.")
 
 

@@ -22,8 +22,11 @@ per layer as Python dicts (measured), which for a ResNet-50 (53 layers) recorded
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any
+
+from service.engine.running_lag import LAG_WINDOW, lag_warning
 
 __all__ = ["END_STATUSES", "RECORDER_NAMESPACE", "RecordLog", "recorder_name"]
 
@@ -66,6 +69,8 @@ class RecordLog:
         self._controller: Any = None
         self._released = 0  # records up to this seq no longer hold their per-channel vectors
         self._placement_groups: list[str] = []
+        # The last recorded steps' layer summaries (drift and count only): the lag check at the end.
+        self._recent_layers: collections.deque[dict[str, dict[str, Any]]] = collections.deque(maxlen=LAG_WINDOW)
 
     # ------------------------------------------------------------ writing
 
@@ -86,6 +91,13 @@ class RecordLog:
                 if record["step"] <= self._last_step[kind]:
                     continue
                 self._last_step[kind] = record["step"]
+                if kind == "layers":
+                    self._recent_layers.append(
+                        {
+                            name: {"drift_mean": stats.get("drift_mean"), "count": stats.get("count")}
+                            for name, stats in (record.get("layers") or {}).items()
+                        }
+                    )
             elif kind == "epoch":
                 if record["epoch"] <= self._last_epoch:
                     continue
@@ -133,6 +145,10 @@ class RecordLog:
             raise ValueError(f"expected status in {END_STATUSES}, got {status!r}")
         summary = self._summary or {}
         last = self._last_epoch_record or {}
+        precise_ran = summary.get("final_val_acc_precise") is not None
+        warning = lag_warning(self._recent_layers, precise_ran) if status == "succeeded" else None
+        if warning is not None:
+            self._append({"kind": "log", "level": "warning", "message": warning})
         self._end = {
             "kind": "end",
             "status": status,
@@ -141,7 +157,9 @@ class RecordLog:
             "epochs_done": summary.get("epochs_done", self._last_epoch),
             "best_val_acc": summary.get("best_val_acc", self._best_val_acc),
             "final_val_acc": summary.get("final_val_acc", last.get("val_acc")),
+            "final_val_acc_precise": summary.get("final_val_acc_precise", last.get("val_acc_precise")),
             "final_train_loss": summary.get("final_train_loss", last.get("train_loss")),
+            "warning": warning,
             "model_path": model_path,
             "finished_at": time.time(),
         }
@@ -196,6 +214,8 @@ def _summary_line(summary: dict[str, Any]) -> str:
     parts = [f"training finished after {summary.get('epochs_done')} epochs: verdict {verdict}"]
     if summary.get("final_val_acc") is not None:
         parts.append(f"final val acc {summary['final_val_acc']:.4f}")
+    if summary.get("final_val_acc_precise") is not None:
+        parts.append(f"with precise BatchNorm {summary['final_val_acc_precise']:.4f}")
     if summary.get("reason"):
         parts.append(str(summary["reason"]))
     return "; ".join(parts)

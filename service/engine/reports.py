@@ -7,9 +7,11 @@ Every rank calls `ray.train.report` at the same points (it is a barrier), with a
 - `step` (every `stats_every` steps): `step, epoch, train_loss, lr, samples_per_s, step_time_s` (global values,
   equal on every rank) and `layers`: this rank's `syncbn.BatchStatsRecorder.packed_snapshot()` (two float64
   tensors for all layers; the per-layer dicts of `snapshot()` are still understood);
-- `epoch` (after each epoch's validation): `epoch, step, train_loss, train_acc, val_loss, val_acc, epoch_time_s`
-  (global values);
-- `final` (once, at the end): `verdict, reason, epochs_done, best_val_acc, final_val_acc, final_train_loss`
+- `epoch` (after each epoch's validation): `epoch, step, train_loss, train_acc, val_loss, val_acc,
+  val_loss_precise, val_acc_precise, epoch_time_s` (global values; the `_precise` ones with precise BatchNorm
+  statistics, None when `precise_bn` did not run that epoch);
+- `final` (once, at the end): `verdict, reason, epochs_done, best_val_acc, final_val_acc, final_val_acc_precise,
+  final_train_loss`
   (rank 0 attaches the final model as a checkpoint; the driver reads its location from Ray Train's result).
 
 Layer statistics are merged over all ranks: with `sync_group_size`, `ranks_agree` is False by design (each group
@@ -36,13 +38,24 @@ from syncbn.stats import PackedLayerStats, merge_packed_layer_stats
 __all__ = ["EPOCH_FIELDS", "STEP_FIELDS", "SUMMARY_FIELDS", "merge_layers", "records_from_reports"]
 
 STEP_FIELDS = ("step", "epoch", "train_loss", "lr", "samples_per_s", "step_time_s")
-EPOCH_FIELDS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s")
+EPOCH_FIELDS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_loss_precise",
+    "val_acc_precise",
+    "epoch_time_s",
+)
 SUMMARY_FIELDS = (
     "verdict",
     "reason",
     "epochs_done",
     "best_val_acc",
     "final_val_acc",
+    "final_val_acc_precise",
     "final_train_loss",
 )
 _INFO_FIELDS = ("world_size", "device", "steps_per_epoch", "total_steps", "resumed_from_epoch")

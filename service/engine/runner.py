@@ -134,6 +134,7 @@ class JobDriver:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from service.engine.data import prepare_data
+        from service.engine.data.shard_config import ShardConfig
         from service.engine.model_registry import check_model_name
         from service.engine.recording_callback import (
             ControllerHandleCallback,
@@ -174,8 +175,10 @@ class JobDriver:
                 },
                 "resume_from": self.resume_from,
             },
-            # Streamed kinds: Ray Train splits each dataset over the ranks (streaming_split, equal=True).
+            # Streamed kinds: Ray Train splits the training set equally over the ranks, the validation set
+            # unevenly so that every row is scored once (service.engine.data.shard_config).
             datasets=data.datasets or None,
+            dataset_config=ShardConfig(),
             torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=spec.workers,

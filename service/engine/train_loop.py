@@ -10,7 +10,8 @@ starts. One rank's life:
 3. train with DDP on this rank's batches (`service.engine.data.rank_batches`: in-memory tensors through a
    `DistributedSampler`, or this rank's shard of the job's Ray Data datasets; reshuffled every epoch); every
    `stats_every` steps, record the BatchNorm statistics of that step's forward pass and report them; validate,
-   report and checkpoint every epoch;
+   report and checkpoint every epoch (with `precise_bn`, validate a second time with the running statistics
+   recomputed exactly by `syncbn.recalibrate`: every epoch, or after the last one, which the saved model keeps);
 4. stop together: divergence and early-stop decisions use only all-reduced values, so every rank leaves the loop
    at the same step and no collective is left waiting;
 5. every rank sends the final report; rank 0 attaches a last checkpoint holding the final model
@@ -132,6 +133,7 @@ class _WorkerRun:
         self.start_epoch = 1
         self.step = 0
         self.final_val_acc: float | None = None
+        self.final_val_acc_precise: float | None = None
         self.final_train_loss: float | None = None
         self.verdict: str | None = None  # set when restored from the final checkpoint: the run is already over
         # The current epoch's start time and global sums [loss * n, n, correct], filled by _train_epoch.
@@ -166,6 +168,7 @@ class _WorkerRun:
         self.start_epoch = int(state["epoch"]) + 1
         self.step = int(state["step"])
         self.final_val_acc = state["final_val_acc"]
+        self.final_val_acc_precise = state.get("final_val_acc_precise")
         self.final_train_loss = state["final_train_loss"]
         self.verdict = state.get("verdict")
         logger.info("rank %d resumed after epoch %d (step %d)", self.rank, self.start_epoch - 1, self.step)
@@ -179,6 +182,7 @@ class _WorkerRun:
             "epoch": epoch,
             "step": self.step,
             "final_val_acc": self.final_val_acc,
+            "final_val_acc_precise": self.final_val_acc_precise,
             "final_train_loss": self.final_train_loss,
             "verdict": self.verdict,
         }
@@ -237,6 +241,7 @@ class _WorkerRun:
                 "epochs_done": epochs_done,
                 "best_val_acc": self.tracker.best_val_acc if self.tracker.best_epoch else None,
                 "final_val_acc": self.final_val_acc,
+                "final_val_acc_precise": self.final_val_acc_precise,
                 "final_train_loss": self.final_train_loss,
             },
             # The final model travels in a last checkpoint, which Ray Train uploads to the run's storage.
@@ -315,6 +320,9 @@ class _WorkerRun:
         val_loss, val_acc = self._evaluate()
         verdict = self.tracker.update(epoch, val_acc)
         self.final_val_acc, self.final_train_loss = val_acc, train_loss
+        val_loss_precise, val_acc_precise = self._precise_evaluation(epoch, last=verdict is not None)
+        if val_acc_precise is not None:
+            self.final_val_acc_precise = val_acc_precise
         metrics = {
             "kind": "epoch",
             "epoch": epoch,
@@ -323,12 +331,38 @@ class _WorkerRun:
             "train_acc": train_acc,
             "val_loss": val_loss,
             "val_acc": val_acc,
+            "val_loss_precise": val_loss_precise,
+            "val_acc_precise": val_acc_precise,
             "epoch_time_s": time.perf_counter() - self._epoch_start,
         }
         every = self.spec.checkpoint_every
         due = every > 0 and epoch % every == 0 and verdict is None and epoch < self.spec.epochs
         self._report(metrics, checkpoint_epoch=epoch if due else None)
         return verdict
+
+    def _precise_evaluation(self, epoch: int, last: bool) -> tuple[float | None, float | None]:
+        """Validation loss and accuracy with precise BatchNorm statistics, or (None, None) when not due.
+
+        `last` (an early stop) or the final epoch: the precise statistics stay in the model, which is saved with
+        them. Any other epoch (`every: epoch`): the running statistics are put back afterwards, so training and
+        its recorded drift go on exactly as without precise_bn.
+        """
+        precise = self.spec.precise_bn
+        final = last or epoch == self.spec.epochs
+        if precise is None or not (final or precise.every == "epoch"):
+            return None, None
+        saved = None if final else [b.detach().clone() for b in self.model.buffers()]
+        batches = (
+            self.precision.prepare_batch(x.to(self.device, non_blocking=True)) for x, _ in self.batches.train(epoch)
+        )
+        with self.precision.autocast():
+            syncbn.recalibrate(self.model, batches, num_batches=min(precise.batches, self.steps_per_epoch))
+        result = self._evaluate()
+        if saved is not None:
+            with torch.no_grad():
+                for buffer, value in zip(self.model.buffers(), saved, strict=True):
+                    buffer.copy_(value)
+        return result
 
     @torch.no_grad()
     def _evaluate(self) -> tuple[float, float]:

@@ -93,7 +93,9 @@ class JobRow(Base):
     last_val_acc: Mapped[float | None] = mapped_column(Float)
     best_val_acc: Mapped[float | None] = mapped_column(Float)
     final_val_acc: Mapped[float | None] = mapped_column(Float)
+    final_val_acc_precise: Mapped[float | None] = mapped_column(Float)
     final_train_loss: Mapped[float | None] = mapped_column(Float)
+    warning: Mapped[str | None] = mapped_column(Text)
     last_step: Mapped[int | None] = mapped_column(Integer)
     model_path: Mapped[str | None] = mapped_column(Text)
     record_seq: Mapped[int] = mapped_column(Integer, default=0)
@@ -134,6 +136,8 @@ class EpochPointRow(Base):
     train_acc: Mapped[float | None] = mapped_column(Float)
     val_loss: Mapped[float | None] = mapped_column(Float)
     val_acc: Mapped[float | None] = mapped_column(Float)
+    val_loss_precise: Mapped[float | None] = mapped_column(Float)
+    val_acc_precise: Mapped[float | None] = mapped_column(Float)
     epoch_time_s: Mapped[float | None] = mapped_column(Float)
 
 

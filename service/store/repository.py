@@ -272,7 +272,9 @@ class JobStore:
             "last_val_acc": job.last_val_acc,
             "best_val_acc": job.best_val_acc,
             "final_val_acc": job.final_val_acc,
+            "final_val_acc_precise": job.final_val_acc_precise,
             "final_train_loss": job.final_train_loss,
+            "warning": job.warning,
         }
 
     # -- jobs -----------------------------------------------------------------------------------------------
@@ -695,6 +697,8 @@ class JobStore:
             train_acc=_number(record.get("train_acc")),
             val_loss=_number(record.get("val_loss")),
             val_acc=_number(record.get("val_acc")),
+            val_loss_precise=_number(record.get("val_loss_precise")),
+            val_acc_precise=_number(record.get("val_acc_precise")),
             epoch_time_s=_number(record.get("epoch_time_s")),
         )
         session.add(point)
@@ -807,10 +811,12 @@ class JobStore:
         epochs_done = record.get("epochs_done")
         if isinstance(epochs_done, int) and not isinstance(epochs_done, bool):
             job.epochs_done = epochs_done
-        for name in ("best_val_acc", "final_val_acc", "final_train_loss"):
+        for name in ("best_val_acc", "final_val_acc", "final_val_acc_precise", "final_train_loss"):
             value = _number(record.get(name))
             if value is not None:
                 setattr(job, name, value)
+        warning = record.get("warning")
+        job.warning = str(warning) if warning else None
         if job.final_val_acc is not None:
             job.last_val_acc = job.final_val_acc
         model_path = record.get("model_path")

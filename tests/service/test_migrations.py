@@ -334,6 +334,9 @@ def test_a_010_database_with_rows_is_upgraded_and_every_job_reads_back(database_
                 (r["step"], r["train_loss"]) for r in rows["step_points"] if r["job_id"] == job.id
             ]
             assert [(p.epoch, p.val_acc) for p in epochs] == [(1, 0.45)]
+            # 0004_precise_bn: rows from before precise BatchNorm have no precise results and no warning.
+            assert [(p.val_loss_precise, p.val_acc_precise) for p in epochs] == [(None, None)]
+            assert (job.final_val_acc_precise, job.warning) == (None, None)
             assert store.layer_steps(job.id) == [0, 4]
             stats = store.layers_at(job.id, 4).layers["net.1"]  # converted to the binary form (float32)
             assert stats["mean"] == pytest.approx([0.4, 0.2], rel=1e-7) and stats["var"] == [1.0, 1.5]
@@ -379,6 +382,36 @@ def test_0002_job_owner_downgrades_to_the_010_schema_keeping_the_default_owners_
         keys = connection.execute(V010.tables["idempotency_keys"].select()).mappings().all()
     assert [(k["key"], k["job_id"]) for k in keys] == [("k", mine.id)]
     upgrade_database(engine)  # and up again
+
+
+def test_0004_precise_bn_keeps_the_rows_when_it_goes_down_and_up_again(engine: Any) -> None:
+    from alembic import command
+
+    from service.store.migration import alembic_config
+
+    upgrade_database(engine)
+    url = str(engine.url.render_as_string(hide_password=False))
+    store = JobStore(url)
+    try:
+        job_id = uuid.uuid4().hex
+        store.create_job(job_id, {"name": "precise"})
+        store.transition(job_id, JobStatus.RUNNING)
+        epoch = {"kind": "epoch", "epoch": 1, "step": 5, "val_acc": 0.5, "val_acc_precise": 0.9, "seq": 1}
+        end = {"kind": "end", "status": "succeeded", "final_val_acc_precise": 0.9, "warning": "lag", "seq": 2}
+        store.ingest(job_id, [epoch, end])
+        assert store.get_job(job_id).final_val_acc_precise == 0.9
+    finally:
+        store.close()
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0003_layer_stats")
+    upgrade_database(engine)
+    store = JobStore(url)
+    try:
+        job = store.get_job(job_id)
+        assert (job.status, job.final_val_acc_precise, job.warning) == ("succeeded", None, None)
+        assert [(p.epoch, p.val_acc, p.val_acc_precise) for p in store.metrics(job_id)[1]] == [(1, 0.5, None)]
+    finally:
+        store.close()
 
 
 def test_a_database_newer_than_the_code_is_refused_and_left_alone(

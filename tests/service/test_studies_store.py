@@ -1,4 +1,4 @@
-"""Studies in the store, without Ray: 0006_studies upgrades a database that holds rows (its jobs read back as plain
+"""Studies in the store, without Ray: 0005_studies upgrades a database that holds rows (its jobs read back as plain
 jobs, then take studies), a study and its trials are created in one transaction (a failure leaves neither), the
 derived status follows the trials, and the verdict derived from stored records is `study_verdict` of the same
 numbers (best val_acc per trial, mean samples/s, wall time, the local arm's per-layer skew); on SQLite and the
@@ -56,7 +56,7 @@ def _trials(spec: StudySpec) -> list[tuple[str, int, int, dict[str, Any]]]:
     return [(uuid.uuid4().hex, arm, seed, job.model_dump(mode="json")) for arm, seed, job in spec.trial_specs()]
 
 
-def test_0006_upgrades_a_database_with_rows_and_its_jobs_stay_plain_jobs(database_url: str) -> None:
+def test_0005_upgrades_a_database_with_rows_and_its_jobs_stay_plain_jobs(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         upgrade_database(engine, "0003_layer_stats")

@@ -10,9 +10,11 @@ import syncbn
 
 def test_all_is_the_public_surface() -> None:
     public = {name for name in dir(syncbn) if not name.startswith("_")}
+    # `syncbn.recalibrate` is the function (its module of the same name is shadowed by it, as intended).
     submodules = {"batchnorm", "convert", "lightning", "norm_act", "stats"}
     assert set(syncbn.__all__) - {"__version__"} == public - submodules
-    assert {"SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"} <= set(syncbn.__all__)
+    assert {"SyncBatchNorm", "convert_sync_batchnorm", "recalibrate", "revert_sync_batchnorm"} <= set(syncbn.__all__)
+    assert callable(syncbn.recalibrate)
 
 
 def test_importing_syncbn_pulls_in_no_service_dependencies() -> None:

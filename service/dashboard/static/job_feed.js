@@ -194,7 +194,8 @@ export class JobFeed {
     if (data.status === "running" && !job.started_at) job.started_at = data.at;
     if (isTerminal(data.status)) job.finished_at = job.finished_at || data.at;
     const summary = job.summary;
-    for (const key of ["epochs_done", "last_val_acc", "best_val_acc", "final_val_acc", "final_train_loss", "verdict"]) {
+    const keys = ["epochs_done", "last_val_acc", "best_val_acc", "final_val_acc", "final_val_acc_precise", "final_train_loss", "verdict", "warning"];
+    for (const key of keys) {
       if (data[key] !== undefined && data[key] !== null) summary[key] = data[key];
     }
     this.notify("job");

@@ -79,6 +79,7 @@ export class JobCurves {
         series: [
           { label: "train", color: PALETTE.blue, points: true, dash: [4, 3] },
           { label: "validation", color: PALETTE.orange, points: true },
+          { label: "validation, precise BN", color: PALETTE.green, points: true },
         ],
       }),
       lr: new Chart(boxes.lr, {
@@ -124,6 +125,7 @@ export class JobCurves {
       align([
         { x: epochX, y: column("train_acc") },
         { x: epochX, y: column("val_acc") },
+        { x: epochX, y: column("val_acc_precise") },
       ]),
     );
     this.charts.lr.setData(align([{ x: stepX, y: steps.lr }]));
@@ -170,6 +172,7 @@ export class JobPage {
     this.head = h("section", { class: "job-head" });
     this.cards = h("section", { class: "cards", "aria-label": "Summary" });
     this.errorBox = h("div", { class: "error-box", role: "alert", hidden: true, id: "job-error" });
+    this.warningBox = h("div", { class: "warning-box", role: "status", hidden: true, id: "job-warning" });
     const curvesBox = h("div", { class: "chart-grid", id: "curves" });
     const axisToggle = h(
       "fieldset",
@@ -204,6 +207,7 @@ export class JobPage {
       this.root,
       this.head,
       this.errorBox,
+      this.warningBox,
       this.cards,
       h(
         "section",
@@ -324,6 +328,8 @@ export class JobPage {
     );
     this.errorBox.hidden = !job.error;
     replace(this.errorBox, job.error ? [h("strong", {}, `${job.status}: `), job.error] : []);
+    this.warningBox.hidden = !summary.warning;
+    replace(this.warningBox, summary.warning ? [h("strong", {}, "warning: "), summary.warning] : []);
 
     const throughput = recentMedian(this.feed.steps.samples_per_s);
     const queue = job.status === "queued" && job.queue_position ? ` (#${job.queue_position} in the queue)` : "";
@@ -331,6 +337,15 @@ export class JobPage {
       ["Progress", progressBar(summary.epochs_done, spec.epochs, `${summary.epochs_done} / ${spec.epochs} epochs`), "card-progress"],
       ["Step", summary.last_step ?? "–", "card-step"],
       ["Validation accuracy", `${pct(summary.last_val_acc)} (best ${pct(summary.best_val_acc)})`, "card-acc"],
+      ...(spec.precise_bn
+        ? [[
+            "Precise BN",
+            `${pct(this.lastEpoch()?.val_acc ?? summary.last_val_acc)} EMA · `
+              + `${pct(summary.final_val_acc_precise ?? this.lastPrecise())} precise`
+              + ` (${spec.precise_bn.batches} batches, every ${spec.precise_bn.every})`,
+            "card-precise-bn",
+          ]]
+        : []),
       ["Train loss", num(summary.final_train_loss ?? this.lastEpoch()?.train_loss ?? null), "card-loss"],
       ["Verdict", summary.verdict || (isTerminal(job.status) ? "–" : `${job.status}${queue}`), "card-verdict"],
       ["Throughput", throughput === null ? "–" : `${num(throughput, 3)} samples/s`, "card-throughput"],
@@ -366,6 +381,12 @@ export class JobPage {
   lastEpoch() {
     const epochs = this.feed.epochs;
     return epochs.length ? epochs[epochs.length - 1] : null;
+  }
+
+  /** The latest epoch's validation accuracy with precise BatchNorm statistics, or null before any. */
+  lastPrecise() {
+    const done = this.feed.epochs.filter((e) => e.val_acc_precise !== null && e.val_acc_precise !== undefined);
+    return done.length ? done[done.length - 1].val_acc_precise : null;
   }
 
   renderLogs() {

@@ -21,6 +21,9 @@ __all__ = [
     "LabelFolderImages",
     "is_validation_path",
     "normalisation",
+    "relative_paths",
+    "row_keys",
+    "row_positions",
     "validation_mask",
 ]
 
@@ -75,24 +78,89 @@ class LabelFolderImages:
 
 
 class HashSplit:
-    """parquet: keep the rows of one side of the seeded split, decided by Ray Data's per-row hash (file + row)."""
+    """parquet: keep the rows of one side of the seeded split, decided by each row's stable key (see `row_keys`)."""
 
-    def __init__(self, seed: int, val_fraction: float, keep_validation: bool):
+    def __init__(self, seed: int, val_fraction: float, keep_validation: bool, base: str, base_is_file: bool):
         self.seed = seed
         self.val_fraction = val_fraction
         self.keep_validation = keep_validation
+        self.base, self.base_is_file = base, base_is_file
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        held_out = validation_mask(batch["row_hash"], self.seed, self.val_fraction)
+        keys = row_keys(batch["path"], batch["row_hash"], self.base, self.base_is_file)
+        held_out = validation_mask(keys, self.seed, self.val_fraction)
         keep = held_out if self.keep_validation else ~held_out
         return {name: column[keep] for name, column in batch.items() if name != "row_hash"}
 
 
-def validation_mask(row_hash: np.ndarray, seed: int, val_fraction: float) -> np.ndarray:
-    """Which rows the seeded split holds out, from Ray Data's uint64 `row_hash` column."""
-    mixed = (np.asarray(row_hash, dtype=np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) * np.uint64(
-        0xBF58476D1CE4E5B9
-    )
+# Ray Data's row_hash is splitmix64's finalizer of (md5(path)[:8] + row position in the file): invertible. These
+# undo its two multiplications.
+_UNMIX_1 = np.uint64(pow(0xBF58476D1CE4E5B9, -1, 2**64))
+_UNMIX_2 = np.uint64(pow(0x94D049BB133111EB, -1, 2**64))
+# A position beyond this means Ray Data's row_hash is no longer what `row_positions` undoes.
+_MAX_ROWS_PER_FILE = 2**48
+
+
+def _path_seed(path: str) -> int:
+    return int.from_bytes(hashlib.md5(path.encode("utf-8")).digest()[:8], "little")
+
+
+def row_positions(paths: np.ndarray, row_hash: np.ndarray) -> np.ndarray:
+    """Each row's position in its file, recovered from Ray Data's `row_hash` and `path` columns.
+
+    Ray Data hashes the source path *as read* (absolute, so moving the data changes every hash) plus the row's
+    position; the finalizer is a bijection, so the position comes back exactly. Checked: a position outside any
+    plausible file means Ray changed its hash, and the split refuses rather than going quietly wrong.
+    """
+    z = np.asarray(row_hash, dtype=np.uint64).copy()
+    with np.errstate(over="ignore"):
+        z ^= (z >> np.uint64(31)) ^ (z >> np.uint64(62))
+        z *= _UNMIX_2
+        z ^= (z >> np.uint64(27)) ^ (z >> np.uint64(54))
+        z *= _UNMIX_1
+        z ^= (z >> np.uint64(30)) ^ (z >> np.uint64(60))
+        seeds = {path: np.uint64(_path_seed(path)) for path in set(map(str, paths))}
+        positions = z - np.asarray([seeds[str(path)] for path in paths], dtype=np.uint64)
+    if positions.size and int(positions.max()) >= _MAX_ROWS_PER_FILE:
+        raise RuntimeError(
+            "Ray Data's row_hash is not the hash of (path, row position) this version of syncbn expects: the "
+            "Parquet validation split cannot be made stable; pin ray to the version in constraints.txt"
+        )
+    return positions
+
+
+def relative_paths(paths: np.ndarray, base: str, base_is_file: bool) -> list[str]:
+    """Each source file's path relative to the dataset's location (the file name when the location is a file)."""
+    if base_is_file:
+        return [PurePosixPath(str(p)).name for p in paths]
+    base_path = PurePosixPath(base.rstrip("/"))
+    return [PurePosixPath(str(p)).relative_to(base_path).as_posix() for p in paths]
+
+
+def row_keys(paths: np.ndarray, row_hash: np.ndarray, base: str, base_is_file: bool) -> np.ndarray:
+    """A uint64 key per row from (path relative to the dataset's location, row position in its file).
+
+    Unlike Ray Data's `row_hash` (built from the absolute path), the key, and so the split, stays the same
+    wherever the data lies: the same file under another folder or data root holds out the same rows.
+    """
+    positions = row_positions(paths, row_hash)
+    relative = relative_paths(paths, base, base_is_file)
+    seeds = {
+        r: np.uint64(int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8).digest(), "little"))
+        for r in set(relative)
+    }
+    with np.errstate(over="ignore"):
+        return np.asarray([seeds[r] for r in relative], dtype=np.uint64) + positions
+
+
+def validation_mask(keys: np.ndarray, seed: int, val_fraction: float) -> np.ndarray:
+    """Which rows the seeded split holds out, from their uint64 keys (`row_keys`)."""
+    with np.errstate(over="ignore"):
+        mixed = (np.asarray(keys, dtype=np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) * np.uint64(
+            0xBF58476D1CE4E5B9
+        )
+        mixed ^= mixed >> np.uint64(31)
+        mixed *= np.uint64(0x94D049BB133111EB)
     return (mixed >> np.uint64(11)).astype(np.float64) / float(2**53) < val_fraction
 
 

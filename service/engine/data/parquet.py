@@ -4,9 +4,10 @@ Data.
 On the driver: the schema (file footers only) must have both columns, with binary images and integer labels; one
 streamed pass over the *label column alone* counts the split and reads the number of classes (max label + 1), one
 small batch at a time. The images themselves are read by `ray.data.read_parquet` and decoded/resized by a
-`map_batches` transform in Ray Data's CPU tasks. The validation split is a seeded hash of Ray Data's per-row
-`row_hash` (file path + row position), so it is the same on every pass and every epoch; files are read in a new
-seeded order every epoch and rows are mixed further by each rank's local shuffle buffer.
+`map_batches` transform in Ray Data's CPU tasks. The validation split is a seeded hash of each row's file path
+relative to the dataset's location and its position in that file (`image_batches.row_keys`), so it is the same on
+every pass and every epoch, and wherever the data lies; files are read in a new seeded order every epoch and rows
+are mixed further by each rank's local shuffle buffer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.data_location import resolve_data_uri, uri_scheme
-from service.engine.data.image_batches import DecodeEncodedImages, HashSplit, validation_mask
+from service.engine.data.image_batches import DecodeEncodedImages, HashSplit, row_keys, validation_mask
 from service.engine.data.source import DataInfo, PreparedData
 from service.spec import DatasetSpec
 
@@ -47,18 +48,21 @@ def prepare(
     location = resolve_data_uri(spec.uri, root, allowed_schemes, "dataset.uri")
     filesystem, path = _filesystem(location, spec.uri, "dataset.uri")
     _check_schema(spec, filesystem, path, "dataset.uri")
+    path_is_file = _is_file(filesystem, path)
     columns = [spec.image_column, spec.label_column]
     split_here = spec.val_uri is None
 
     if split_here:
-        train_size, val_size, max_label = _label_pass(spec, filesystem, path, spec.uri, seed, split=True)
+        train_size, val_size, max_label = _label_pass(
+            spec, filesystem, path, spec.uri, seed, split_from_file=path_is_file
+        )
         val_filesystem, val_path = filesystem, path
     else:
-        train_size, _, max_label = _label_pass(spec, filesystem, path, spec.uri, seed, split=False)
+        train_size, _, max_label = _label_pass(spec, filesystem, path, spec.uri, seed, split_from_file=None)
         val_location = resolve_data_uri(spec.val_uri, root, allowed_schemes, "dataset.val_uri")
         val_filesystem, val_path = _filesystem(val_location, spec.val_uri, "dataset.val_uri")
         _check_schema(spec, val_filesystem, val_path, "dataset.val_uri")
-        val_size, _, val_max = _label_pass(spec, val_filesystem, val_path, spec.val_uri, seed, split=False)
+        val_size, _, val_max = _label_pass(spec, val_filesystem, val_path, spec.val_uri, seed, split_from_file=None)
         max_label = max(max_label, val_max)
     if train_size == 0 or val_size == 0:
         raise ValueError(
@@ -80,7 +84,8 @@ def prepare(
             shuffle=shuffle,
         )
         if keep_validation is not None:
-            ds = ds.map_batches(HashSplit(seed, spec.val_fraction, keep_validation), batch_format="numpy")
+            split = HashSplit(seed, spec.val_fraction, keep_validation, path, path_is_file)
+            ds = ds.map_batches(split, batch_format="numpy")
         return ds.map_batches(decode, batch_format="numpy")
 
     train = dataset(
@@ -110,6 +115,12 @@ def _filesystem(location: str, given: str, field: str) -> tuple[Any, str]:
     if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
         raise ValueError(f"{field} {given!r} does not exist: put a .parquet file, or a folder of them, there.")
     return filesystem, path
+
+
+def _is_file(filesystem: Any, path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return bool(filesystem.get_file_info(path).type == pafs.FileType.File)
 
 
 def _check_schema(spec: DatasetSpec, filesystem: Any, path: str, field: str) -> None:
@@ -145,16 +156,26 @@ def _check_schema(spec: DatasetSpec, filesystem: Any, path: str, field: str) -> 
 
 
 def _label_pass(
-    spec: DatasetSpec, filesystem: Any, path: str, given: str, seed: int, split: bool
+    spec: DatasetSpec, filesystem: Any, path: str, given: str, seed: int, split_from_file: bool | None
 ) -> tuple[int, int, int]:
     """(train rows, validation rows, largest label) from one streamed pass over the label column alone.
+
+    `split_from_file` is None for no split, else whether `path` is a single file (the rows' relative paths are
+    then the file's name).
 
     Raises:
         ValueError: null labels (counted over the whole pass) or labels out of range.
     """
     import ray.data
 
-    labels = ray.data.read_parquet(path, filesystem=filesystem, columns=[spec.label_column], include_row_hash=split)
+    splitting = split_from_file is not None
+    labels = ray.data.read_parquet(
+        path,
+        filesystem=filesystem,
+        columns=[spec.label_column],
+        include_paths=splitting,
+        include_row_hash=splitting,
+    )
     train = val = 0
     low, high = 0, -1
     nulls = 0
@@ -167,8 +188,11 @@ def _label_pass(
         if column.size == 0:
             continue
         low, high = min(low, int(column.min())), max(high, int(column.max()))
-        if split:
-            held_out = int(validation_mask(batch["row_hash"].to_numpy(), seed, spec.val_fraction).sum())
+        if split_from_file is not None:
+            keys = row_keys(
+                batch["path"].to_numpy(zero_copy_only=False), batch["row_hash"].to_numpy(), path, split_from_file
+            )
+            held_out = int(validation_mask(keys, seed, spec.val_fraction).sum())
             val += held_out
             train += column.size - held_out
         else:

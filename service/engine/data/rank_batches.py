@@ -6,7 +6,8 @@ the source. Two implementations:
 - `MemoryBatches` (digits, synthetic, npz): the tensors arrive once through the object store; a
   `DistributedSampler` (reshuffled by `set_epoch`) gives each rank its part.
 - `StreamedBatches` (image_folder, parquet): Ray Train hands each rank its shard of the Ray Data datasets
-  (`ray.train.get_dataset_shard`, split with `equal=True`, so every rank gets the same number of rows);
+  (`ray.train.get_dataset_shard`; training split with `equal=True`, so every rank gets the same number of rows;
+  validation split unevenly, so that every row is scored once: `shard_config.ShardConfig`);
   `iter_torch_batches` streams it with a bounded prefetch and a local shuffle buffer. A new iteration is a new
   execution of the dataset, which reads the files in a new seeded order: a reshuffle per epoch.
 

@@ -10,8 +10,8 @@
 rows that reference a job). No foreign key from `jobs.study_id` to `studies`: adding one on SQLite would need that
 copy; the repository creates a study and its trials in one transaction instead.
 
-Revision ID: 0006_studies
-Revises: 0003_layer_stats
+Revision ID: 0005_studies
+Revises: 0004_precise_bn
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_studies"
-down_revision = "0003_layer_stats"
+revision = "0005_studies"
+down_revision = "0004_precise_bn"
 branch_labels = None
 depends_on = None
 
