@@ -78,7 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
     schemes_env = os.environ.get("SYNCBN_ALLOWED_URI_SCHEMES", "")
     allowed_schemes = [s.strip().lower() for s in schemes_env.split(",") if s.strip()]
     try:
-        check_model_name(spec.model)
+        check_model_name(spec.model, spec.dataset.sample_shape(), spec.dataset.kind)
         check_dataset_locations(spec.dataset, data_root, allowed_schemes)
     except ValueError as exc:
         sys.stderr.write(f"syncbn train: {args.spec}: {exc}\n")
