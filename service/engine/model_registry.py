@@ -77,7 +77,7 @@ _BUILTINS: dict[str, ModelEntry] = {}
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One buildable model: its name, the package that provides it, one line about it, and how to load it."""
+    """One buildable model: its name, the package that provides it, a sentence about it, and how to load it."""
 
     name: str
     package: str
