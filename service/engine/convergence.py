@@ -7,11 +7,13 @@ Verdicts:
   - `converged`: the validation accuracy reached `early_stop.target_val_acc`;
   - `plateaued`: no improvement larger than `min_delta` for `patience` epochs;
   - `diverged`: the training loss became NaN or infinite, or exploded to more than `DIVERGENCE_FACTOR` (1000)
-    times the first step's loss (the run stops at once); or the validation loss of an epoch is not finite or
-    above the same bound (the run stops after that epoch's report). The first step's loss of a classifier is
-    about ln(classes) whatever happens later; a run whose loss went a thousand times above it has not learnt
-    (resnet50 with SGD lr 0.1 and no schedule ends at chance with a validation loss of 8e18). The bound is at
-    least `DIVERGENCE_FACTOR` itself, so a first loss near zero does not make every later spike a divergence;
+    times the first step's loss (the run stops at once); or the validation loss of an epoch is not finite (the
+    run stops after that epoch's report). The first step's loss of a classifier is about ln(classes); a run
+    whose training loss went a thousand times above it has not learnt. The bound is at least `DIVERGENCE_FACTOR`
+    itself, so a first loss near zero does not make every later spike a divergence. A finite validation loss is
+    not held to the bound: in the first steps of a deep net the BatchNorm running statistics lag the weights and
+    eval-mode losses of 1e3-1e9 are common and pass (the built-in resnet18 on digits, SGD lr 0.1: 5e6 after 4
+    steps, then it learns);
   - `completed`: every epoch ran and no early-stop rule fired.
 """
 
@@ -76,18 +78,12 @@ class ConvergenceTracker:
         return None
 
     def check_val_loss(self, val_loss: float, epoch: int) -> str | None:
-        """A sentence when an epoch's validation loss is not finite or exploded, else None."""
-        bound = self.loss_bound()
-        if math.isfinite(val_loss) and (bound is None or val_loss <= bound):
+        """A sentence when an epoch's validation loss is not finite, else None."""
+        if math.isfinite(val_loss):
             return None
-        scale = (
-            ""
-            if not math.isfinite(val_loss) or self.first_loss is None
-            else f", more than {DIVERGENCE_FACTOR:g} times the first training step's loss {self.first_loss:.4g}"
-        )
         return (
-            f"diverged: the validation loss after epoch {epoch} is {val_loss:.4g}{scale} (the model predicts "
-            "with runaway confidence or its BatchNorm running statistics blew up); " + _DIVERGENCE_FIX
+            f"diverged: the validation loss after epoch {epoch} is {val_loss} (the model's outputs or its "
+            "BatchNorm running statistics overflowed); " + _DIVERGENCE_FIX
         )
 
     def update(self, epoch: int, val_acc: float) -> str | None:

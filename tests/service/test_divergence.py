@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(240)
 
 def test_the_tracker_judges_losses_by_the_first_steps() -> None:
     tracker = ConvergenceTracker(None)
-    assert tracker.check_val_loss(1e9, epoch=1) is None  # no scale yet: only non-finite values count
+    assert "validation loss after epoch 1 is nan" in (tracker.check_val_loss(math.nan, epoch=1) or "")
     assert tracker.check_train_loss(2.3, step=1, epoch=1, lr=0.1) is None
     assert tracker.first_loss == 2.3 and tracker.loss_bound() == pytest.approx(2300.0)
     assert tracker.check_train_loss(2000.0, step=2, epoch=1, lr=0.1) is None  # large, but under the bound
@@ -31,11 +31,12 @@ def test_the_tracker_judges_losses_by_the_first_steps() -> None:
     assert "more than 1000 times the first step's 2.3" in reason and "lower optimizer.lr" in reason
     assert "became nan at step 4" in (tracker.check_train_loss(math.nan, step=4, epoch=1, lr=0.5) or "")
 
-    assert tracker.check_val_loss(2299.0, epoch=1) is None
-    exploded = tracker.check_val_loss(8e18, epoch=3)
-    assert exploded is not None and "validation loss after epoch 3 is 8e+18, more than 1000 times" in exploded
-    assert "is inf" in (tracker.check_val_loss(math.inf, epoch=2) or "")
-    assert "is nan" in (tracker.check_val_loss(math.nan, epoch=2) or "")
+    # A finite validation loss passes, however large: early running statistics lag the weights.
+    assert tracker.check_val_loss(5e6, epoch=1) is None
+    exploded = tracker.check_val_loss(math.inf, epoch=3)
+    assert (
+        exploded is not None and "validation loss after epoch 3 is inf" in exploded and "lower optimizer.lr" in exploded
+    )
 
     # A first loss near zero does not make every later spike a divergence: the bound is at least the factor.
     tiny = ConvergenceTracker(None)
