@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MLFLOW_VENV := .venv-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
-.PHONY: serve test lint bench browser gpu-check mlflow-venv images test-containers
+.PHONY: serve test test-vision lint bench browser gpu-check mlflow-venv images test-containers
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -102,3 +102,21 @@ test-containers: $(STAMP)
 	@engine="$$(deploy/podman/engine.sh)" && $(MAKE) --no-print-directory images ENGINE="$$engine" || \
 		echo "no container engine usable here: the container test will skip"
 	SYNCBN_CONTAINER_IMAGE=$(IMAGE_CPU) $(VENV)/bin/python -m pytest -q -s -rs -p no:cacheprovider --durations=8 tests/deploy/containers
+
+# torchvision and timm for real (issue 18): a second environment with torch 2.14.1 (the CUDA build, which runs on the
+# CPU; beside the pinned CPU torch 2.13.0 torchvision cannot import) plus torchvision and timm. Its constraints are
+# constraints.txt without torch's pin, and constraints-vision.txt's pins over it. It runs the tests marked `vision`
+# (they must not skip here: SYNCBN_REQUIRE_VISION) and the model registry and model listing tests.
+VISION_VENV := .venv-vision
+VISION_STAMP := $(VISION_VENV)/.installed
+
+$(VISION_STAMP): pyproject.toml constraints.txt constraints-vision.txt
+	$(PY) -m venv $(VISION_VENV)
+	$(VISION_VENV)/bin/pip install -q -U pip
+	grep -v '^torch==' constraints.txt > $(VISION_VENV)/constraints.txt
+	$(VISION_VENV)/bin/pip install -q -c $(VISION_VENV)/constraints.txt -c constraints-vision.txt -e '.[service,dev,vision]'
+	touch $(VISION_STAMP)
+
+test-vision: $(VISION_STAMP)
+	SYNCBN_REQUIRE_VISION=1 $(VISION_VENV)/bin/python -m pytest -q -m vision
+	$(VISION_VENV)/bin/python -m pytest -q -m "not vision" tests/service/test_model_registry.py tests/service/test_api_models.py

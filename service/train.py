@@ -80,7 +80,7 @@ def run_train(args: argparse.Namespace) -> int:
     allowed_schemes = [s.strip().lower() for s in schemes_env.split(",") if s.strip()]
     tracking_uris = [u.strip() for u in os.environ.get("SYNCBN_TRACKING_URIS", "").split(",") if u.strip()]
     try:
-        check_model_name(spec.model)
+        check_model_name(spec.model, spec.dataset.sample_shape(), spec.dataset.kind)
         check_dataset_locations(spec.dataset, data_root, allowed_schemes)
         check_tracking(spec.tracking, tracking_uris)
     except ValueError as exc:

@@ -4,6 +4,7 @@
 RequestValidationError ─────────────────── 422  field-by-field sentences (+ `errors` list)
 JobCannotFitError, IdempotencyKeyReusedError 422  the sentence of the exception
 UnknownModelError ──────────────────────── 422  names the field `model`, with close matches (+ `errors` list)
+ModelInputError ────────────────────────── 422  the model's input channels and the data set's (+ `errors` list)
 JobNotFoundError ───────────────────────── 404
 JobStateError ──────────────────────────── 409
 ClusterUnavailableError ────────────────── 503  Ray does not answer; retry later
@@ -22,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.engine.model_registry import UnknownModelError
+from service.engine.model_registry import ModelInputError, UnknownModelError
 from service.jobs.manager import ClusterUnavailableError, JobCannotFitError, JobNotFoundError, JobStateError
 from service.store import IdempotencyKeyReusedError
 
@@ -113,12 +114,19 @@ async def _unprocessable(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unknown_model(_: Request, exc: Exception) -> JSONResponse:
-    sentence = str(exc)
+    return _model_error(str(exc), "unknown_model")
+
+
+async def _model_input(_: Request, exc: Exception) -> JSONResponse:
+    return _model_error(str(exc), "model_input")
+
+
+def _model_error(sentence: str, error_type: str) -> JSONResponse:
     return JSONResponse(
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         content={
             "detail": sentence,
-            "errors": [{"field": "model", "loc": ["body", "model"], "type": "unknown_model", "message": sentence}],
+            "errors": [{"field": "model", "loc": ["body", "model"], "type": error_type, "message": sentence}],
         },
     )
 
@@ -175,6 +183,7 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(JobCannotFitError, _unprocessable)
     app.add_exception_handler(IdempotencyKeyReusedError, _unprocessable)
     app.add_exception_handler(UnknownModelError, _unknown_model)
+    app.add_exception_handler(ModelInputError, _model_input)
     app.add_exception_handler(JobNotFoundError, _not_found)
     app.add_exception_handler(JobStateError, _conflict)
     app.add_exception_handler(ClusterUnavailableError, _unavailable)

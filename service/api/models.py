@@ -368,11 +368,11 @@ class ModelPublic(BaseModel):
 
     name: str = Field(description="The name to put in a job spec's `model` field.")
     package: str = Field(description="The installed package that provides it (syncbn for the built-ins).")
-    summary: str = Field(description="One line about the architecture.")
+    summary: str = Field(description="The first sentence of the model's docstring, whole.")
 
 
 class ModelsPublic(BaseModel):
-    """Every model the service can build: built-ins, installed plugins (entry points), torchvision's."""
+    """Every model the service can build: built-ins, installed plugins (entry points), torchvision's, timm's."""
 
     data: list[ModelPublic] = Field(description="The models, built-ins first.")
     count: int = Field(description="Number of models.")

@@ -1,13 +1,22 @@
 """The model registry: a model name in, a `torch.nn.Module` out.
 
-Three sources, looked up in this order (a name taken by an earlier source hides later ones, with a warning):
+Four sources, looked up in this order (a name taken by an earlier source hides later ones, with a warning):
 
 1. built-ins, registered with `register_model` in `service.engine.models` (package `syncbn`);
 2. entry points of the group `syncbn.models` of any installed package: the entry point's name is the model name and
    it loads a `factory(sample_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module` whose model uses
    ordinary `nn.BatchNorm*d` layers (the engine converts them when a job asks for synchronized BatchNorm);
 3. torchvision's classification models as `torchvision/<name>`, where torchvision imports, built with
-   `num_classes` and no weights (nothing is downloaded).
+   `num_classes` and no weights (nothing is downloaded). They take 3-channel images, exactly as torchvision
+   defines them (so the saved state dict loads into `torchvision.models.<name>(num_classes=...)`): a 1-channel
+   data set is refused at submit time rather than given a changed stem;
+4. timm's models as `timm/<name>`, where timm imports, built with `pretrained=False`, `num_classes` and
+   `in_chans` from the data set (timm's own way of taking any channel count).
+
+Each entry says which input channels it takes (`input_channels`: 3 for torchvision's, None for the others, which
+build for the data set's channels), so a mismatch is a 422 at submit time (`check_model_name` with a sample
+shape), not a failure of every worker a minute later. Summaries are the first whole sentence of the factory's
+docstring (reStructuredText links and roles reduced to their text).
 
 The registry is data: a job names a model, and only names listed here can be built. Nothing a request carries is
 imported or executed; what runs is code the operator installed. The lists are read on every call (cheap: entry
@@ -26,6 +35,7 @@ import difflib
 import importlib
 import inspect
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -36,9 +46,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "TIMM_PREFIX",
     "TORCHVISION_PREFIX",
     "ModelEntry",
     "ModelFactory",
+    "ModelInputError",
     "UnknownModelError",
     "build_model",
     "check_model_name",
@@ -53,6 +65,10 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "syncbn.models"
 #: Prefix of the names of torchvision's classification models.
 TORCHVISION_PREFIX = "torchvision/"
+#: Prefix of the names of timm's models.
+TIMM_PREFIX = "timm/"
+#: Input channels of every torchvision classification model.
+TORCHVISION_CHANNELS = 3
 
 ModelFactory = Callable[[tuple[int, ...], int], "nn.Module"]
 
@@ -61,13 +77,15 @@ _BUILTINS: dict[str, ModelEntry] = {}
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One buildable model: its name, the package that provides it, one line about it, and how to load it."""
+    """One buildable model: its name, the package that provides it, a sentence about it, and how to load it."""
 
     name: str
     package: str
     summary: str
-    source: str  # "builtin", "entry_point" or "torchvision"
+    source: str  # "builtin", "entry_point", "torchvision" or "timm"
     load: Callable[[], ModelFactory] = field(repr=False, compare=False)
+    #: The input channels the model takes whatever the data; None: built for the data set's channels.
+    input_channels: int | None = None
 
 
 class UnknownModelError(ValueError):
@@ -79,7 +97,7 @@ class UnknownModelError(ValueError):
         hint = f"did you mean {' or '.join(repr(m) for m in self.matches)}? " if self.matches else ""
         super().__init__(
             f"model {name!r} is not a model this service can build: {hint}"
-            "GET /v1/models lists the models it can build (built-ins, installed plugins and torchvision's)."
+            "GET /v1/models lists the models it can build (built-ins, installed plugins, torchvision's and timm's)."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -101,9 +119,44 @@ def _close_matches(name: str, known: Sequence[str]) -> list[str]:
     return matches[:3]
 
 
-def _first_line(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0].strip() if doc.strip() else ""
+class ModelInputError(ValueError):
+    """A job's data does not fit the model's input (e.g. 1-channel images for a 3-channel torchvision model)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ModelInputError, (str(self),))
+
+
+# `text <https://...>`__ (a reStructuredText link) -> text; :class:`~torch.nn.Module` / :func:`f` -> Module / f;
+# ``literal`` and `interpreted text` -> their text.
+_RST_LINK = re.compile(r"`([^`]*?)\s*<[a-z]+://[^>`]*>`_{1,2}")
+_RST_ROLE = re.compile(r":[a-z]+:`~?(?:[\w.]*\.)?([^`]+)`")
+_RST_QUOTED = re.compile(r"``?([^`]+)``?")
+# A sentence ends at . ! or ? followed by white space and a capital, a digit or an opening bracket/quote.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\"'])")
+
+
+def first_sentence(doc: str) -> str:
+    """The first whole sentence of a docstring's first paragraph, on one line, ending with `.`, `!` or `?`.
+
+    Docstrings wrap their first sentence over several lines (torchvision's do), and name papers with
+    reStructuredText links; the listing wants the sentence whole and readable: "ResNet-18 from Deep Residual
+    Learning for Image Recognition." A first paragraph without a full stop (timm's "EfficientNet-B0") gets one.
+    """
+    paragraph = re.split(r"\n\s*\n", inspect.cleandoc(doc).strip(), maxsplit=1)[0]
+    text = " ".join(paragraph.split())
+    text = _RST_QUOTED.sub(r"\1", _RST_ROLE.sub(r"\1", _RST_LINK.sub(r"\1", text)))
+    text = _SENTENCE_END.split(text, maxsplit=1)[0].strip()
+    if text and text[-1] not in ".!?":
+        text = text.rstrip(":;,") + "."
+    return text
+
+
+def _summary(obj: object, fallback: str) -> str:
+    """`first_sentence` of `obj`'s docstring, or `fallback` when it has none."""
+    return first_sentence(inspect.getdoc(obj) or "") or fallback
 
 
 def register_model(name: str, summary: str | None = None) -> Callable[[ModelFactory], ModelFactory]:
@@ -115,7 +168,7 @@ def register_model(name: str, summary: str | None = None) -> Callable[[ModelFact
         _BUILTINS[name] = ModelEntry(
             name=name,
             package="syncbn",
-            summary=summary or _first_line(factory),
+            summary=summary or _summary(factory, f"The built-in model {name}."),
             source="builtin",
             load=lambda: factory,
         )
@@ -133,7 +186,7 @@ def _entry_point_entries(taken: set[str]) -> list[ModelEntry]:
     found: list[ModelEntry] = []
     for point in entry_points(group=ENTRY_POINT_GROUP):
         package = point.dist.name if point.dist is not None else point.module.split(".")[0]
-        if point.name in taken or point.name.startswith(TORCHVISION_PREFIX):
+        if point.name in taken or point.name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
             logger.warning(
                 "ignoring entry point %r of package %s: the name is taken by another model", point.name, package
             )
@@ -151,7 +204,7 @@ def _entry_point_entries(taken: set[str]) -> list[ModelEntry]:
             ModelEntry(
                 name=point.name,
                 package=package,
-                summary=_first_line(factory),
+                summary=_summary(factory, f"The model {point.name} of the package {package}."),
                 source="entry_point",
                 load=_loader(point),
             )
@@ -176,9 +229,10 @@ def _torchvision_entries() -> list[ModelEntry]:
             ModelEntry(
                 name=f"{TORCHVISION_PREFIX}{name}",
                 package="torchvision",
-                summary=_first_line(builder) or f"torchvision's {name}",
+                summary=_summary(builder, f"torchvision's {name}."),
                 source="torchvision",
                 load=_torchvision_loader(name),
+                input_channels=TORCHVISION_CHANNELS,
             )
         )
     return entries
@@ -187,22 +241,72 @@ def _torchvision_entries() -> list[ModelEntry]:
 def _torchvision_loader(name: str) -> Callable[[], ModelFactory]:
     def factory(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         tv_models = importlib.import_module("torchvision.models")
-        if len(sample_shape) != 3 or sample_shape[0] != 3:
-            raise ValueError(
-                f"model {TORCHVISION_PREFIX}{name} takes 3-channel images (3, height, width), got sample shape "
-                f"{tuple(sample_shape)}: use a data set of RGB images or a built-in model."
-            )
+        _check_channels(f"{TORCHVISION_PREFIX}{name}", TORCHVISION_CHANNELS, sample_shape, None)
         return tv_models.get_model(name, weights=None, num_classes=num_classes)
 
     return lambda: factory
 
 
+def _timm_entries() -> list[ModelEntry]:
+    try:
+        timm = importlib.import_module("timm")
+    except Exception as exc:  # missing, or without a torchvision that matches torch (timm imports torchvision.ops)
+        logger.debug("timm models unavailable: %r", exc)
+        return []
+    entries = []
+    for name in timm.list_models():
+        entrypoint = timm.models.model_entrypoint(name)
+        entries.append(
+            ModelEntry(
+                name=f"{TIMM_PREFIX}{name}",
+                package="timm",
+                summary=_summary(entrypoint, f"timm's {name}."),
+                source="timm",
+                load=_timm_loader(name),
+            )
+        )
+    return entries
+
+
+def _timm_loader(name: str) -> Callable[[], ModelFactory]:
+    def factory(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        timm = importlib.import_module("timm")
+        if len(sample_shape) != 3:
+            raise ModelInputError(
+                f"model {TIMM_PREFIX}{name} takes images (channels, height, width), got sample shape "
+                f"{tuple(sample_shape)}: use image data, or model 'mlp' for vectors."
+            )
+        # pretrained=False: nothing is downloaded; in_chans: timm builds the stem for the data set's channels.
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=sample_shape[0])
+
+    return lambda: factory
+
+
+def _check_channels(name: str, channels: int, sample_shape: Sequence[int], dataset_kind: str | None) -> None:
+    """Raise `ModelInputError` unless `sample_shape` is an image with `channels` channels."""
+    shape = tuple(int(d) for d in sample_shape)
+    if len(shape) == 3 and shape[0] == channels:
+        return
+    got = f"{shape[0]}-channel images {shape}" if len(shape) == 3 else f"samples of shape {shape} (not images)"
+    of_data = f"the data set (dataset.kind {dataset_kind!r})" if dataset_kind else "the data set"
+    if dataset_kind in ("image_folder", "parquet") and len(shape) == 3:
+        fix = f"set dataset.channels to {channels} (images are converted on reading)"
+    else:
+        fix = f"use {channels}-channel images (an image_folder or parquet data set with dataset.channels {channels})"
+    raise ModelInputError(
+        f"model {name!r} takes {channels}-channel images ({channels}, height, width), but {of_data} has {got}: "
+        f"{fix}, or use a model built for the data's channels (the built-ins, or timm/<name> where timm is "
+        "installed)."
+    )
+
+
 def list_models() -> list[ModelEntry]:
-    """Every model this process can build: built-ins, then installed entry points, then torchvision's."""
+    """Every model this process can build: built-ins, then installed entry points, then torchvision's, then timm's."""
     entries = _builtin_entries()
     taken = {entry.name for entry in entries}
     entries += _entry_point_entries(taken)
     entries += _torchvision_entries()
+    entries += _timm_entries()
     return entries
 
 
@@ -212,16 +316,36 @@ def get_model_entry(name: str) -> ModelEntry:
     Raises:
         UnknownModelError: no such model here (the message lists close matches).
     """
-    entries = list_models()
-    for entry in entries:
+    # A prefixed name is looked up in its own source only: a worker building a built-in never imports timm.
+    if name.startswith(TORCHVISION_PREFIX):
+        candidates = _torchvision_entries()
+    elif name.startswith(TIMM_PREFIX):
+        candidates = _timm_entries()
+    else:
+        candidates = _builtin_entries()
+        candidates += _entry_point_entries({entry.name for entry in candidates})
+    for entry in candidates:
         if entry.name == name:
             return entry
-    raise UnknownModelError(name, [entry.name for entry in entries])
+    raise UnknownModelError(name, [entry.name for entry in list_models()])
 
 
-def check_model_name(name: str) -> None:
-    """Raise `UnknownModelError` unless the registry can build `name` (what the service checks at submit time)."""
-    get_model_entry(name)
+def check_model_name(name: str, sample_shape: Sequence[int] | None = None, dataset_kind: str | None = None) -> None:
+    """What the service checks at submit time: the registry can build `name`, for samples of `sample_shape`.
+
+    Args:
+        name: the job's `model`.
+        sample_shape: one sample's shape when it is known before loading (`DatasetSpec.sample_shape()`), or None.
+        dataset_kind: the data set's kind, to name it and the fix in the message.
+
+    Raises:
+        UnknownModelError: no such model here (the message lists close matches).
+        ModelInputError: the model takes a fixed number of input channels and the data has another
+            (the message names both and the fix).
+    """
+    entry = get_model_entry(name)
+    if sample_shape is not None and entry.input_channels is not None:
+        _check_channels(name, entry.input_channels, sample_shape, dataset_kind)
 
 
 def build_model(name: str, sample_shape: Sequence[int], num_classes: int) -> nn.Module:

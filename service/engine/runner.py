@@ -151,6 +151,8 @@ class JobDriver:
         # In-memory kinds are loaded here; streamed kinds are listed and checked here, and read by Ray Data.
         data = prepare_data(spec.dataset, spec.seed, self.data_root, self.allowed_schemes)
         info = data.info
+        # The data's shape is known now (an npz file's only now): its channels against the model's.
+        check_model_name(spec.model, info.sample_shape, spec.dataset.kind)
         if spec.model in CONV_MODELS and len(info.sample_shape) != 3:
             raise ValueError(
                 f"model {spec.model!r} needs image samples (channels, height, width), but the data set's samples "

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import syncbn
-from service.engine.convergence import ConvergenceTracker, divergence_reason
+from service.engine.convergence import ConvergenceTracker
 from service.engine.data import DataInfo, DataSplits
 from service.engine.data.rank_batches import MemoryBatches, RankBatches, StreamedBatches
 from service.engine.model_registry import build_model
@@ -136,6 +136,7 @@ class _WorkerRun:
         self.final_val_acc_precise: float | None = None
         self.final_train_loss: float | None = None
         self.verdict: str | None = None  # set when restored from the final checkpoint: the run is already over
+        self.divergence: str | None = None  # why the run diverged, when it did
         # The current epoch's start time and global sums [loss * n, n, correct], filled by _train_epoch.
         self._epoch_start = 0.0
         self._epoch_sums = torch.zeros(3, dtype=torch.float64)
@@ -228,6 +229,7 @@ class _WorkerRun:
             verdict = self._end_epoch(epoch)
             epochs_done = epoch
             if verdict is not None:
+                reason = self.divergence  # set when the validation loss diverged
                 break
         if verdict is None:
             verdict = "completed"
@@ -289,7 +291,7 @@ class _WorkerRun:
             window += sums
             self._epoch_sums += sums
             global_loss = float(sums[0] / sums[1])
-            reason = divergence_reason(global_loss, self.step, epoch, lr)
+            reason = self.tracker.check_train_loss(global_loss, self.step, epoch, lr)
             if reason is not None:
                 logger.warning("rank %d: %s", self.rank, reason)
                 return reason
@@ -319,6 +321,11 @@ class _WorkerRun:
         train_acc = float(sums[2] / sums[1])
         val_loss, val_acc = self._evaluate()
         verdict = self.tracker.update(epoch, val_acc)
+        # The validation loss is all-reduced too: every rank reaches the same verdict.
+        self.divergence = self.tracker.check_val_loss(val_loss, epoch)
+        if self.divergence is not None:
+            logger.warning("rank %d: %s", self.rank, self.divergence)
+            verdict = "diverged"
         self.final_val_acc, self.final_train_loss = val_acc, train_loss
         val_loss_precise, val_acc_precise = self._precise_evaluation(epoch, last=verdict is not None)
         if val_acc_precise is not None:

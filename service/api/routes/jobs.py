@@ -71,7 +71,9 @@ def submit_job(
     service cannot build (see GET /v1/models), is refused with 422.
     """
     spec = JobSpec.model_validate(body.model_dump())
-    check_model_name(spec.model)  # only names the registry lists can be built (422 with close matches)
+    # Only names the registry lists can be built (422 with close matches), for data they can take (422 naming the
+    # model's input channels and the data set's).
+    check_model_name(spec.model, spec.dataset.sample_shape(), spec.dataset.kind)
     job, created = manager.submit(spec, idempotency_key=idempotency_key, owner=principal.name)
     if not created:
         response.status_code = status.HTTP_200_OK

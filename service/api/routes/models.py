@@ -15,8 +15,8 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 @router.get("/models", response_model=ModelsPublic, summary="List the models jobs can use", responses=errors(401))
 def read_models() -> ModelsPublic:
-    """Built-in models, models of installed packages (entry point group `syncbn.models`) and, where torchvision is
-    installed, `torchvision/<name>`. A job's `model` must be one of these names."""
+    """Built-in models, models of installed packages (entry point group `syncbn.models`) and, where torchvision and
+    timm are installed, `torchvision/<name>` and `timm/<name>`. A job's `model` must be one of these names."""
     entries = list_models()
     return ModelsPublic(
         data=[ModelPublic(name=e.name, package=e.package, summary=e.summary) for e in entries], count=len(entries)
