@@ -1,8 +1,8 @@
 """Users who own their jobs: each token names a principal, a job belongs to the principal that submitted it, and
 another principal's job does not exist for you: every route answers the same 404 as for an unknown id (never a
 403 that would confirm it exists), listings, queue positions and the queue counts of /v1/cluster show only your
-own jobs, and idempotency keys are per principal. Principals named in `admins` see and manage every job; a bare token is the
-principal "default". GET /v1/whoami says who you are.
+own jobs, and idempotency keys are per principal. Principals named in `admins` see and manage every job; a bare
+token is the principal "default". GET /v1/whoami says who you are.
 
 A real uvicorn server with a real local Ray; scheduling is paused (max_concurrent_jobs=0), so the jobs stay
 queued and nothing trains.
