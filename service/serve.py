@@ -1,7 +1,9 @@
 """`syncbn serve`: the REST service with an embedded Ray (or a joined cluster) and an SQLite file, no setup.
 
 At start the database is upgraded to the newest schema revision (`service.store.migration`); a database that a
-newer syncbn upgraded is refused with a sentence (exit status 1) before Ray starts.
+newer syncbn upgraded is refused with a sentence (exit status 1) before Ray starts, and so is a second replica on
+one SQLite file (SQLite serves a single replica; replicas share a PostgreSQL database and a Ray cluster). A
+SIGTERM stops the service gracefully: a follower just exits, the leader hands its lease over, and no run stops.
 
 Every flag mirrors a field of `service.settings.Settings` (`--data-dir` sets `data_dir`, ...): a flag that is
 not given falls back to its `SYNCBN_*` environment variable, then to the default. The flags are generated from
@@ -85,6 +87,21 @@ def _upgrade_database(settings: Settings) -> bool:
     return True
 
 
+def _single_replica_check(settings: Settings) -> bool:
+    """On SQLite, False (with a sentence on stderr) when another replica already uses the database file: SQLite
+    serves one replica (the app takes the same lock for its whole life; this early look refuses before Ray
+    starts)."""
+    from service.jobs.leadership import ReplicaConflictError, SingleReplicaLease, sqlite_lock_path
+
+    url = settings.resolved_database_url()
+    try:
+        SingleReplicaLease(sqlite_lock_path(url), "check", url).release()
+    except ReplicaConflictError as exc:
+        sys.stderr.write(f"syncbn serve: refusing to start: {exc}\n")
+        return False
+    return True
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start the service and block until it is stopped (Ctrl-C / SIGTERM). Returns the exit code."""
     try:
@@ -93,8 +110,13 @@ def run_serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"syncbn serve: invalid settings:\n{_describe(exc)}\n")
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not _upgrade_database(settings):
+    if not _single_replica_check(settings) or not _upgrade_database(settings):
         return 1
+    if settings.resolved_database_url().startswith("postgresql") and not settings.ray_address:
+        logger.warning(
+            "a shared database with an embedded Ray: other replicas cannot re-attach this one's runs; give every "
+            "replica the same --ray-address to run several"
+        )
     import ray
     import uvicorn
 

@@ -139,6 +139,19 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(
         0.25, gt=0.0, le=10.0, description="Seconds between two drains of the running jobs' records."
     )
+    leader_poll_s: float = Field(
+        2.0,
+        gt=0.0,
+        le=30.0,
+        description="Seconds between two attempts of a follower replica to take the leader lease (PostgreSQL); "
+        "a dead leader is replaced within about this long.",
+    )
+    replica_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=48,
+        description="This replica's name in /readyz, /v1/cluster and the logs; default: host:port/pid.",
+    )
     cancel_wait_s: float = Field(
         30.0,
         ge=0.0,

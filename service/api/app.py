@@ -1,7 +1,8 @@
 """`create_app(settings)`: the FastAPI application of the service, built from its settings and nothing else.
 
-The lifespan opens the store, starts the job manager (which connects to Ray and recovers jobs left by a
-previous process) and stops both on shutdown. Routes live in `service.api.routes`, one module per resource.
+The lifespan opens the store, starts the job manager (which connects to Ray, takes the leader lease when it is
+free and then recovers jobs left by a previous leader) and stops both on shutdown (the leader hands its lease
+over; runs keep going). Routes live in `service.api.routes`, one module per resource.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ convergence metrics and per-layer BatchNorm statistics (including cross-worker s
 
 All job routes live under `/v1`. When the service has API tokens, send `Authorization: Bearer <token>`: each
 token stands for a principal who sees only its own jobs (another principal's job is a 404), admins see all.
-Errors are JSON `{"detail": "<sentence>"}`: 404 unknown job, 409 wrong state, 422 invalid input.
+Errors are JSON `{"detail": "<sentence>"}`: 404 unknown job, 409 wrong state, 422 invalid input, 503 while the
+database or Ray does not answer (retry after `Retry-After` seconds; nothing was written).
 """
 
 
@@ -59,10 +61,15 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = JobStore(settings.resolved_database_url(), stats_keep=settings.stats_keep)
-        manager = JobManager(settings, store)
+        try:
+            manager = JobManager(settings, store)  # a second replica on one SQLite file is refused here
+        except BaseException:
+            store.close()
+            raise
         try:
             await run_in_threadpool(manager.start)
         except BaseException:
+            manager.lease.release()
             store.close()
             raise
         # Read the model registry once now: it imports torch and the installed plugins, which would otherwise

@@ -8,6 +8,7 @@ ModelInputError ─────────────────────�
 JobNotFoundError ───────────────────────── 404
 JobStateError ──────────────────────────── 409
 ClusterUnavailableError ────────────────── 503  Ray does not answer; retry later
+OperationalError, InterfaceError (SQLAlchemy) 503  the database does not answer (restart, failover); retry later
 HTTPException (404 route, 405, 401, 413) ── its status, a sentence
 anything else ──────────────────────────── 500  logged with its traceback; the client gets no internals
 ```
@@ -21,6 +22,8 @@ from typing import Any
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine.model_registry import ModelInputError, UnknownModelError
@@ -141,6 +144,22 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    outage = not isinstance(exc, DBAPIError) or isinstance(exc, OperationalError | InterfaceError)
+    if not outage and not exc.connection_invalidated:
+        return await _internal_error(request, exc)  # a real error of the query (a constraint, ...), not an outage
+    logger.warning("%s %s: the database does not answer: %s", request.method, request.url.path, exc.__class__.__name__)
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={
+            "detail": "the database does not answer right now (a restart or a failover): the request was not "
+            "carried out; retry in a few seconds (see /readyz). A submission retried with the same "
+            "Idempotency-Key never makes a second job."
+        },
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _conflict(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": str(exc)})
 
@@ -187,5 +206,7 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(JobNotFoundError, _not_found)
     app.add_exception_handler(JobStateError, _conflict)
     app.add_exception_handler(ClusterUnavailableError, _unavailable)
+    app.add_exception_handler(DBAPIError, _database_unavailable)
+    app.add_exception_handler(PoolTimeoutError, _database_unavailable)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

@@ -125,7 +125,10 @@ class JobPublic(BaseModel):
         description="Why it failed or was cancelled (for a worker failure: the rank and its message)."
     )
     cancel_requested: bool = Field(description="A cancel was requested and the run is stopping.")
-    queue_position: int | None = Field(description="1-based place in the queue while queued.")
+    queue_position: int | None = Field(
+        description="1-based place in the queue while queued, counting only the jobs you can see (yours; an "
+        "admin's: everyone's)."
+    )
     has_model: bool = Field(description="The final model can be downloaded from /v1/jobs/{id}/model.")
     summary: JobSummary = Field(description="Progress and results.")
     study_id: str | None = Field(None, description="The study this job is a trial of (null: not a trial).")
@@ -345,6 +348,8 @@ class ClusterPublic(BaseModel):
     max_concurrent_jobs: int = Field(description="Jobs that may run at once.")
     running_jobs: int = Field(description="Your jobs running now (an admin's view: everyone's).")
     queued_jobs: int = Field(description="Your jobs waiting in the queue (an admin's view: everyone's).")
+    replica: str = Field(description="The replica that answered.")
+    leader: str | None = Field(description="The replica that schedules jobs now; null while none does.")
 
 
 class WhoAmIPublic(BaseModel):
@@ -361,6 +366,12 @@ class ReadinessPublic(BaseModel):
     ready: bool = Field(description="Both checks passed.")
     database: str = Field(description="'ok' or the error.")
     ray: str = Field(description="'ok' or the error.")
+    replica: str = Field(description="This replica's name (settings.replica_name, default host:port/pid).")
+    leader: str | None = Field(
+        description="The replica that schedules jobs now (holds the leader lease); null while none does, e.g. "
+        "while the database does not answer."
+    )
+    leading: bool = Field(description="Whether this replica is the leader.")
 
 
 class ModelPublic(BaseModel):

@@ -1,7 +1,12 @@
 """Prometheus metrics of the service, in a registry of its own (one per app, no process-wide state).
 
-- `syncbn_jobs{status}`: jobs in the database by status (read at scrape time);
+- `syncbn_jobs{status}`: jobs in the database by status (read at scrape time), summed over every owner: no
+  metric carries an owner label, so whoever may scrape learns totals only, never whose jobs they are;
 - `syncbn_queue_length`, `syncbn_running_jobs`, `syncbn_max_concurrent_jobs`;
+- `syncbn_database_up`: 1 when the job counts could be read, 0 while the database does not answer (the counts
+  are then left out of the scrape rather than failing it);
+- `syncbn_leader`: 1 on the replica that holds the leader lease (schedules jobs), 0 on followers;
+- `syncbn_leader_takeovers_total`: times this replica became the leader (its start included);
 - `syncbn_records_ingested_total`: run records stored by the job manager;
 - `syncbn_scheduler_errors_total`: failed passes of the scheduler thread (each retried);
 - `syncbn_tracking_failures_total{tracker}`: failures of the runs' MLflow/TensorBoard trackers (none fails a job);
@@ -40,12 +45,25 @@ class _JobsCollector(Collector):
         manager = self.manager
         if manager is None:
             return
-        counts = manager.store.count_by_status()
-        jobs = GaugeMetricFamily("syncbn_jobs", "Jobs in the database by status.", labels=["status"])
-        for status in JobStatus:
-            jobs.add_metric([status.value], counts[status])
-        yield jobs
-        yield GaugeMetricFamily("syncbn_queue_length", "Jobs waiting to start.", value=counts[JobStatus.QUEUED])
+        try:
+            counts = manager.store.count_by_status()
+        except Exception:
+            counts = None
+        yield GaugeMetricFamily(
+            "syncbn_database_up", "Whether the database answered this scrape.", value=int(counts is not None)
+        )
+        if counts is not None:
+            jobs = GaugeMetricFamily("syncbn_jobs", "Jobs in the database by status (all owners).", labels=["status"])
+            for status in JobStatus:
+                jobs.add_metric([status.value], counts[status])
+            yield jobs
+            yield GaugeMetricFamily("syncbn_queue_length", "Jobs waiting to start.", value=counts[JobStatus.QUEUED])
+        yield GaugeMetricFamily(
+            "syncbn_leader", "1 when this replica holds the leader lease.", value=int(manager.leading)
+        )
+        yield CounterMetricFamily(
+            "syncbn_leader_takeovers", "Times this replica became the leader.", value=manager.takeovers
+        )
         yield GaugeMetricFamily("syncbn_running_jobs", "Runs being followed.", value=manager.running_count())
         yield GaugeMetricFamily(
             "syncbn_max_concurrent_jobs", "Jobs allowed to run at once.", value=manager.concurrency_limit()

@@ -3,6 +3,12 @@
 One background thread does all the scheduling and draining; API handlers only call `submit_check`, `cancel`
 and `delete`, which are short. The run itself (the engine's `JobRun`) lives in Ray, in detached actors, so
 the manager holds nothing that a restart could not rebuild from the database and from Ray.
+
+Several replicas may share one database and one Ray cluster: the thread schedules only while this replica holds
+the leader lease (`service.jobs.leadership`). A replica that takes the lease recovers the running jobs as after a
+restart (re-attach, or resume from a checkpoint); one that loses it (its lease session died, e.g. the database
+went away) steps down: it forgets its runs and leaves them running for the next leader. Requests from the API
+are database writes that any replica may make (a cancel sets `cancel_requested`; the leader stops the run).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.data_location import check_dataset_locations
+from service.jobs.leadership import Lease, default_replica_name, open_lease
 from service.settings import Settings
 from service.spec import JobSpec
 from service.status import JobStatus
@@ -106,14 +113,22 @@ class JobManager:
     - drain: every `poll_interval_s` each running `JobRun` is polled and its new records are stored in one
       transaction each, so the database holds every record as it arrives;
     - cancellation: queued jobs are cancelled at once; running ones are stopped through `JobRun.cancel`;
-    - restart: running jobs are re-attached with `attach_run`; a job whose run is gone but that has a
-      checkpoint is started again ahead of the queue and resumes from it (Ray Train's resume path, as after a
-      worker failure); one without a checkpoint fails with the reason "service restarted"; queued jobs simply run.
+    - restart and takeover: running jobs are re-attached with `attach_run`; a job whose run is gone but that
+      has a checkpoint is started again ahead of the queue and resumes from it (Ray Train's resume path, as
+      after a worker failure); one without a checkpoint fails with the reason "service restarted"; queued jobs
+      simply run;
+    - leadership: all of the above happens only while `lease` is held; followers try to take it every
+      `leader_poll_s`, the leader checks it before every pass and hands it over at `stop`.
     """
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: JobStore, lease: Lease | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.replica = settings.replica_name or default_replica_name(settings.port)
+        self.lease = lease if lease is not None else open_lease(store.url, self.replica)
+        self._leading = False
+        self.takeovers = 0  # times this replica became the leader
+        self._cancelling: set[str] = set()  # running jobs whose run this leader was asked to stop
         self._runs: dict[str, JobRun] = {}
         self._reserved: dict[str, Admission] = {}
         self._resume: list[str] = []  # running jobs whose run died with the service, oldest first
@@ -132,24 +147,85 @@ class JobManager:
     # -- life of the manager --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect to Ray, recover jobs left running by a previous process, and start the scheduler thread."""
+        """Connect to Ray, take the leader lease if it is free (then recover the jobs left running by a previous
+        leader), and start the scheduler thread, which keeps trying to lead when another replica does."""
         from service.engine.cluster import ensure_ray
 
         ensure_ray(self.settings.ray_address, self.settings.ray_num_cpus)
         self.settings.jobs_dir().mkdir(parents=True, exist_ok=True)
         self.run_storage()  # an unusable storage_uri stops the start here, with its reason
-        self._recover()
         self._stop.clear()
+        self._lead()
         self._thread = threading.Thread(target=self._loop, name="syncbn-job-manager", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the scheduler thread. Runs are left alone: they live in Ray and are re-attached on restart."""
+        """Stop the scheduler thread and give the lease up. Runs are left alone: they live in Ray and the next
+        leader (another replica, or this one restarted) re-attaches them."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        was_leading = self._leading
+        self._step_down()
+        try:
+            self.lease.release()
+        except Exception:
+            logger.exception("giving the leader lease up failed (it ends with this process's session)")
+        if was_leading:
+            logger.info("replica %s stopped leading: the lease is free for the next leader", self.replica)
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica held the leader lease at its last check."""
+        return self._leading
+
+    def leader(self) -> str | None:
+        """The replica that leads now (this one's name when it does), None when none does or the database is
+        unreachable."""
+        return self.replica if self._leading else self.lease.leader()
+
+    def _lead(self) -> bool:
+        """Whether this replica leads now: check the lease it holds, or try to take it.
+
+        On taking it, recover the running jobs (a takeover, or the start of a single replica); on losing it,
+        step down. A database that does not answer means the lease cannot be proven held: step down.
+        """
+        if self._leading:
+            if self.lease.held():
+                return True
+            logger.warning("replica %s lost the leader lease: it stops scheduling (runs keep going)", self.replica)
+            self._step_down()
+            return False
+        try:
+            acquired = self.lease.acquire()
+        except Exception as exc:
+            logger.warning("replica %s cannot reach the database to take the lease: %s", self.replica, exc)
+            return False
+        if not acquired:
+            return False
+        logger.info("replica %s leads: recovering the running jobs", self.replica)
+        try:
+            self._recover()
+        except Exception:
+            logger.exception("recovering the running jobs failed: giving the lease up to try again")
+            self._step_down()
+            self.lease.release()
+            return False
+        self._leading = True
+        self.takeovers += 1
+        return True
+
+    def _step_down(self) -> None:
+        """Forget every run this replica followed; they keep running in Ray for the next leader."""
+        self._leading = False
+        with self._lock:
+            self._runs.clear()
+            self._reserved.clear()
+            self._resume.clear()
+            self._cancelling.clear()
+        self._poll_failures.clear()
 
     @property
     def stopping(self) -> bool:
@@ -200,7 +276,9 @@ class JobManager:
             with self._lock:
                 self._runs[job.id] = run
                 self._reserved[job.id] = need
-            self.store.add_log(job.id, "info", "service restarted; re-attached to the surviving run")
+            self.store.add_log(
+                job.id, "info", f"service restarted ({self.replica} leads now); re-attached to the surviving run"
+            )
             logger.info("re-attached job %s", job.id)
             if job.cancel_requested:
                 self._cancel_run(job.id, run)
@@ -352,10 +430,15 @@ class JobManager:
             run = self._runs.get(job_id)
         if run is not None:
             self._cancel_run(job_id, run)
-        self.wake()
+        self.wake()  # on another replica, the leader sees `cancel_requested` at its next drain
         return JobStatus.RUNNING
 
     def _cancel_run(self, job_id: str, run: JobRun) -> None:
+        """Stop a run, once: a cancel asked through the API, noticed at a drain or after a launch is sent once."""
+        with self._lock:
+            if job_id in self._cancelling:
+                return
+            self._cancelling.add(job_id)
         try:
             run.cancel()
         except Exception as exc:
@@ -445,6 +528,9 @@ class JobManager:
         while not self._stop.is_set():
             self._wake.clear()  # before the pass: a wake() during the pass triggers the next one at once
             try:
+                if not self._lead():
+                    self._wake.wait(self.settings.leader_poll_s)
+                    continue
                 self._drain()
                 self._start_queued()
             except ClusterUnavailableError as exc:
@@ -469,6 +555,8 @@ class JobManager:
         if job is None or JobStatus(job.status).is_terminal:
             self._forget(job_id)
             return
+        if job.cancel_requested:
+            self._cancel_run(job_id, run)  # requested through another replica (or before a takeover); sent once
         cursor, ended, stored_any = job.record_seq, None, False
         try:
             done = run.done()
@@ -476,7 +564,9 @@ class JobManager:
                 records = run.poll(cursor, POLL_BATCH)
                 if not records:
                     break
-                result = self.store.ingest(job_id, records)
+                # A database error here is not the run's failure: it leaves the pass (the loop retries, and a lost
+                # lease steps down); the records wait in the run's log and are stored from the job's cursor later.
+                result = self._ingest(job_id, records)
                 for record in records:
                     if record.get("tracking_failure"):
                         tracker = str(record.get("tracker", "tracking"))
@@ -491,6 +581,8 @@ class JobManager:
                     break
                 if len(records) < POLL_BATCH or self._stop.is_set():
                     break
+        except _StoreError as exc:
+            raise exc.__cause__ from None
         except Exception as exc:
             failures = self._poll_failures.get(job_id, 0) + 1
             self._poll_failures[job_id] = failures
@@ -522,6 +614,13 @@ class JobManager:
                 )
             self._close_run(job_id, run)
 
+    def _ingest(self, job_id: str, records: list[dict[str, Any]]) -> Any:
+        """Store records; a failure of the store is raised as `_StoreError` (it is not the run's failure)."""
+        try:
+            return self.store.ingest(job_id, records)
+        except Exception as exc:
+            raise _StoreError from exc
+
     def _close_run(self, job_id: str, run: JobRun) -> None:
         """Forget a finished run and remove its actors from the cluster (its records are all stored)."""
         self._forget(job_id)
@@ -535,6 +634,7 @@ class JobManager:
         with self._lock:
             self._runs.pop(job_id, None)
             self._reserved.pop(job_id, None)
+            self._cancelling.discard(job_id)
         self._poll_failures.pop(job_id, None)
 
     def _start_queued(self) -> None:
@@ -608,6 +708,9 @@ class JobManager:
                 )
                 continue
             epoch = start.epoch
+            if not self.lease.held():  # only a leader starts runs (the lease may have gone during this pass)
+                self._step_down()
+                return False
             if self.store.mark_resumed(job_id, epoch, RESUME_REASON) is None:
                 continue
             try:
@@ -656,6 +759,9 @@ class JobManager:
     def _launch(self, job_id: str, spec: JobSpec, need: Admission) -> None:
         from service.engine.runner import launch_run
 
+        if not self.lease.held():  # the lease may have gone during this pass: only a leader starts runs
+            self._step_down()
+            return
         started = self.store.transition(
             job_id,
             JobStatus.RUNNING,
@@ -691,6 +797,10 @@ class JobManager:
             latest = self.store.get_job(job_id)
         if latest is not None and latest.cancel_requested:
             self._cancel_run(job_id, run)
+
+
+class _StoreError(Exception):
+    """Internal: the store failed while a run's records were being stored (its `__cause__` is the error)."""
 
 
 def _fmt(value: float) -> str:

@@ -395,12 +395,14 @@ class JobStore:
         with self._read() as session:
             return list(session.scalars(select(JobRow).where(JobRow.status == status.value).order_by(JobRow.number)))
 
-    def queue_positions(self) -> dict[str, int]:
-        """1-based position of every queued job in the queue."""
+    def queue_positions(self, *, owner: str | None = None) -> dict[str, int]:
+        """1-based position of every queued job in the queue, counting only `owner`'s jobs (None: everyone's), so
+        a principal learns nothing about other principals' jobs from its place in the queue."""
+        query = select(JobRow.id).where(JobRow.status == JobStatus.QUEUED.value)
+        if owner is not None:
+            query = query.where(JobRow.owner == owner)
         with self._read() as session:
-            ids = session.scalars(
-                select(JobRow.id).where(JobRow.status == JobStatus.QUEUED.value).order_by(JobRow.number)
-            )
+            ids = session.scalars(query.order_by(JobRow.number))
             return {job_id: index for index, job_id in enumerate(ids, start=1)}
 
     def count_by_status(self, *, owner: str | None = None) -> dict[JobStatus, int]:

@@ -250,10 +250,14 @@ def test_unknown_routes_and_methods(client: httpx.Client) -> None:
 
 def test_health_readiness_and_prometheus_metrics(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"ready": True, "database": "ok", "ray": "ok"}
+    ready = client.get("/readyz").json()
+    assert {k: ready[k] for k in ("ready", "database", "ray")} == {"ready": True, "database": "ok", "ray": "ok"}
+    assert ready["leading"] and ready["leader"] == ready["replica"], "a single replica leads (SQLite or PostgreSQL)"
     client.get("/v1/jobs")
     text = client.get("/metrics").text
     assert 'syncbn_jobs{status="queued"}' in text and "syncbn_queue_length" in text
+    assert "syncbn_leader 1.0" in text and "syncbn_leader_takeovers_total 1.0" in text
+    assert "owner=" not in text, "job counts are summed over owners: no metric says whose jobs they are"
     assert 'route="/v1/jobs"' in text and "syncbn_http_request_duration_seconds_bucket" in text
     cluster = client.get("/v1/cluster").json()
     assert cluster["cpus"] == 4 and cluster["max_concurrent_jobs"] == 0 and cluster["queued_jobs"] >= 1

@@ -1,8 +1,8 @@
 """Users who own their jobs: each token names a principal, a job belongs to the principal that submitted it, and
 another principal's job does not exist for you: every route answers the same 404 as for an unknown id (never a
-403 that would confirm it exists), listings and the queue counts of /v1/cluster show only your own jobs, and
-idempotency keys are per principal. Principals named in `admins` see and manage every job; a bare token is the
-principal "default". GET /v1/whoami says who you are.
+403 that would confirm it exists), listings, queue positions and the queue counts of /v1/cluster show only your
+own jobs, and idempotency keys are per principal. Principals named in `admins` see and manage every job; a bare
+token is the principal "default". GET /v1/whoami says who you are.
 
 A real uvicorn server with a real local Ray; scheduling is paused (max_concurrent_jobs=0), so the jobs stay
 queued and nothing trains.
@@ -129,6 +129,25 @@ def test_listings_and_the_cluster_queue_show_only_your_jobs(server: LiveServer, 
     assert jobs["bob"] in seen["bob"] and jobs["alice"] not in seen["bob"]
     assert seen["root"] >= seen["alice"] | seen["bob"], "an admin sees every principal's jobs"
     assert not seen["default"] & (seen["alice"] | seen["bob"])
+
+
+def test_queue_position_counts_only_the_jobs_you_can_see(server: LiveServer, jobs: dict[str, str]) -> None:
+    with server.client(token=ALICE) as alice:
+        for index in range(2):  # alice's jobs queue ahead of the one bob submits next
+            assert alice.post("/v1/jobs", json=tiny_spec(name=f"alice-ahead-{index}")).status_code == 201
+    with server.client(token=BOB) as bob:
+        mine = bob.post("/v1/jobs", json=tiny_spec(name="bob-behind")).json()
+        own_queued = bob.get("/v1/jobs", params={"status": "queued"}).json()["count"]
+        assert mine["queue_position"] == own_queued, "bob's place counts bob's queued jobs only"
+        assert bob.get(f"/v1/jobs/{mine['id']}").json()["queue_position"] == own_queued
+        listed = {job["id"]: job["queue_position"] for job in bob.get("/v1/jobs").json()["data"]}
+        assert listed[mine["id"]] == own_queued
+        assert sorted(listed.values()) == list(range(1, own_queued + 1))
+    with server.client(token=ROOT) as root:
+        everyone = root.get("/v1/jobs", params={"status": "queued"}).json()["count"]
+        assert root.get(f"/v1/jobs/{mine['id']}").json()["queue_position"] == everyone > own_queued, (
+            "an admin sees the whole queue, and bob's job is last in it"
+        )
 
 
 def test_idempotency_keys_are_per_principal(server: LiveServer) -> None:

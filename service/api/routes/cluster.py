@@ -19,8 +19,8 @@ router = APIRouter(prefix="/v1", tags=["cluster"])
     "/cluster", response_model=ClusterPublic, summary="Read the cluster's capacity", responses=errors(401, 422, 503)
 )
 def read_cluster(manager: ManagerDep, principal: PrincipalDep) -> ClusterPublic:
-    """Total and currently free CPUs/GPUs (free ones come back when a job ends or is cancelled), and how many of
-    your jobs (an admin's: everyone's) run and wait."""
+    """Total and currently free CPUs/GPUs (free ones come back when a job ends or is cancelled), how many of
+    your jobs (an admin's: everyone's) run and wait, which replica answered and which one leads."""
     capacity = manager.cluster_capacity(fresh=True)
     available = ray.available_resources()
     counts = manager.store.count_by_status(owner=principal.owner_filter())
@@ -33,4 +33,6 @@ def read_cluster(manager: ManagerDep, principal: PrincipalDep) -> ClusterPublic:
         max_concurrent_jobs=manager.concurrency_limit(),
         running_jobs=counts[JobStatus.RUNNING],
         queued_jobs=counts[JobStatus.QUEUED],
+        replica=manager.replica,
+        leader=manager.leader(),
     )

@@ -9,7 +9,7 @@ import ray
 from fastapi import APIRouter, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import StoreDep
+from service.api.deps import ManagerDep, StoreDep
 from service.api.models import ReadinessPublic
 
 __all__ = ["router"]
@@ -50,10 +50,17 @@ async def _check(function: Callable[[], object]) -> str:
     summary="Readiness",
     responses={503: {"model": ReadinessPublic, "description": "The database or Ray does not answer."}},
 )
-async def readyz(store: StoreDep, response: Response) -> ReadinessPublic:
-    """The database answers `SELECT 1` and Ray reports its resources; 503 otherwise."""
+async def readyz(store: StoreDep, manager: ManagerDep, response: Response) -> ReadinessPublic:
+    """The database answers `SELECT 1` and Ray reports its resources; 503 otherwise. Says which replica answers
+    and which one leads (every replica is ready to serve the API; only the leader schedules)."""
     database, ray_state = await asyncio.gather(_check(store.ping), _check(_ray_check))
     ready = database == "ok" and ray_state == "ok"
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return ReadinessPublic(ready=ready, database=database, ray=ray_state)
+    try:
+        leader = await asyncio.wait_for(run_in_threadpool(manager.leader), CHECK_TIMEOUT_S)
+    except TimeoutError:
+        leader = None
+    return ReadinessPublic(
+        ready=ready, database=database, ray=ray_state, replica=manager.replica, leader=leader, leading=manager.leading
+    )

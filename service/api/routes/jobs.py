@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from service.api.deps import JobDep, ManagerDep, PrincipalDep, SettingsDep, StoreDep
+from service.api.deps import JobDep, ManagerDep, Principal, PrincipalDep, SettingsDep, StoreDep
 from service.api.models import JobCreate, JobPublic, JobsPublic
 from service.api.routes.responses import errors
 from service.engine.model_registry import check_model_name
@@ -44,8 +44,11 @@ def job_public(job: JobRow, manager: JobManager, queue_position: int | None = No
     return JobPublic.from_row(job, queue_position=queue_position, has_model=has_model)
 
 
-def _position(job: JobRow, manager: JobManager) -> int | None:
-    return manager.store.queue_positions().get(job.id) if job.status == JobStatus.QUEUED.value else None
+def _position(job: JobRow, manager: JobManager, principal: Principal) -> int | None:
+    """The job's place among the queued jobs the principal can see (its own; an admin's: everyone's)."""
+    if job.status != JobStatus.QUEUED.value:
+        return None
+    return manager.store.queue_positions(owner=principal.owner_filter()).get(job.id)
 
 
 @router.post(
@@ -79,7 +82,7 @@ def submit_job(
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_public(job, manager, _position(job, manager))
+    return job_public(job, manager, _position(job, manager, principal))
 
 
 @router.get("/jobs", response_model=JobsPublic, summary="List jobs", responses=errors(401, 422))
@@ -99,14 +102,15 @@ def list_jobs(
     rows, count = store.list_jobs(
         status=status_filter, offset=offset, limit=limit, owner=principal.owner_filter(), study=study
     )
-    positions = store.queue_positions() if any(r.status == JobStatus.QUEUED.value for r in rows) else {}
+    queued = any(r.status == JobStatus.QUEUED.value for r in rows)
+    positions = store.queue_positions(owner=principal.owner_filter()) if queued else {}
     return JobsPublic(data=[job_public(row, manager, positions.get(row.id)) for row in rows], count=count)
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, summary="Read a job", responses=errors(401, 404, 422))
-def read_job(job: JobDep, manager: ManagerDep) -> JobPublic:
+def read_job(job: JobDep, manager: ManagerDep, principal: PrincipalDep) -> JobPublic:
     """Status, timestamps, error reason and summary (epochs done, last/best validation accuracy, verdict)."""
-    return job_public(job, manager, _position(job, manager))
+    return job_public(job, manager, _position(job, manager, principal))
 
 
 @router.post(
