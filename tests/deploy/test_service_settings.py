@@ -30,6 +30,9 @@ from tests.deploy.manifests import (
 pytestmark = pytest.mark.timeout(120)
 
 EXAMPLES_DIR = DEPLOY_DIR / "examples"
+#: The example job specs (`study-*.json` are study specs: a job spec is their `base`).
+JOB_EXAMPLES = sorted(p for p in EXAMPLES_DIR.glob("*.json") if not p.name.startswith("study-"))
+STUDY_EXAMPLES = sorted(EXAMPLES_DIR.glob("study-*.json"))
 A_TOKEN = "a-token-of-thirty-two-characters"
 #: What a user exports before `docker compose up`: the API tokens and Ray's token.
 USER_ENV = {"SYNCBN_API_TOKENS": A_TOKEN, "SYNCBN_RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
@@ -131,11 +134,18 @@ def load_spec_file():
     return module.load_spec_file
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES_DIR.glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", JOB_EXAMPLES, ids=lambda p: p.name)
 def test_example_specs_are_valid_job_specs(path: Path, load_spec_file) -> None:
     spec = load_spec_file(path)
     assert json.loads(path.read_text(encoding="utf-8"))["workers"] >= 2, "the examples are multi-node jobs"
     assert spec.sync_bn
+
+
+@pytest.mark.parametrize("path", STUDY_EXAMPLES, ids=lambda p: p.name)
+def test_example_study_specs_are_valid_study_specs(path: Path) -> None:
+    module = pytest.importorskip("service.study_spec", reason="service/study_spec.py is not importable")
+    study = module.load_study_file(path)
+    assert len(study.arms) >= 2 and study.base.sync_bn is not None
 
 
 def test_gpu_example_fits_the_gpu_workers_kept_at_min_replicas(load_spec_file) -> None:
@@ -158,7 +168,7 @@ def test_cpu_example_fits_the_compose_workers(load_spec_file) -> None:
     assert spec.workers * spec.cpus_per_worker <= worker["deploy"]["replicas"] * cpus
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES_DIR.glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", JOB_EXAMPLES, ids=lambda p: p.name)
 def test_multi_node_examples_spread_their_workers_over_nodes(path: Path, load_spec_file) -> None:
     """Named "...-nodes": one worker per node, which Ray does only under STRICT_SPREAD (PACK, the default, put
     both ranks of digits-two-nodes-cpu on one compose worker)."""
