@@ -65,6 +65,10 @@ def paused_server(
         yield server, job_id
 
 
+#: The study id that path templates get (no such study: a well-formed id answers 404, a NUL in it 422).
+NO_STUDY = "nosuchstudy"
+
+
 def _integer_schema(schema: dict[str, Any]) -> dict[str, Any] | None:
     for option in [schema, *schema.get("anyOf", [])]:
         if option.get("type") == "integer":
@@ -78,7 +82,7 @@ def _operations(server: LiveServer, job_id: str) -> Iterator[tuple[str, str, lis
     for template, operations in document["paths"].items():
         if not template.startswith("/v1/"):
             continue
-        path = template.replace("{job_id}", job_id).replace("{layer}", "net.1")
+        path = template.replace("{job_id}", job_id).replace("{layer}", "net.1").replace("{study_id}", NO_STUDY)
         for method, operation in operations.items():
             yield method.upper(), path, operation.get("parameters", [])
 
@@ -116,7 +120,8 @@ def test_text_the_database_cannot_store_is_a_422_naming_the_field(paused_server:
                     continue
                 name = parameter["name"]
                 if parameter["in"] == "path":
-                    target, query = path.replace(job_id if name == "job_id" else "net.1", "a%00b"), {}
+                    filled = {"job_id": job_id, "study_id": NO_STUDY}.get(name, "net.1")
+                    target, query = path.replace(filled, "a%00b"), {}
                 else:
                     target, query = path, {name: "a\x00b"}
                 response = client.request(method, target, params=query)
