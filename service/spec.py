@@ -38,6 +38,7 @@ __all__ = [
     "TensorBoardSpec",
     "TrackingSpec",
     "load_spec_file",
+    "read_spec_mapping",
     "resolve_npz_path",
 ]
 
@@ -703,12 +704,11 @@ class JobSpec(_Strict):
         }
 
 
-def load_spec_file(path: Path | str) -> JobSpec:
-    """Read a job spec from a `.json`, `.yaml` or `.yml` file and validate it.
+def read_spec_mapping(path: Path | str, what: str = "spec") -> dict[str, Any]:
+    """The mapping of fields in a `.json`, `.yaml` or `.yml` file (`what` names the file's kind in errors).
 
     Raises:
-        ValueError: unknown file type, unreadable content, or a spec that does not validate (pydantic's
-            `ValidationError` is a `ValueError` and names each bad field).
+        ValueError: unknown file type, or content that is not a mapping.
     """
     path = Path(path)
     text = path.read_text(encoding="utf-8")
@@ -720,7 +720,17 @@ def load_spec_file(path: Path | str) -> JobSpec:
 
         data = yaml.safe_load(text)
     else:
-        raise ValueError(f"spec file must end in .json, .yaml or .yml (got {path.name!r}).")
+        raise ValueError(f"{what} file must end in .json, .yaml or .yml (got {path.name!r}).")
     if not isinstance(data, dict):
-        raise ValueError(f"spec file {path.name!r} must hold a mapping of fields (got {type(data).__name__}).")
-    return JobSpec.model_validate(data)
+        raise ValueError(f"{what} file {path.name!r} must hold a mapping of fields (got {type(data).__name__}).")
+    return data
+
+
+def load_spec_file(path: Path | str) -> JobSpec:
+    """Read a job spec from a `.json`, `.yaml` or `.yml` file and validate it.
+
+    Raises:
+        ValueError: unknown file type, unreadable content, or a spec that does not validate (pydantic's
+            `ValidationError` is a `ValueError` and names each bad field).
+    """
+    return JobSpec.model_validate(read_spec_mapping(path))

@@ -11,7 +11,6 @@ refused as a job.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.spec import JobSpec, Precision
+from service.spec import JobSpec, Precision, read_spec_mapping
 
 __all__ = ["ARM_FIELDS", "MAX_ARMS", "MAX_SEEDS", "ArmSpec", "StudySpec", "arm_label", "load_study_file"]
 
@@ -218,17 +217,4 @@ def load_study_file(path: Path | str) -> StudySpec:
         ValueError: unknown file type, unreadable content, or a spec that does not validate (pydantic's
             `ValidationError` is a `ValueError` and names each bad field).
     """
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        data = json.loads(text)
-    elif suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        raise ValueError(f"study spec file must end in .json, .yaml or .yml (got {path.name!r}).")
-    if not isinstance(data, dict):
-        raise ValueError(f"study spec file {path.name!r} must hold a mapping of fields (got {type(data).__name__}).")
-    return StudySpec.model_validate(data)
+    return StudySpec.model_validate(read_spec_mapping(path, "study spec"))

@@ -48,32 +48,25 @@ __all__ = [
 ]
 
 
+def _refuse_unstorable_body(cls: type, data: Any) -> Any:
+    """Text the database cannot store (a NUL character, ...) anywhere in a body is a 422 naming the field."""
+    found = find_unstorable_text(data)
+    if found is not None:
+        where, reason = found
+        raise ValueError(f"{where or 'the body'} {reason}: remove it.")
+    return data
+
+
 class JobCreate(JobSpec):
     """Body of `POST /v1/jobs`: the job spec (unknown fields are refused)."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unstorable_text(cls, data: Any) -> Any:
-        """Text the database cannot store (a NUL character, ...) anywhere in the body is a 422 naming the field."""
-        found = find_unstorable_text(data)
-        if found is not None:
-            where, reason = found
-            raise ValueError(f"{where or 'the body'} {reason}: remove it.")
-        return data
+    _refuse_unstorable_text = model_validator(mode="before")(classmethod(_refuse_unstorable_body))
 
 
 class StudyCreate(StudySpec):
     """Body of `POST /v1/studies`: the study spec (unknown fields are refused)."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unstorable_text(cls, data: Any) -> Any:
-        """Text the database cannot store (a NUL character, ...) anywhere in the body is a 422 naming the field."""
-        found = find_unstorable_text(data)
-        if found is not None:
-            where, reason = found
-            raise ValueError(f"{where or 'the body'} {reason}: remove it.")
-        return data
+    _refuse_unstorable_text = model_validator(mode="before")(classmethod(_refuse_unstorable_body))
 
 
 class ErrorPublic(BaseModel):
