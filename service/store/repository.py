@@ -196,6 +196,23 @@ class LayerHistory:
     available: int
 
 
+def _queued_job_row(job_id: str, owner: str, spec: dict[str, Any], now: datetime, **study: Any) -> JobRow:
+    """A new job's row as it is queued: a plain submission, or a study's trial (`study`: its id, arm and seed)."""
+    return JobRow(
+        id=job_id,
+        owner=owner,
+        name=spec.get("name"),
+        status=JobStatus.QUEUED.value,
+        spec=json_safe(spec),
+        created_at=now,
+        cancel_requested=False,
+        epochs_done=0,
+        record_seq=0,
+        event_seq=0,
+        **study,
+    )
+
+
 class JobStore:
     """Jobs, metric points, layer statistics, logs, events and idempotency keys in one SQL database."""
 
@@ -304,18 +321,7 @@ class JobStore:
         now = utcnow()
         try:
             with self._write() as session:
-                job = JobRow(
-                    id=job_id,
-                    owner=owner,
-                    name=spec.get("name"),
-                    status=JobStatus.QUEUED.value,
-                    spec=json_safe(spec),
-                    created_at=now,
-                    cancel_requested=False,
-                    epochs_done=0,
-                    record_seq=0,
-                    event_seq=0,
-                )
+                job = _queued_job_row(job_id, owner, spec, now)
                 session.add(job)
                 session.flush()
                 if idempotency_key is not None:
@@ -546,21 +552,7 @@ class JobStore:
             session.add(study)
             jobs = []
             for job_id, arm, seed, job_spec in trials:
-                job = JobRow(
-                    id=job_id,
-                    owner=owner,
-                    name=job_spec.get("name"),
-                    status=JobStatus.QUEUED.value,
-                    spec=json_safe(job_spec),
-                    created_at=now,
-                    cancel_requested=False,
-                    epochs_done=0,
-                    record_seq=0,
-                    event_seq=0,
-                    study_id=study_id,
-                    study_arm=arm,
-                    study_seed=seed,
-                )
+                job = _queued_job_row(job_id, owner, job_spec, now, study_id=study_id, study_arm=arm, study_seed=seed)
                 session.add(job)
                 jobs.append(job)
             session.flush()
