@@ -71,18 +71,13 @@ def _follow(client: Client, study: StudyPublic, out: TextIO) -> StudyPublic:
 def run_study_submit(args: argparse.Namespace) -> int:
     """Submit the study spec file; with --follow, wait for its verdict. Returns the exit code."""
     from service.client import APIError, Client, ClientError, ConnectionFailedError, SpecError
+    from service.submit import refusal  # here, not at the top: service.submit imports this module
 
     with Client(args.url, args.token, timeout=args.timeout) as client:
         try:
             study = client.submit_study(args.spec)
-        except SpecError as exc:
-            sys.stderr.write(f"syncbn submit: {exc}\n")
-            return 2
-        except ConnectionFailedError as exc:
-            sys.stderr.write(f"syncbn submit: cannot reach the service at {args.url}: {exc}\n")
-            return 2
-        except APIError as exc:
-            sys.stderr.write(f"syncbn submit: the service refused the study ({exc.status_code}): {exc.detail}\n")
+        except (SpecError, ConnectionFailedError, APIError) as exc:
+            sys.stderr.write(f"syncbn submit: {refusal(exc, args.url, 'study')}\n")
             return 2
         if not args.json:
             sys.stdout.write(f"submitted study {study.id} ({study.status}, {len(study.trials)} trials)\n")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the client (and the API models it loads) is imported in run
     from service.api.models import JobPublic
     from service.client import Client, Event
 
-__all__ = ["add_submit_arguments", "event_line", "run_submit"]
+__all__ = ["add_submit_arguments", "event_line", "refusal", "run_submit"]
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,20 +112,25 @@ def run_submit(args: argparse.Namespace) -> int:
         return _submit(args)
 
 
+def refusal(exc: Exception, url: str, what: str) -> str:
+    """The sentence for a submission (`what`: job or study) that did not reach the queue."""
+    from service.client import APIError, ConnectionFailedError
+
+    if isinstance(exc, ConnectionFailedError):
+        return f"cannot reach the service at {url}: {exc}"
+    if isinstance(exc, APIError):
+        return f"the service refused the {what} ({exc.status_code}): {exc.detail}"
+    return str(exc)
+
+
 def _submit(args: argparse.Namespace) -> int:
     from service.client import APIError, Client, ClientError, ConnectionFailedError, SpecError
 
     with Client(args.url, args.token, timeout=args.timeout) as client:
         try:
             job = client.submit(args.spec, idempotency_key=args.idempotency_key)
-        except SpecError as exc:
-            sys.stderr.write(f"syncbn submit: {exc}\n")
-            return 2
-        except ConnectionFailedError as exc:
-            sys.stderr.write(f"syncbn submit: cannot reach the service at {args.url}: {exc}\n")
-            return 2
-        except APIError as exc:
-            sys.stderr.write(f"syncbn submit: the service refused the job ({exc.status_code}): {exc.detail}\n")
+        except (SpecError, ConnectionFailedError, APIError) as exc:
+            sys.stderr.write(f"syncbn submit: {refusal(exc, args.url, 'job')}\n")
             return 2
         if not args.json:
             position = f", position {job.queue_position} in the queue" if job.queue_position else ""
