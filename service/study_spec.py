@@ -115,6 +115,12 @@ class StudySpec(BaseModel):
         description="What decides: the best validation accuracy of each trial (higher is better) or its lowest "
         "validation loss.",
     )
+    early_stop: bool = Field(
+        False,
+        description="Stop early: once at least 2 paired seeds are done and every comparison's interval lies wholly "
+        "above, inside or below the +-margin band, cancel the trials still queued (running ones finish) and "
+        "succeed with that verdict.",
+    )
     confidence: float = Field(0.95, ge=0.5, lt=1.0, description="Confidence of the intervals, e.g. 0.95.")
     margin: float | None = Field(
         None,
@@ -187,8 +193,9 @@ class StudySpec(BaseModel):
         return JobSpec.model_validate(data)
 
     def trial_specs(self) -> list[tuple[int, int, JobSpec]]:
-        """(arm, seed, spec) of every trial, arm by arm."""
-        return [(arm, seed, self.trial_spec(arm, seed)) for arm in range(len(self.arms)) for seed in self.seed_list()]
+        """(arm, seed, spec) of every trial, seed by seed (every arm of the first seed, then of the next): queued
+        in this order, the trials finish in pairs, so a verdict (and an early stop) comes as early as it can."""
+        return [(arm, seed, self.trial_spec(arm, seed)) for seed in self.seed_list() for arm in range(len(self.arms))]
 
     def labels(self) -> list[str]:
         """The short name of each arm."""

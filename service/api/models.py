@@ -510,6 +510,14 @@ class TrialPublic(BaseModel):
     status: JobStatus = Field(description="The job's status.")
 
 
+class StoppedEarlyPublic(BaseModel):
+    """A study that stopped early: its verdict settled, so the trials still queued were cancelled."""
+
+    at: datetime = Field(description="When the verdict settled (UTC).")
+    paired_seeds: int = Field(description="Paired seeds of the verdict at that moment.")
+    cancelled_trials: int = Field(description="Queued trials cancelled for it (they never started).")
+
+
 class StudyPublic(BaseModel):
     """A study as the API shows it: status and verdict are derived from its trials when read."""
 
@@ -523,9 +531,14 @@ class StudyPublic(BaseModel):
     created_at: datetime = Field(description="When the study was submitted (UTC).")
     spec: StudySpec = Field(description="The submitted spec, with defaults filled in.")
     arms: list[dict[str, Any]] = Field(description="Per arm: its index, label and the fields it overrides.")
-    trials: list[TrialPublic] = Field(description="Its trials, arm by arm and seed by seed.")
+    trials: list[TrialPublic] = Field(
+        description="Its trials in the order they were queued: seed by seed, every arm of each seed."
+    )
     verdict: VerdictPublic | None = Field(
         description="null until at least two seeds of two arms have succeeded; then updated as trials finish."
+    )
+    stopped_early: StoppedEarlyPublic | None = Field(
+        None, description="Set when the study (with early_stop) settled before running every trial."
     )
 
     @classmethod
@@ -548,6 +561,15 @@ class StudyPublic(BaseModel):
                 if job.study_arm is not None and job.study_seed is not None
             ],
             verdict=VerdictPublic.from_verdict(state.verdict, labels) if state.verdict is not None else None,
+            stopped_early=(
+                StoppedEarlyPublic(
+                    at=state.stopped_early.at,
+                    paired_seeds=state.stopped_early.paired_seeds,
+                    cancelled_trials=state.stopped_early.cancelled_trials,
+                )
+                if state.stopped_early is not None
+                else None
+            ),
         )
 
 

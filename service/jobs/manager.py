@@ -133,6 +133,7 @@ class JobManager:
         self._reserved: dict[str, Admission] = {}
         self._resume: list[str] = []  # running jobs whose run died with the service, oldest first
         self._poll_failures: dict[str, int] = {}
+        self._study_checks: set[str] = set()  # studies one of whose trials ended: may they stop early?
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -215,6 +216,10 @@ class JobManager:
             return False
         self._leading = True
         self.takeovers += 1
+        try:  # a previous leader may have stopped between a trial's end and its study's early-stop check
+            self._study_checks.update(study.id for study in self.store.studies_with_queued_trials())
+        except Exception:
+            logger.exception("listing the studies with queued trials failed (their next trial end checks them)")
         return True
 
     def _step_down(self) -> None:
@@ -226,6 +231,7 @@ class JobManager:
             self._resume.clear()
             self._cancelling.clear()
         self._poll_failures.clear()
+        self._study_checks.clear()  # the next leader checks every study with queued trials
 
     @property
     def stopping(self) -> bool:
@@ -532,6 +538,7 @@ class JobManager:
                     self._wake.wait(self.settings.leader_poll_s)
                     continue
                 self._drain()
+                self._stop_settled_studies()
                 self._start_queued()
             except ClusterUnavailableError as exc:
                 self.loop_errors += 1
@@ -600,6 +607,8 @@ class JobManager:
         self._poll_failures.pop(job_id, None)
         if ended is not None:
             logger.info("job %s ended: %s", job_id, ended.value)
+            if job.study_id is not None:
+                self._study_checks.add(job.study_id)
             self._close_run(job_id, run)
         elif done and not stored_any:
             # Over, yet no end record came: never leave such a job running forever.
@@ -636,6 +645,21 @@ class JobManager:
             self._reserved.pop(job_id, None)
             self._cancelling.discard(job_id)
         self._poll_failures.pop(job_id, None)
+
+    def _stop_settled_studies(self) -> None:
+        """Cancel the queued trials of each study (one of whose trials just ended) whose verdict settled, when the
+        study asks for `early_stop` (`service.jobs.early_stop`)."""
+        from service.jobs.early_stop import stop_study_if_settled
+
+        while self._study_checks and not self._stop.is_set():
+            study_id = self._study_checks.pop()
+            try:
+                cancelled = stop_study_if_settled(self.store, study_id)
+            except Exception:
+                self._study_checks.add(study_id)
+                raise
+            if cancelled:
+                logger.info("study %s stopped early: %d queued trials cancelled", study_id, cancelled)
 
     def _start_queued(self) -> None:
         if not self._resume_runs():

@@ -235,3 +235,7 @@ class StudyRow(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Set by the leader when a study with `early_stop` settled (its queued trials are then cancelled).
+    stopped_early_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Paired seeds of the verdict at that moment.
+    stopped_early_pairs: Mapped[int | None] = mapped_column(Integer)

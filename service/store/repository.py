@@ -431,8 +431,10 @@ class JobStore:
         error: str | None = None,
         message: str | None = None,
         level: str = "info",
+        only_from: JobStatus | None = None,
     ) -> JobRow | None:
-        """Move a job to `target` if its current state allows it; record a status event and a log line.
+        """Move a job to `target` if its current state allows it (and is `only_from`, when given); record a status
+        event and a log line.
 
         Returns:
             The updated job, or None when the job does not exist or its state does not allow the move.
@@ -441,6 +443,8 @@ class JobStore:
         with self._write() as session:
             job = self._lock_job(session, job_id)
             if job is None or not JobStatus(job.status).can_become(target):
+                return None
+            if only_from is not None and job.status != only_from.value:
                 return None
             previous = job.status
             job.status = target.value
@@ -585,7 +589,7 @@ class JobStore:
         return rows, count
 
     def study_trials(self, study_id: str) -> list[JobRow]:
-        """The trial jobs of a study still in the store, in the order they were created (arm by arm, seed by seed)."""
+        """The trial jobs of a study still in the store, in the order they were created (seed by seed, arm by arm)."""
         with self._read() as session:
             query = select(JobRow).where(JobRow.study_id == study_id).order_by(JobRow.number)
             return list(session.scalars(query))
@@ -597,6 +601,23 @@ class JobStore:
             if study is not None:
                 study.cancel_requested = True
         return study
+
+    def mark_study_stopped_early(self, study_id: str, paired_seeds: int) -> bool:
+        """Record that a study settled early (with `paired_seeds` pairs in its verdict); True if this call recorded
+        it, False when it was already stopped early, cancelled, or is gone (so only one caller cancels its trials)."""
+        with self._write() as session:
+            study = session.scalars(select(StudyRow).where(StudyRow.id == study_id).with_for_update()).first()
+            if study is None or study.cancel_requested or study.stopped_early_at is not None:
+                return False
+            study.stopped_early_at = utcnow()
+            study.stopped_early_pairs = paired_seeds
+        return True
+
+    def studies_with_queued_trials(self) -> list[StudyRow]:
+        """The studies that still hold a queued trial, oldest first (what a new leader checks for early stops)."""
+        queued = select(JobRow.study_id).where(JobRow.study_id.is_not(None), JobRow.status == "queued").distinct()
+        with self._read() as session:
+            return list(session.scalars(select(StudyRow).where(StudyRow.id.in_(queued)).order_by(StudyRow.number)))
 
     def status_events(self, job_ids: Sequence[str]) -> list[JobEventRow]:
         """The `status` events of these jobs (a handful per job), oldest first: a study's event stream."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from pydantic import ValidationError
 
@@ -22,7 +23,15 @@ from service.store.repository import JobStore, as_utc
 from service.store.verdict import ArmResult, Verdict, default_margin, study_verdict
 from service.study_spec import StudySpec
 
-__all__ = ["SKEW_KEY", "StudyState", "StudyStatus", "derive_status", "read_study", "study_verdict_of"]
+__all__ = [
+    "SKEW_KEY",
+    "StoppedEarly",
+    "StudyState",
+    "StudyStatus",
+    "derive_status",
+    "read_study",
+    "study_verdict_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +52,21 @@ class StudyStatus:
     ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 
+@dataclass(frozen=True)
+class StoppedEarly:
+    """A study with `early_stop` whose verdict settled: when, after how many paired seeds, and how many of its
+    queued trials were cancelled for it (they never started)."""
+
+    at: datetime
+    paired_seeds: int
+    cancelled_trials: int
+
+    def sentence(self) -> str:
+        """What the verdict's sentence adds, e.g. 'It stopped early after 2 paired seeds (2 queued trials not run).'"""
+        trials = f"{self.cancelled_trials} queued trial{'s' if self.cancelled_trials != 1 else ''} not run"
+        return f"It stopped early after {self.paired_seeds} paired seeds ({trials})."
+
+
 @dataclass
 class StudyState:
     """A study row with its spec, its trials (jobs), derived status and verdict."""
@@ -52,6 +76,7 @@ class StudyState:
     trials: list[JobRow]
     status: str
     verdict: Verdict | None
+    stopped_early: StoppedEarly | None = None
 
 
 def derive_status(cancel_requested: bool, statuses: list[JobStatus], has_verdict: bool) -> str:
@@ -136,4 +161,10 @@ def read_study(store: JobStore, study: StudyRow) -> StudyState:
     trials = store.study_trials(study.id)
     verdict = study_verdict_of(store, spec, trials)
     status = derive_status(bool(study.cancel_requested), [JobStatus(job.status) for job in trials], verdict is not None)
-    return StudyState(study, spec, trials, status, verdict)
+    stopped = None
+    if study.stopped_early_at is not None:
+        never_started = [j for j in trials if j.status == JobStatus.CANCELLED.value and j.started_at is None]
+        stopped = StoppedEarly(as_utc(study.stopped_early_at), study.stopped_early_pairs or 0, len(never_started))
+        if verdict is not None:
+            verdict.sentence = f"{verdict.sentence} {stopped.sentence()}"
+    return StudyState(study, spec, trials, status, verdict, stopped)

@@ -30,12 +30,14 @@ __all__ = [
     "METRICS",
     "ArmResult",
     "ArmSummary",
+    "Comparison",
     "Difference",
     "Verdict",
     "compare_arms",
     "default_margin",
     "paired_difference",
     "seeds_needed",
+    "settled",
     "skewed_layers",
     "study_verdict",
     "summarise_arm",
@@ -202,6 +204,29 @@ def _outcome(difference: Difference, direction: int, margin: float) -> Outcome:
     if good_high < 0.0:
         return "does_not_pay"
     return "inconclusive"
+
+
+def settled(verdict: Verdict) -> bool:
+    """Whether more seeds would hardly change the answer: for every comparison, after at least two paired seeds,
+    the interval of the difference excludes both edges of the margin band (it lies wholly above +margin, wholly
+    inside the band, or wholly below -margin). A study with `early_stop` stops queueing trials once this holds.
+
+    An interval that straddles an edge is not settled even when its outcome reads `pays` (above zero but reaching
+    into the band: more seeds could make it `does_not_pay`) or `does_not_pay` (below zero but reaching into it).
+    Looking after every trial like this makes a false "settled" somewhat likelier than 1 - confidence; the margin
+    band, which a real difference must clear, keeps that small in practice.
+    """
+    if not verdict.comparisons:
+        return False
+    for comparison in verdict.comparisons:
+        d = comparison.difference
+        if d.n_pairs < 2 or d.ci_low is None or d.ci_high is None:
+            return False
+        margin = verdict.margin
+        for edge in (-margin, margin):
+            if d.ci_low <= edge <= d.ci_high:
+                return False
+    return True
 
 
 def compare_arms(

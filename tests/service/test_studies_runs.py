@@ -56,7 +56,7 @@ def test_a_study_survives_a_restart_and_its_verdict_is_the_stored_metrics(ray_cl
             assert created.status_code == 201, created.text
             study = created.json()
             assert study["status"] == "queued" and study["verdict"] is None
-            assert [(t["arm"], t["seed"]) for t in study["trials"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+            assert [(t["arm"], t["seed"]) for t in study["trials"]] == [(0, 0), (1, 0), (0, 1), (1, 1)]
             wait_for(
                 lambda: client.get(f"/v1/studies/{study['id']}").json()["status"] == "running",
                 120,

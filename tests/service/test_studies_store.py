@@ -18,6 +18,7 @@ from alembic import command
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
+from service.jobs.early_stop import stop_study_if_settled
 from service.status import JobStatus
 from service.store import JobStore
 from service.store.engine import make_engine
@@ -87,7 +88,7 @@ def test_0005_upgrades_a_database_with_rows_and_its_jobs_stay_plain_jobs(databas
 
         spec = StudySpec.model_validate({"base": BASE, "seeds": 2})
         study, jobs = opened.create_study("b" * 32, spec.model_dump(mode="json"), _trials(spec), owner="alice")
-        assert [(j.study_arm, j.study_seed) for j in opened.study_trials(study.id)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert [(j.study_arm, j.study_seed) for j in opened.study_trials(study.id)] == [(0, 0), (1, 0), (0, 1), (1, 1)]
         assert opened.list_jobs(study=study.id)[1] == 4 and opened.list_jobs()[1] == 5
         assert opened.list_studies(owner="alice")[1] == 1 and opened.list_studies(owner="bob")[1] == 0
         assert opened.queue_positions() == {job.id: index for index, job in enumerate(jobs, start=1)}
@@ -103,6 +104,47 @@ def test_0005_upgrades_a_database_with_rows_and_its_jobs_stay_plain_jobs(databas
             assert "studies" not in inspect(connection).get_table_names()
             assert "study_id" not in {c["name"] for c in inspect(connection).get_columns("jobs")}
             assert connection.scalar(text("SELECT count(*) FROM jobs")) == 5
+    finally:
+        engine.dispose()
+
+
+def test_0006_keeps_the_studies_and_they_did_not_stop_early(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        upgrade_database(engine, "0005_studies")
+        spec = StudySpec.model_validate({"base": BASE, "seeds": 2}).model_dump_json()
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO studies (id, owner, name, spec, created_at, cancel_requested) "
+                    "VALUES (:id, 'alice', 'old study', :spec, :at, false)"
+                ),
+                {"id": "c" * 32, "spec": spec, "at": datetime(2026, 1, 2, tzinfo=timezone.utc)},
+            )
+    finally:
+        engine.dispose()
+    opened = JobStore(database_url)
+    try:
+        assert opened.schema.before == "0005_studies" and opened.schema.after == head_revision()
+        old = opened.get_study("c" * 32)
+        assert (old.owner, old.name, old.stopped_early_at, old.stopped_early_pairs) == (
+            "alice",
+            "old study",
+            None,
+            None,
+        )
+        state = read_study(opened, old)
+        assert (state.status, state.stopped_early, state.spec.early_stop) == (StudyStatus.FAILED, None, False)
+        assert opened.mark_study_stopped_early(old.id, 3)
+    finally:
+        opened.close()
+    engine = make_engine(database_url)
+    try:  # and back: the two columns go, the study stays
+        with engine.begin() as connection:
+            command.downgrade(alembic_config(connection), "0005_studies")
+        with engine.connect() as connection:
+            assert "stopped_early_at" not in {c["name"] for c in inspect(connection).get_columns("studies")}
+            assert connection.scalar(text("SELECT name FROM studies")) == "old study"
     finally:
         engine.dispose()
 
@@ -205,3 +247,66 @@ def test_the_verdict_is_derived_from_the_stored_records(store: JobStore) -> None
     assert [a.wall_s for a in got.arms] == pytest.approx([a.wall_s for a in expected.arms])
     assert [(layer["layer"], layer["points"]) for layer in got.layers] == [("bn1", 6), ("bn2", 6)]
     assert got.layers[1]["between_share_mean"] == pytest.approx(0.15, rel=1e-6)
+
+
+def test_an_early_stop_study_cancels_its_queued_trials_once_the_verdict_settles(store: JobStore) -> None:
+    """Seeds 0..3, queued seed by seed; after 2 settled pairs the 4 trials still queued are cancelled (never the
+    running one), the study succeeds once that one ends, and its sentence says it stopped early."""
+    spec = StudySpec.model_validate({"base": BASE, "seeds": 4, "early_stop": True})
+    study, jobs = store.create_study(uuid.uuid4().hex, spec.model_dump(mode="json"), _trials(spec))
+    assert [(job.study_arm, job.study_seed) for job in jobs][:4] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    by_key = {(job.study_arm, job.study_seed): job for job in jobs}
+    # sync 0.90 / 0.91, local 0.70 / 0.72: the differences 0.20, 0.19 lie far above the 0.005 margin.
+    for key, accuracy in [((0, 0), 0.90), ((1, 0), 0.70), ((0, 1), 0.91)]:
+        _run(store, by_key[key].id, [accuracy], 100.0, None)
+    assert stop_study_if_settled(store, study.id) == 0, "one pair does not settle anything"
+    store.transition(by_key[(0, 2)].id, JobStatus.RUNNING)  # started before the second pair ended
+    _run(store, by_key[(1, 1)].id, [0.72], 100.0, None)
+
+    assert stop_study_if_settled(store, study.id) == 3
+    assert stop_study_if_settled(store, study.id) == 0, "a second check cancels nothing more"
+    trials = {(job.study_arm, job.study_seed): job for job in store.study_trials(study.id)}
+    assert trials[(0, 2)].status == "running"
+    for key in [(1, 2), (0, 3), (1, 3)]:
+        assert trials[key].status == "cancelled"
+        assert trials[key].error == "cancelled before it started: its study settled early, after 2 paired seeds"
+    state = read_study(store, store.get_study(study.id))
+    assert state.status == StudyStatus.RUNNING, "the running trial still counts"
+    assert state.stopped_early is not None and state.stopped_early.paired_seeds == 2
+    assert state.stopped_early.cancelled_trials == 3
+
+    _run(store, trials[(0, 2)].id, [0.93], 100.0, None)  # (its move to running is refused: it runs already)
+    state = read_study(store, store.get_study(study.id))
+    assert state.status == StudyStatus.SUCCEEDED and state.verdict.outcome == "pays"
+    assert state.verdict.comparisons[0].difference.n_pairs == 2, "seed 2 has no local trial: it pairs with nothing"
+    assert state.verdict.sentence.endswith(" It stopped early after 2 paired seeds (3 queued trials not run).")
+
+
+def test_an_unsettled_or_plain_study_keeps_its_queue_and_a_stop_interrupted_midway_is_finished(store: JobStore) -> None:
+    plain = StudySpec.model_validate({"base": BASE, "seeds": 3})
+    straddling = StudySpec.model_validate({"base": BASE, "seeds": 3, "early_stop": True, "margin": 0.05})
+    results = {(0, 0): 0.90, (1, 0): 0.70, (0, 1): 0.91, (1, 1): 0.72}
+    for spec, expected in [(plain, 0), (straddling, 0)]:
+        study, jobs = store.create_study(uuid.uuid4().hex, spec.model_dump(mode="json"), _trials(spec))
+        by_key = {(job.study_arm, job.study_seed): job for job in jobs}
+        accuracies = dict(results)
+        if spec.margin:  # differences 0.20 and 0.01: the interval reaches across the 0.05 band's edge
+            accuracies[(1, 1)] = 0.90
+        for key, accuracy in accuracies.items():
+            _run(store, by_key[key].id, [accuracy], 100.0, None)
+        assert stop_study_if_settled(store, study.id) == expected
+        assert {job.status for job in store.study_trials(study.id) if job.study_seed == 2} == {"queued"}
+        assert read_study(store, store.get_study(study.id)).stopped_early is None
+
+    # A leader that recorded the stop and died before cancelling: the next check cancels without deciding again.
+    spec = StudySpec.model_validate({"base": BASE, "seeds": 3, "early_stop": True})
+    study, jobs = store.create_study(uuid.uuid4().hex, spec.model_dump(mode="json"), _trials(spec))
+    assert store.mark_study_stopped_early(study.id, 2)
+    assert not store.mark_study_stopped_early(study.id, 2), "recorded once"
+    assert [row.id for row in store.studies_with_queued_trials()][-1] == study.id
+    assert stop_study_if_settled(store, study.id) == 6
+    assert study.id not in [row.id for row in store.studies_with_queued_trials()]
+    # A cancelled study is never stopped early.
+    cancelled, _ = store.create_study(uuid.uuid4().hex, spec.model_dump(mode="json"), _trials(spec))
+    store.mark_study_cancel_requested(cancelled.id)
+    assert not store.mark_study_stopped_early(cancelled.id, 2)

@@ -15,9 +15,13 @@ from scipy import stats
 
 from service.store.verdict import (
     ArmResult,
+    Comparison,
+    Difference,
+    Verdict,
     default_margin,
     paired_difference,
     seeds_needed,
+    settled,
     skewed_layers,
     study_verdict,
 )
@@ -130,3 +134,35 @@ def test_skewed_layers_ranks_by_mean_between_share() -> None:
     ranked = skewed_layers({"stem.1": [0.4, 0.6], "layer1.bn1": [0.1], "head": [float("nan")]}, top=2)
     assert [item["layer"] for item in ranked] == ["stem.1", "layer1.bn1"]
     assert math.isclose(ranked[0]["between_share_mean"], 0.5) and ranked[0]["points"] == 2
+
+
+def _difference_verdict(low: float, high: float, n_pairs: int = 3, margin: float = 0.005) -> Verdict:
+    difference = Difference((low + high) / 2, low, high, 0.01, n_pairs, 0.01)
+    comparison = Comparison(1, difference, "inconclusive", None, None)
+    return Verdict("inconclusive", "", "val_accuracy", margin, 0.95, [], [comparison])
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "n_pairs", "expected"),
+    [
+        (0.01, 0.2, 3, True),  # wholly above the band
+        (-0.004, 0.004, 3, True),  # wholly inside it
+        (-0.3, -0.01, 3, True),  # wholly below it
+        (0.001, 0.2, 3, False),  # "pays" (above zero) yet reaching into the band
+        (-0.01, 0.003, 3, False),  # across the lower edge
+        (-0.2, 0.2, 3, False),  # across both
+        (0.01, 0.2, 1, False),  # one pair is never enough
+    ],
+)
+def test_settled_means_the_interval_excludes_both_edges_of_the_band(
+    low: float, high: float, n_pairs: int, expected: bool
+) -> None:
+    assert settled(_difference_verdict(low, high, n_pairs)) is expected
+
+
+def test_a_study_with_several_comparisons_settles_only_when_every_one_does() -> None:
+    verdict = _difference_verdict(0.01, 0.2)
+    unsettled = Comparison(2, Difference(0.0, -0.1, 0.1, 0.5, 3, 0.1), "inconclusive", None, None)
+    assert settled(verdict)
+    assert not settled(Verdict("pays", "", "val_accuracy", 0.005, 0.95, [], [*verdict.comparisons, unsettled]))
+    assert not settled(Verdict("pays", "", "val_accuracy", 0.005, 0.95, [], []))
