@@ -150,3 +150,53 @@ def test_a_study_survives_a_restart_and_its_verdict_is_the_stored_metrics(ray_cl
             print("tiny study verdict:", verdict["sentence"])
     finally:
         second.stop()
+
+
+def test_an_early_stop_study_settles_after_two_pairs_and_its_last_seed_never_runs(
+    ray_cluster: dict, tmp_path: Path
+) -> None:
+    """Two arms that train the same thing (all ranks as one group, or a group of both ranks): every seed gives the
+    same accuracy in both, so after 2 pairs the interval is the point 0, wholly inside the margin band. One trial
+    at a time: the third seed's two trials are still queued then, and the leader cancels them."""
+    settings = Settings(data_dir=tmp_path / "data", max_concurrent_jobs=1, poll_interval_s=0.2)
+    base = tiny_spec(name="settles", epochs=1, steps_per_epoch=2, stats_every=10, batch_size=8)
+    body = {"base": base, "arms": [{"sync_group_size": None}, {"sync_group_size": 2}], "seeds": 3, "early_stop": True}
+    server = LiveServer(settings).start()
+    try:
+        with server.client() as client:
+            created = client.post("/v1/studies", json=body)
+            assert created.status_code == 201, created.text
+            study_id = created.json()["id"]
+            final = wait_for(
+                lambda: (
+                    (s := client.get(f"/v1/studies/{study_id}").json())["status"] != "running"
+                    and s["status"] != "queued"
+                    and s
+                ),
+                900,
+                "the study to end",
+                interval=1.0,
+            )
+            assert final["status"] == "succeeded", final
+            statuses = {(t["arm"], t["seed"]): t["status"] for t in final["trials"]}
+            assert statuses == {
+                (0, 0): "succeeded",
+                (1, 0): "succeeded",
+                (0, 1): "succeeded",
+                (1, 1): "succeeded",
+                (0, 2): "cancelled",
+                (1, 2): "cancelled",
+            }
+            verdict = final["verdict"]
+            assert verdict["outcome"] == "does_not_pay", verdict
+            assert verdict["difference"]["n_pairs"] == 2
+            assert -0.005 < verdict["difference"]["ci_low"] <= verdict["difference"]["ci_high"] < 0.005
+            assert final["stopped_early"]["paired_seeds"] == 2 and final["stopped_early"]["cancelled_trials"] == 2
+            assert verdict["sentence"].endswith("It stopped early after 2 paired seeds (2 queued trials not run).")
+            for trial in final["trials"]:
+                if trial["status"] == "cancelled":
+                    job = client.get(f"/v1/jobs/{trial['job_id']}").json()
+                    assert job["started_at"] is None
+                    assert job["error"] == "cancelled before it started: its study settled early, after 2 paired seeds"
+    finally:
+        server.stop()
