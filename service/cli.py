@@ -2,7 +2,8 @@
 
 - `syncbn train SPEC`: run one job on an embedded Ray (or `RAY_ADDRESS`), with a progress bar (`service.train`);
 - `syncbn serve`: the REST service (`service.serve`);
-- `syncbn submit SPEC`: send a job to a running service (`service.submit`);
+- `syncbn submit SPEC`: send a job (or with --study a study) to a running service (`service.submit`);
+- `syncbn study SPEC`: run a study on an embedded Ray and print its verdict (`service.study_run`);
 - `syncbn db upgrade|current|history`: the database schema, for operators (`service.db`).
 
 Each sub-command lives in its own module exposing `add_<name>_arguments(parser)` and `run_<name>(args) -> int`;
@@ -24,6 +25,7 @@ _COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("train", "service.train", "Run one training job on an embedded Ray (or RAY_ADDRESS) and save its results."),
     ("serve", "service.serve", "Start the REST service (FastAPI + embedded Ray + SQLite by default)."),
     ("submit", "service.submit", "Submit a job spec to a running service, optionally following it live."),
+    ("study", "service.study_run", "Run a study (paired sync/local runs) on an embedded Ray and print its verdict."),
     ("db", "service.db", "Upgrade the service's database schema, or show its revision and history."),
 )
 
@@ -67,7 +69,7 @@ _SERVICE_EXTRA_MODULES = frozenset(
 )
 
 MISSING_EXTRA_HINT = (
-    "the `syncbn` command (train, serve, submit, db) needs the service extra, which is not installed: "
+    "the `syncbn` command (train, serve, submit, study, db) needs the service extra, which is not installed: "
     "{missing} is missing. Install it with: pip install 'syncbn[service]' "
     "(the library alone, `import syncbn`, needs torch only)"
 )

@@ -10,6 +10,7 @@ server on the same data folder (the runs live in Ray and are re-attached, as aft
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime
 from pathlib import Path
@@ -200,3 +201,38 @@ def test_an_early_stop_study_settles_after_two_pairs_and_its_last_seed_never_run
                     assert job["error"] == "cancelled before it started: its study settled early, after 2 paired seeds"
     finally:
         server.stop()
+
+
+def test_syncbn_study_runs_a_study_on_the_local_ray_and_prints_its_stored_verdict(
+    ray_cluster: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`syncbn study SPEC --json` in this process (on the session's Ray): 2 arms x 2 seeds of one-worker trials,
+    as many at once as the 4 CPUs fit; what it prints is study.json, and the verdict is the one derived again from
+    the syncbn.db it leaves in the output folder. A bad spec is refused before anything runs (exit 2)."""
+    from service.cli import main
+    from service.store import JobStore
+    from service.store.study_results import read_study
+
+    base = tiny_spec(name="cli study", workers=1, epochs=1, steps_per_epoch=2, stats_every=1, batch_size=8)
+    spec_path = tmp_path / "study.json"
+    spec_path.write_text(json.dumps({"base": base, "seeds": 2}), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["study", str(spec_path), "--output", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads((out / "study.json").read_text(encoding="utf-8"))
+    assert printed["status"] == "succeeded" and [t["status"] for t in printed["trials"]] == ["succeeded"] * 4
+    store = JobStore(f"sqlite:///{out / 'syncbn.db'}")
+    try:
+        (row,) = store.list_studies()[0]
+        state = read_study(store, row)
+        assert row.id == printed["id"]
+        assert printed["verdict"]["sentence"] == state.verdict.sentence
+        assert printed["verdict"]["difference"]["mean"] == pytest.approx(state.verdict.comparisons[0].difference.mean)
+        assert [a["n"] for a in printed["verdict"]["arms"]] == [2, 2]
+    finally:
+        store.close()
+
+    spec_path.write_text(json.dumps({"base": base, "seeds": 1}), encoding="utf-8")
+    assert main(["study", str(spec_path), "--output", str(tmp_path / "refused")]) == 2
+    assert "seeds must be between 2 and 10 (got 1)" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

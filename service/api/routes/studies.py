@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -28,8 +27,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from service.api.deps import ManagerDep, PrincipalDep, StoreDep
 from service.api.models import StudiesPublic, StudyCreate, StudyPublic
 from service.api.routes.responses import errors
-from service.engine.model_registry import check_model_name
-from service.jobs.manager import JobCannotFitError, JobStateError
+from service.jobs.manager import JobStateError
+from service.jobs.study_submission import submit_study as submit_study_trials
 from service.status import JobStatus
 from service.store import JobStore
 from service.store.models import StudyRow
@@ -77,27 +76,7 @@ def submit_study(body: StudyCreate, response: Response, manager: ManagerDep, pri
     service cannot build, is refused with 422 (naming the arm) and nothing is queued.
     """
     spec = StudySpec.model_validate(body.model_dump(mode="json"))
-    check_model_name(spec.base.model)
-    trials = spec.trial_specs()
-    checked: set[str] = set()
-    labels = spec.labels()
-    for arm, _, trial in trials:
-        key = trial.model_dump_json(exclude={"seed", "name"})
-        if key in checked:
-            continue
-        checked.add(key)
-        try:
-            manager.submit_check(trial)
-        except JobCannotFitError as exc:
-            raise JobCannotFitError(f"arms[{arm}] ({labels[arm]}): {exc}") from exc
-    study_id = uuid.uuid4().hex
-    study, _ = manager.store.create_study(
-        study_id,
-        spec.model_dump(mode="json"),
-        [(uuid.uuid4().hex, arm, seed, trial.model_dump(mode="json")) for arm, seed, trial in trials],
-        owner=principal.name,
-    )
-    manager.wake()
+    study = submit_study_trials(manager, spec, owner=principal.name)
     response.headers["Location"] = f"/v1/studies/{study.id}"
     return StudyPublic.from_state(read_study(manager.store, study))
 
