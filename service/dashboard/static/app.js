@@ -1,6 +1,7 @@
 // The dashboard's entry point: hash routes, the API token panel and flash messages.
 //
-// Routes: #/jobs (list), #/new (submit form), #/jobs/<id> (one job, live), #/compare?a=<id>&b=<id>.
+// Routes: #/jobs (list), #/new (submit form), #/jobs/<id> (one job, live), #/compare?a=<id>&b=<id>,
+// #/studies (list), #/studies/new (study form; ?from=<job id> starts from a job), #/studies/<id> (one study, live).
 // Each page is a class with mount(root) and unmount(); the router unmounts the old page (closing its event
 // streams and timers) before mounting the next one.
 
@@ -10,6 +11,9 @@ import { ComparePage } from "./page_compare.js";
 import { JobPage } from "./page_job.js";
 import { JobsPage } from "./page_jobs.js";
 import { NewJobPage } from "./page_new.js";
+import { NewStudyPage } from "./page_new_study.js";
+import { StudiesPage } from "./page_studies.js";
+import { StudyPage } from "./page_study.js";
 
 const FLASH_MS = 8000;
 
@@ -22,6 +26,9 @@ function route(hash) {
   if (parts[0] === "jobs" && parts.length === 2) return { Page: JobPage, params: { query, id: parts[1] }, nav: "jobs" };
   if (parts[0] === "new") return { Page: NewJobPage, params: { query }, nav: "new" };
   if (parts[0] === "compare") return { Page: ComparePage, params: { query }, nav: "compare" };
+  if (parts[0] === "studies" && parts.length === 1) return { Page: StudiesPage, params: { query }, nav: "studies" };
+  if (parts[0] === "studies" && parts[1] === "new" && parts.length === 2) return { Page: NewStudyPage, params: { query }, nav: "studies" };
+  if (parts[0] === "studies" && parts.length === 2) return { Page: StudyPage, params: { query, id: parts[1] }, nav: "studies" };
   return null;
 }
 

@@ -1,7 +1,8 @@
 // Two jobs side by side (#/compare?a=<id>&b=<id>): how their specs differ, their results, their curves
 // overlaid (e.g. sync_bn on vs off with the same seed) and their BatchNorm statistics next to each other.
 
-import { align, Chart, PALETTE } from "./charts.js";
+import { PALETTE } from "./charts.js";
+import { CurveOverlay } from "./curve_overlay.js";
 import { h, jobLabel, num, pct, replace, shortId, statusBadge } from "./dom.js";
 import { JobFeed } from "./job_feed.js";
 import { LayerHeatmap, STATISTICS, statisticHelp, statisticSelect } from "./layer_view.js";
@@ -32,7 +33,7 @@ export class ComparePage {
     this.ctx = ctx;
     this.ids = [params.query.get("a") || "", params.query.get("b") || ""];
     this.feeds = [];
-    this.charts = {};
+    this.curves = null;
     this.heatmaps = [];
     this.statistic = STATISTICS[0].key;
   }
@@ -116,19 +117,14 @@ export class ComparePage {
   render() {
     this.summaryBox = h("div", { class: "compare-summary", id: "compare-summary" });
     const diffBox = h("div", { id: "spec-diff" });
-    const boxes = {
-      loss: h("div", { id: "compare-loss" }),
-      valLoss: h("div", { id: "compare-val-loss" }),
-      accuracy: h("div", { id: "compare-accuracy" }),
-      throughput: h("div", { id: "compare-throughput" }),
-    };
+    const curvesBox = h("div", { class: "chart-grid" });
     const heatmapBoxes = [h("div", { id: "compare-heatmap-a" }), h("div", { id: "compare-heatmap-b" })];
     const help = h("p", { class: "help" }, statisticHelp(this.statistic));
     replace(
       this.content,
       this.summaryBox,
       h("section", { class: "panel" }, h("h2", {}, "Spec differences"), diffBox),
-      h("section", { class: "panel" }, h("h2", {}, "Curves"), h("div", { class: "chart-grid" }, Object.values(boxes))),
+      h("section", { class: "panel" }, h("h2", {}, "Curves"), curvesBox),
       h(
         "section",
         { class: "panel" },
@@ -156,30 +152,11 @@ export class ComparePage {
       ),
     );
     this.renderDiff(diffBox);
-    const series = (kind, extra = {}) =>
-      [0, 1].map((i) => ({ label: `${this.name(i)} ${kind}`, color: COLORS[i], ...extra }));
-    this.charts = {
-      loss: new Chart(boxes.loss, { title: "Train loss", xLabel: "step", yLabel: "loss", series: series("train", { width: 1.5 }) }),
-      valLoss: new Chart(boxes.valLoss, {
-        title: "Validation loss",
-        xLabel: "epoch",
-        yLabel: "loss",
-        series: series("validation", { points: true }),
-      }),
-      accuracy: new Chart(boxes.accuracy, {
-        title: "Accuracy",
-        xLabel: "epoch",
-        yLabel: "accuracy",
-        yRange: [0, 1],
-        series: [...series("validation", { points: true }), ...series("train", { points: true, dash: [4, 3] })],
-      }),
-      throughput: new Chart(boxes.throughput, {
-        title: "Throughput",
-        xLabel: "step",
-        yLabel: "samples/s",
-        series: series("samples/s", { width: 1.5 }),
-      }),
-    };
+    this.curves = new CurveOverlay(curvesBox, {
+      idPrefix: "compare",
+      runs: [0, 1].map((i) => ({ label: this.name(i), color: COLORS[i] })),
+      trainAccuracy: true,
+    });
     this.heatmaps = this.feeds.map((feed, i) => new LayerHeatmap(heatmapBoxes[i], feed, { statistic: this.statistic }));
     this.shareColourScale();
     this.renderSummary();
@@ -245,12 +222,7 @@ export class ComparePage {
   }
 
   updateCharts() {
-    const byStep = (key) => this.feeds.map((feed) => ({ x: feed.steps.step, y: feed.steps[key] }));
-    const byEpoch = (key) => this.feeds.map((feed) => ({ x: feed.epochs.map((e) => e.epoch), y: feed.epochs.map((e) => e[key]) }));
-    this.charts.loss.setData(align(byStep("train_loss")));
-    this.charts.valLoss.setData(align(byEpoch("val_loss")));
-    this.charts.accuracy.setData(align([...byEpoch("val_acc"), ...byEpoch("train_acc")]));
-    this.charts.throughput.setData(align(byStep("samples_per_s")));
+    this.curves.update(this.feeds);
   }
 
   onChange(changed) {
@@ -265,7 +237,7 @@ export class ComparePage {
   unmount() {
     for (const unsubscribe of this.unsubscribers || []) unsubscribe();
     for (const feed of this.feeds) feed.stop();
-    for (const chart of Object.values(this.charts)) chart.destroy();
+    this.curves?.destroy();
     for (const heatmap of this.heatmaps) heatmap.destroy();
   }
 }

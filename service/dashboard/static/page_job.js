@@ -309,6 +309,11 @@ export class JobPage {
         `Re-run with sync_bn ${spec.sync_bn ? "off" : "on"}`,
       ),
       h("a", { class: "button", href: `#/compare?a=${encodeURIComponent(job.id)}` }, "Compare…"),
+      h(
+        "a",
+        { class: "button", id: "study-syncbn", href: `#/studies/new?from=${encodeURIComponent(job.id)}`, title: "Run this job with sync_bn on and off over 3 seeds, and get a verdict" },
+        "Study: is SyncBN worth it here?",
+      ),
     );
     replace(
       this.head,
@@ -323,7 +328,19 @@ export class JobPage {
           STREAM_TEXT[stream] || stream,
         ),
       ),
-      h("p", { class: "muted" }, "id ", h("code", { id: "job-id" }, job.id)),
+      h(
+        "p",
+        { class: "muted" },
+        "id ",
+        h("code", { id: "job-id" }, job.id),
+        job.study_id
+          ? [
+              " · trial of ",
+              h("a", { id: "job-study", href: `#/studies/${encodeURIComponent(job.study_id)}` }, `study ${shortId(job.study_id)}`),
+              ` (arm ${job.study_arm}, seed ${job.study_seed})`,
+            ]
+          : null,
+      ),
       h("div", { class: "actions" }, actions),
     );
     this.errorBox.hidden = !job.error;

@@ -1,12 +1,14 @@
-// The job submission form, rendered from the service's own OpenAPI schema of the job spec.
+// A submission form rendered from the service's own OpenAPI schema of a request body: the job spec (POST
+// /v1/jobs), or the study spec (POST /v1/studies, whose `base` is a whole job spec).
 //
-// Every field of JobSpec appears with its description, default and (for choices) its options, so the form
+// Every field of the body appears with its description, default and (for choices) its options, so the form
 // follows the spec without edits here. The API is the one judge of validity: the form sends what was typed
 // (numbers as numbers, anything unparsable as the raw text) and shows each 422 sentence next to the field it
 // names. The only spec knowledge kept here is which fields apply to which variant (APPLIES_WHEN), so fields that
 // do not apply are hidden and left out of the body, as the spec's validators expect.
 // A field whose schema carries `x-options-from` (e.g. `model`: "/v1/models") is a choice among what that route lists
 // now (`data[].name`), read when the form loads; the service still judges the submitted name.
+// A field the generic inputs cannot edit (the study's list of arms) gets a widget from the page (`custom`).
 
 import { h, replace } from "./dom.js";
 
@@ -35,21 +37,22 @@ const APPLIES_WHEN = {
 
 const NUMBER = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
 
-/** Fetch the service's OpenAPI document and return the request body schema of POST /v1/jobs with its components. */
-export async function loadSpecSchema(api) {
+/**
+ * Fetch the service's OpenAPI document and return the request body schema of POST `route` with its components, and
+ * the lists of the fields with `x-options-from` (keyed by field path, e.g. "model" or "base.model").
+ */
+export async function loadSpecSchema(api, route = "/v1/jobs") {
   const response = await fetch(api.url("openapi.json"), { headers: api.headers({ Accept: "application/json" }) });
   if (!response.ok) throw new Error(`could not read the API schema (HTTP ${response.status})`);
   const document = await response.json();
-  const body = document.paths?.["/v1/jobs"]?.post?.requestBody?.content?.["application/json"]?.schema;
-  if (!body) throw new Error("the API schema has no request body for POST /v1/jobs");
+  const body = document.paths?.[route]?.post?.requestBody?.content?.["application/json"]?.schema;
+  if (!body) throw new Error(`the API schema has no request body for POST ${route}`);
   const components = document.components?.schemas || {};
   const lists = {};
-  for (const [name, property] of Object.entries(resolve(body, components).properties || {})) {
-    const source = property["x-options-from"];
-    if (!source) continue;
+  for (const [path, source] of optionSources(body, components)) {
     try {
       const listed = await api.get(source.replace(/^\/+/, ""));
-      lists[name] = (listed.data || []).map((item) => ({ value: item.name, package: item.package, summary: item.summary }));
+      lists[path] = (listed.data || []).map((item) => ({ value: item.name, package: item.package, summary: item.summary }));
     } catch {
       // Without the list the field stays a text input; the service still names what it can build in its 422.
     }
@@ -57,7 +60,20 @@ export async function loadSpecSchema(api) {
   return { root: body, components, lists };
 }
 
-function resolve(schema, components) {
+/** [path, route] of every field with `x-options-from`, in nested objects too (not through arrays). */
+function optionSources(schema, components, prefix = "", depth = 0) {
+  const found = [];
+  if (depth > 4) return found;
+  for (const [name, property] of Object.entries(resolve(schema, components).properties || {})) {
+    const path = prefix ? `${prefix}.${name}` : name;
+    if (property["x-options-from"]) found.push([path, property["x-options-from"]]);
+    else if (property.$ref) found.push(...optionSources(property, components, path, depth + 1));
+  }
+  return found;
+}
+
+/** The schema a `$ref` points to (followed up to 10 times), or the schema itself. */
+export function resolve(schema, components) {
   let current = schema;
   for (let depth = 0; current?.$ref && depth < 10; depth++) {
     current = components[current.$ref.split("/").pop()];
@@ -65,21 +81,30 @@ function resolve(schema, components) {
   return current || {};
 }
 
+/** A number or a list of integers (the study's `seeds`: N, or the seeds themselves). */
+function isCountOrList(members) {
+  return (
+    members.length === 2
+    && members.some((s) => s.type === "integer")
+    && members.some((s) => s.type === "array" && s.items?.type === "integer")
+  );
+}
+
 /** Describe one property: a group of fields (object) or a single field, with nullability folded in. */
-function describe(name, path, schema, components, lists = {}) {
+export function describe(name, path, schema, components, lists = {}) {
   let nullable = false;
   let inner = schema;
   if (Array.isArray(schema.anyOf)) {
     const members = schema.anyOf.filter((s) => s.type !== "null");
     nullable = members.length < schema.anyOf.length;
-    inner = members.length === 1 ? members[0] : { type: "string" };
+    inner = members.length === 1 ? members[0] : isCountOrList(members) ? { type: "count_or_list" } : { type: "string" };
   }
   const resolved = resolve(inner, components);
   const description = schema.description || resolved.description || "";
   const base = { name, path, nullable, description, default: schema.default };
   if (resolved.type === "object" && resolved.properties) {
     const children = Object.entries(resolved.properties).map(([child, childSchema]) =>
-      describe(child, `${path}.${child}`, childSchema, components),
+      describe(child, `${path}.${child}`, childSchema, components, lists),
     );
     return { ...base, kind: "group", title: resolved.title || name, children };
   }
@@ -93,7 +118,8 @@ function describe(name, path, schema, components, lists = {}) {
     field.options = resolved.enum;
   } else if (resolved.type === "array") {
     field.type = "list";
-    field.itemType = resolve(resolved.items || {}, components).type || "string";
+    field.items = resolved.items || {};
+    field.itemType = resolve(field.items, components).type || "string";
   }
   field.minimum = resolved.minimum ?? resolved.exclusiveMinimum;
   field.maximum = resolved.maximum ?? resolved.exclusiveMaximum;
@@ -103,25 +129,44 @@ function describe(name, path, schema, components, lists = {}) {
   return field;
 }
 
-function parseNumber(text) {
+/** A typed number as a number; anything else as the text (the API then says what is wrong with it). */
+export function parseNumber(text) {
   return NUMBER.test(text) ? Number(text) : text;
+}
+
+/** The part of an error location below a field's path, e.g. ["1", "batch_size"] for "arms" of body.arms.1.batch_size. */
+function locWithin(loc, path) {
+  const parts = loc.map(String).filter((part, i) => !(i === 0 && part === "body"));
+  const depth = path.split(".").length;
+  return parts.slice(0, depth).join(".") === path ? parts.slice(depth) : [];
 }
 
 export class SpecForm {
   /**
-   * @param {{root, components}} schema  from loadSpecSchema()
+   * @param {{root, components, lists}} schema  from loadSpecSchema()
    * @param {(body) => Promise} onSubmit  sends the body; rejects with an ApiError to show
+   * @param {object} options  noun ("job": what the service refuses), submitLabel, submitId;
+   *   scope: the path of the job spec inside the body ("base" for a study), for APPLIES_WHEN and for errors that
+   *   name a job spec field without it (e.g. an unknown `model`);
+   *   custom: {path: (fieldSpec, components) => widget} for fields the generic inputs cannot edit; a widget has
+   *   `element`, `setValue(value)` (undefined: its initial value), `value()`, and optionally `mark(loc, message)`
+   *   and `clearMarks()` to point at the part of it an error names;
+   *   last: names of top-level fields shown after the others (the study's long `base` after its own fields)
    */
-  constructor(schema, onSubmit) {
+  constructor(schema, onSubmit, options = {}) {
     this.onSubmit = onSubmit;
+    this.options = { noun: "job", submitLabel: "Submit job", submitId: "submit-job", scope: "", custom: {}, last: [], ...options };
+    this.components = schema.components;
     const root = resolve(schema.root, schema.components);
-    this.fields = new Map(); // path -> {spec, input, wrapper, error}
+    this.fields = new Map(); // path -> {spec, input, wrapper, error, widget}
     this.groups = new Map(); // path -> {spec, toggle, wrapper, error}
-    this.specs = Object.entries(root.properties || {}).map(([name, s]) =>
+    const specs = Object.entries(root.properties || {}).map(([name, s]) =>
       describe(name, name, s, schema.components, schema.lists || {}),
     );
+    const last = new Set(this.options.last);
+    this.specs = [...specs.filter((s) => !last.has(s.name)), ...specs.filter((s) => last.has(s.name))];
     this.formError = h("div", { class: "form-error", role: "alert", hidden: true, id: "form-error" });
-    this.submitButton = h("button", { type: "submit", class: "primary", id: "submit-job" }, "Submit job");
+    this.submitButton = h("button", { type: "submit", class: "primary", id: this.options.submitId }, this.options.submitLabel);
     this.element = h(
       "form",
       { class: "spec-form", novalidate: true, id: "spec-form", onsubmit: (e) => this.submit(e) },
@@ -174,8 +219,13 @@ export class SpecForm {
 
   renderField(spec) {
     const id = `field-${spec.path.replaceAll(".", "-")}`;
+    const makeWidget = this.options.custom[spec.path];
+    const widget = makeWidget ? makeWidget(spec, this.components) : null;
     let input;
-    if (spec.type === "enum") {
+    if (widget) {
+      input = widget.element;
+      input.id = id;
+    } else if (spec.type === "enum") {
       input = h(
         "select",
         { name: spec.path, id },
@@ -194,7 +244,7 @@ export class SpecForm {
         name: spec.path,
         id,
         inputmode: numeric ? (spec.type === "integer" ? "numeric" : "decimal") : null,
-        placeholder: spec.nullable ? "none" : spec.type === "list" ? "e.g. 3, 16, 16" : null,
+        placeholder: spec.nullable ? "none" : spec.type === "list" ? "e.g. 3, 16, 16" : spec.type === "count_or_list" ? "e.g. 3, or 0, 1, 2" : null,
         spellcheck: "false",
         autocomplete: "off",
       });
@@ -205,13 +255,13 @@ export class SpecForm {
     const range = this.rangeText(spec);
     const wrapper = h(
       "div",
-      { class: `field field-${spec.type}`, "data-field": spec.path },
+      { class: `field field-${spec.type}${widget ? " field-custom" : ""}`, "data-field": spec.path },
       h("label", { for: id }, h("code", {}, spec.name)),
       input,
       h("p", { class: "help", id: `${id}-help` }, spec.description, range ? h("span", { class: "range" }, range) : null),
       error,
     );
-    this.fields.set(spec.path, { spec, input, wrapper, error });
+    this.fields.set(spec.path, { spec, input, wrapper, error, widget });
     return wrapper;
   }
 
@@ -225,12 +275,17 @@ export class SpecForm {
 
   /** Put every field back to the schema's defaults. */
   reset() {
-    for (const { spec, input } of this.fields.values()) this.setInput(spec, input, spec.default);
+    for (const field of this.fields.values()) this.setField(field, field.spec.default);
     for (const { spec, toggle } of this.groups.values()) {
       if (toggle) toggle.checked = spec.default !== undefined && spec.default !== null;
     }
     this.clearErrors();
     this.updateVisibility();
+  }
+
+  setField({ spec, input, widget }, value) {
+    if (widget) widget.setValue(value);
+    else this.setInput(spec, input, value);
   }
 
   setInput(spec, input, value) {
@@ -242,6 +297,7 @@ export class SpecForm {
       input.value = wanted;
     }
     else if (spec.type === "list") input.value = Array.isArray(value) ? value.join(", ") : "";
+    else if (spec.type === "count_or_list") input.value = Array.isArray(value) ? value.join(", ") : value === null || value === undefined ? "" : String(value);
     else input.value = value === null || value === undefined ? "" : String(value);
   }
 
@@ -254,8 +310,7 @@ export class SpecForm {
         if (group.toggle) group.toggle.checked = value !== null && value !== undefined;
         if (value && typeof value === "object") this.setValues(value, path);
       } else if (this.fields.has(path)) {
-        const { spec, input } = this.fields.get(path);
-        this.setInput(spec, input, value);
+        this.setField(this.fields.get(path), value);
       }
     }
     this.updateVisibility();
@@ -267,10 +322,13 @@ export class SpecForm {
     return field.spec.type === "boolean" ? field.input.checked : field.input.value;
   }
 
+  /** Whether a field applies: APPLIES_WHEN's rules are paths within the job spec, i.e. under `scope`. */
   applies(path) {
-    const rule = APPLIES_WHEN[path];
+    const scope = this.options.scope;
+    const within = scope ? (path.startsWith(`${scope}.`) ? path.slice(scope.length + 1) : null) : path;
+    const rule = within === null ? null : APPLIES_WHEN[within];
     if (!rule) return true;
-    const value = this.valueOf(rule[0]);
+    const value = this.valueOf(scope ? `${scope}.${rule[0]}` : rule[0]);
     return Array.isArray(rule[1]) ? rule[1].includes(value) : value === rule[1];
   }
 
@@ -298,7 +356,8 @@ export class SpecForm {
         continue;
       }
       if (!this.applies(spec.path)) continue;
-      const value = this.read(spec, this.fields.get(spec.path).input);
+      const field = this.fields.get(spec.path);
+      const value = field.widget ? field.widget.value() : this.read(spec, field.input);
       if (value !== undefined) out[spec.name] = value;
     }
     return out;
@@ -314,14 +373,19 @@ export class SpecForm {
       const items = text.split(/[\s,;]+/).filter(Boolean);
       return spec.itemType === "integer" || spec.itemType === "number" ? items.map(parseNumber) : items;
     }
+    if (spec.type === "count_or_list") {
+      const items = text.split(/[\s,;]+/).filter(Boolean).map(parseNumber);
+      return /[\s,;]/.test(text) ? items : items[0];
+    }
     return input.value;
   }
 
   clearErrors() {
     this.formError.hidden = true;
     replace(this.formError);
-    for (const { input, error } of this.fields.values()) {
+    for (const { input, error, widget } of this.fields.values()) {
       input.removeAttribute("aria-invalid");
+      widget?.clearMarks?.();
       error.hidden = true;
       replace(error);
     }
@@ -341,8 +405,9 @@ export class SpecForm {
       const message = entry.message || entry.msg || apiError.detail;
       const path = this.placeFor(entry.loc || [], message);
       if (path && this.fields.has(path)) {
-        const { input, error } = this.fields.get(path);
+        const { input, error, widget } = this.fields.get(path);
         input.setAttribute("aria-invalid", "true");
+        widget?.mark?.(locWithin(entry.loc || [], path), message);
         error.append(h("span", {}, message));
         error.hidden = false;
       } else if (path && this.groups.has(path)) {
@@ -355,38 +420,52 @@ export class SpecForm {
       }
     }
     if (unplaced.length) {
-      replace(this.formError, h("strong", {}, `The service refused the job (HTTP ${apiError.status}): `), unplaced.join(" "));
+      replace(this.formError, h("strong", {}, `The service refused the ${this.options.noun} (HTTP ${apiError.status}): `), unplaced.join(" "));
       this.formError.hidden = false;
     }
     const first = this.element.querySelector("[aria-invalid='true'], fieldset.invalid, .form-error:not([hidden])");
     first?.scrollIntoView({ block: "center" });
-    if (first?.matches("input, select")) first.focus();
+    const control = first?.matches("input, select") ? first : first?.querySelector("[aria-invalid='true']");
+    control?.focus();
   }
 
   /**
    * Which field an error belongs to: its location when that is a field; otherwise (an error about a whole object,
    * e.g. a cross-field check) the first visible field its sentence names, e.g. "lr_schedule.warmup_epochs ...".
+   * With a `scope`, a location or sentence naming a job spec field without it (an unknown `model`) means that
+   * field of the job spec.
    */
   placeFor(loc, message) {
     const parts = loc.map(String).filter((part, i) => !(i === 0 && part === "body"));
-    for (let n = parts.length; n > 0; n--) {
-      const path = parts.slice(0, n).join(".");
-      if (this.fields.has(path)) return path;
-      if (this.groups.has(path)) return this.mentioned(message, path) || path;
+    const scope = this.options.scope;
+    const candidates = scope && parts.length && parts[0] !== scope && !this.fields.has(parts[0]) ? [parts, [scope, ...parts]] : [parts];
+    for (const tried of candidates) {
+      for (let n = tried.length; n > 0; n--) {
+        const path = tried.slice(0, n).join(".");
+        if (this.fields.has(path)) return path;
+        if (this.groups.has(path)) return this.mentioned(message, path) || path;
+      }
     }
-    return this.mentioned(message, "");
+    return this.mentioned(message, "") || (scope ? this.mentioned(message, scope) : null);
   }
 
+  /**
+   * The visible field (under `within`, if given) that `message` names first: by its path, or by its path relative
+   * to `within` (a job spec's sentences say "epochs", not "base.epochs").
+   */
   mentioned(message, within) {
     let best = null;
     let bestAt = Infinity;
     for (const [path, { wrapper }] of this.fields) {
       if (wrapper.hidden || (within && !path.startsWith(`${within}.`))) continue;
-      const escaped = path.replaceAll(".", "\\.");
-      const match = new RegExp(`(^|[^\\w.])${escaped}(?![\\w])`).exec(message);
-      if (match && match.index < bestAt) {
-        best = path;
-        bestAt = match.index;
+      const names = within ? [path, path.slice(within.length + 1)] : [path];
+      for (const name of names) {
+        const escaped = name.replaceAll(".", "\\.");
+        const match = new RegExp(`(^|[^\\w.])${escaped}(?![\\w])`).exec(message);
+        if (match && match.index < bestAt) {
+          best = path;
+          bestAt = match.index;
+        }
       }
     }
     return best;
