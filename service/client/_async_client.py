@@ -165,6 +165,10 @@ class AsyncClient:
         """`Client.studies`, as an async iterator."""
         return self._drive(PlanRunner(_plans.studies(page_size, self.retry)))
 
+    def study_events(self, study_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
+        """`Client.study_events`, as an async iterator."""
+        return self._drive(PlanRunner(_plans.study_events(study_id, last_event_id, self.retry)))
+
     async def cancel_study(self, study_id: str) -> StudyPublic:
         """`Client.cancel_study`, awaited."""
         return await self._run(_plans.cancel_study(study_id, self.retry))

@@ -201,6 +201,15 @@ class Client:
         """Every study you can see, newest first (fetched page by page as you iterate)."""
         return self._iterate(_plans.studies(page_size, self.retry))
 
+    def study_events(self, study_id: str, last_event_id: str | None = None) -> Iterator[Event]:
+        """The study's events, live, until every trial ended: `study` (the study with its verdict, when the stream
+        opens and after each trial that ends) and `trial` (a trial's transition: job_id, arm, seed, status).
+
+        Starts after `last_event_id` (a `trial` event's dotted id) when given; a dropped connection is resumed
+        by itself, as for `events`.
+        """
+        return self._iterate(_plans.study_events(study_id, last_event_id, self.retry))
+
     def cancel_study(self, study_id: str) -> StudyPublic:
         """Cancel a study's queued and running trials (finished ones are kept); the study reads `cancelled`."""
         return self._run(_plans.cancel_study(study_id, self.retry))

@@ -270,7 +270,30 @@ def events(
     down), reconnect with `Last-Event-ID` set to the last id received: the service replays from its database,
     so nothing is missed or repeated. Gives up after `retry.retries` attempts in a row without an event.
     """
-    path = f"{_job_path(job_id)}/events"
+    return (yield from _stream(f"{_job_path(job_id)}/events", last_event_id, retry, select, _job_ended(job_id, retry)))
+
+
+def _job_ended(job_id: str, retry: RetryPolicy) -> Callable[[], Plan[str | None]]:
+    """After a stream ended cleanly: None when the job ended (the stream is over), else why it must resume."""
+
+    def check() -> Plan[str | None]:
+        job = yield from get(job_id, retry)
+        if job.status.is_terminal:
+            return None
+        return f"the service ended the stream of job {job_id} while the job is {job.status.value}"
+
+    return check
+
+
+def _stream(
+    path: str,
+    last_event_id: int | str | None,
+    retry: RetryPolicy,
+    select: Callable[[Event], Any],
+    ended: Callable[[], Plan[str | None]],
+) -> Plan[None]:
+    """Emit `select(event)` for the events of the stream at `path`, reconnecting with `Last-Event-ID` after a cut
+    or an early end (`ended()` says whether the stream's subject is over) until `retry.retries` failures in a row."""
     cursor = last_event_id
     failures = 0
     while True:
@@ -295,14 +318,14 @@ def events(
         except httpx.RequestError as exc:
             reason = f"{type(exc).__name__}: {exc}"
         else:
-            job = yield from get(job_id, retry)
-            if job.status.is_terminal:
+            early = yield from ended()
+            if early is None:
                 return None
-            reason = f"the service ended the stream while the job is {job.status.value}"
+            reason = early
         failures += 1
         if failures > retry.retries:
             raise ConnectionFailedError(
-                f"the event stream of job {job_id} was cut {failures} times in a row without an event ({reason})."
+                f"the event stream {path} was cut {failures} times in a row without an event ({reason})."
             )
         delay = retry.delay(failures)
         logger.warning(
@@ -424,6 +447,19 @@ def studies(page_size: int, retry: RetryPolicy) -> Plan[None]:
         offset += len(page.data)
         if not page.data or offset >= page.count:
             return None
+
+
+def study_events(study_id: str, last_event_id: str | None, retry: RetryPolicy) -> Plan[None]:
+    """Emit the study's events (`study`: the whole study with its verdict; `trial`: a trial's transition, its id a
+    dotted cursor) until every trial ended, resuming after a cut with `Last-Event-ID` like a job's stream."""
+
+    def ended() -> Plan[str | None]:
+        current = yield from study(study_id, retry)
+        if all(trial.status.is_terminal for trial in current.trials):
+            return None
+        return f"the service ended the stream of study {study_id} while it is {current.status}"
+
+    return (yield from _stream(f"{_study_path(study_id)}/events", last_event_id, retry, lambda event: event, ended))
 
 
 def cancel_study(study_id: str, retry: RetryPolicy) -> Plan[StudyPublic]:

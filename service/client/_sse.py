@@ -2,7 +2,8 @@
 
 The decoder follows the parsing rules of the HTML standard's `text/event-stream` (fields `id`, `event`, `data`,
 `retry`; lines starting with `:` are comments, such as the service's keep-alive pings; an event is dispatched at
-a blank line, and only if it has data). The service's event ids are integers, its data JSON.
+a blank line, and only if it has data). Its data is JSON. A job's event ids are integers; a study's are dotted
+cursors (one position per trial, e.g. `3.1.0.0`), kept as the string.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ class Event:
     """One event of a job's stream.
 
     Attributes:
-        id: its position in the job's event log (resume after it with `Last-Event-ID`), or None if it had none.
-        type: `status`, `step`, `epoch`, `layers` or `log` (the `event:` field; `message` when absent).
+        id: its position in the job's event log (an int; a study's stream: a dotted cursor, a str); resume after it
+            with `Last-Event-ID`. None if it had none.
+        type: `status`, `step`, `epoch`, `layers` or `log` for a job; `study` or `trial` for a study (the `event:`
+            field; `message` when absent).
         data: the decoded JSON data (the raw text when it is not JSON).
     """
 
-    id: int | None
+    id: int | str | None
     type: str
     data: Any
 
@@ -34,7 +37,7 @@ class EventDecoder:
     """Feeds on the lines of an event stream, one at a time, and returns each event when it is complete."""
 
     def __init__(self) -> None:
-        self._id: int | None = None
+        self._id: int | str | None = None
         self._type = ""
         self._data: list[str] = []
         #: The reconnection delay the server asked for (`retry:` field), in milliseconds, if any.
@@ -54,7 +57,7 @@ class EventDecoder:
         elif field == "event":
             self._type = value
         elif field == "id" and "\0" not in value:
-            self._id = int(value) if value.isdigit() else None
+            self._id = int(value) if value.isdigit() else value if _is_cursor(value) else None
         elif field == "retry" and value.isdigit():
             self.retry_ms = int(value)
         return None
@@ -70,6 +73,12 @@ class EventDecoder:
         except ValueError:
             payload = text
         return Event(event_id, kind, payload)
+
+
+def _is_cursor(value: str) -> bool:
+    """A study stream's id: integers joined by dots."""
+    parts = value.split(".")
+    return len(parts) > 1 and all(part.isdigit() for part in parts)
 
 
 def parse_events(lines: Iterable[str]) -> Iterator[Event]:

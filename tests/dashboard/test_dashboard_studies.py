@@ -376,7 +376,7 @@ def test_the_new_study_form_shows_422s_at_the_field_and_submits(server: LiveServ
     base = spec["base"]
     assert (base["workers"], base["batch_size"], base["steps_per_epoch"], base["epochs"]) == (2, 8, 2, 1)
     assert base["dataset"]["kind"] == "digits" and base["optimizer"]["lr"] == 0.1
-    assert [(t["arm"], t["seed"]) for t in study["trials"]] == [(0, 4), (0, 9), (1, 4), (1, 9)]
+    assert [(t["arm"], t["seed"]) for t in study["trials"]] == [(0, 4), (1, 4), (0, 9), (1, 9)]
     page.assert_clean()
 
 

@@ -58,8 +58,8 @@ def test_a_study_queues_one_job_per_arm_and_seed_for_its_owner(server: LiveServe
         ]
         assert [(t["arm"], t["seed"], t["status"]) for t in study["trials"]] == [
             (0, 4, "queued"),
-            (0, 9, "queued"),
             (1, 4, "queued"),
+            (0, 9, "queued"),
             (1, 9, "queued"),
         ]
         trials = alice.get("/v1/jobs", params={"study": study["id"]}).json()
@@ -156,6 +156,17 @@ def test_both_clients_submit_read_list_and_cancel_studies(server: LiveServer) ->
         assert client.study(study.id) == study
         assert study.id in [s.id for s in client.studies()]
         assert client.cancel_study(study.id).status == "cancelled"
+        # Every trial ended (cancelled), so the stream ends by itself: the study, 8 transitions, the study again.
+        events = list(client.study_events(study.id))
+        assert [e.type for e in events] == ["study"] + ["trial"] * 8 + ["study"]
+        assert events[0].data["id"] == study.id and events[-1].data["status"] == "cancelled"
+        trials = [e for e in events if e.type == "trial"]
+        assert sorted((e.data["job_id"], e.data["status"]) for e in trials) == sorted(
+            (t.job_id, status) for t in study.trials for status in ("queued", "cancelled")
+        )
+        assert all(isinstance(e.id, str) and e.id.count(".") == 3 for e in trials), "dotted cursors, kept whole"
+        resumed = list(client.study_events(study.id, last_event_id=trials[5].id))
+        assert [e.id for e in resumed if e.type == "trial"] == [e.id for e in trials[6:]]
 
     async def use_async() -> None:
         async with AsyncClient(server.url, token=ALICE) as client:
@@ -163,6 +174,8 @@ def test_both_clients_submit_read_list_and_cancel_studies(server: LiveServer) ->
             assert (await client.study(study.id)).id == study.id
             assert study.id in [s.id async for s in client.studies()]
             assert (await client.cancel_study(study.id)).status == "cancelled"
+            events = [e async for e in client.study_events(study.id)]
+            assert [e.type for e in events] == ["study"] + ["trial"] * 8 + ["study"]
 
     asyncio.run(use_async())
 
