@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MLFLOW_VENV := .venv-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
-.PHONY: serve test test-vision lint bench browser gpu-check mlflow-venv images test-containers
+.PHONY: serve test test-slow test-vision lint bench browser gpu-check mlflow-venv images test-containers
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -38,7 +38,12 @@ browser:
 test: $(STAMP) $(MLFLOW_STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check syncbn service tests bench
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# The long end-to-end runs (marker `slow`: several real servers, clusters or trainings each; README "Tests"), which
+# `.ci/run` runs after `make test` so that the suite a developer runs stays well under 30 minutes.
+test-slow: $(STAMP) $(MLFLOW_STAMP) browser
+	$(VENV)/bin/python -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

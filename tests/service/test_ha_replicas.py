@@ -37,6 +37,7 @@ from tests.service.conftest_api import LiveServer, ServeProcess, tiny_spec, wait
 from tests.service.own_servers import OwnPostgres, RayHead, postgres_binaries, replica, wait_gone
 
 pytestmark = [
+    pytest.mark.slow,  # several replicas, its own PostgreSQL and Ray head: `make test-slow` (.ci/run) runs it
     pytest.mark.timeout(900),
     pytest.mark.skipif(postgres_binaries() is None, reason="the PostgreSQL server binaries (initdb) are not installed"),
 ]

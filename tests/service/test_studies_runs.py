@@ -24,7 +24,8 @@ from service.settings import Settings
 from service.store.verdict import ArmResult, default_margin, paired_difference, study_verdict
 from tests.service.conftest_api import LiveServer, read_events, tiny_spec, wait_for
 
-pytestmark = pytest.mark.timeout(1500)
+# Whole studies trained for real (4 to 6 trials each): `make test-slow` runs them (and .ci/run runs that).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def _study_body() -> dict:

@@ -19,6 +19,9 @@ from torch import nn
 
 from tests.syncbn.session_run import run_in_own_session
 
+# Each runs a README snippet under its launcher (about a minute each): `make test-slow` runs them (.ci/run runs that).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 SECTION = "## Using syncbn with Lightning, Hugging Face Accelerate and torchrun"
 QUICK_START = "## Quick start: the library in a DDP loop"
