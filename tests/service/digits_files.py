@@ -39,9 +39,14 @@ def write_digits_folder(folder: Path, count: int | None = None) -> Path:
 
 
 def write_digits_parquet(
-    folder: Path, files: int = 2, image_column: str = "image", label_column: str = "label"
+    folder: Path,
+    files: int = 2,
+    image_column: str = "image",
+    label_column: str = "label",
+    row_group_rows: int | None = None,
 ) -> Path:
-    """The digits as `files` Parquet files (`part-<i>.parquet`) of png bytes and labels; returns `folder`."""
+    """The digits as `files` Parquet files (`part-<i>.parquet`) of png bytes and labels, in row groups of
+    `row_group_rows` rows (default: one per file); returns `folder`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -54,5 +59,5 @@ def write_digits_parquet(
                 label_column: pa.array(labels[rows], type=pa.int64()),
             }
         )
-        pq.write_table(table, folder / f"part-{part}.parquet")
+        pq.write_table(table, folder / f"part-{part}.parquet", row_group_size=row_group_rows)
     return folder

@@ -1,5 +1,6 @@
 """Streamed data in real runs on a real local Ray: an image folder trained through `syncbn train`; each worker sees
-only its shard and its memory stays bounded by the streaming window, not by the data set (measured); bad data
+only its shard of an image folder or a Parquet file and its memory stays bounded by the streaming window, not by
+the data set (measured); bad data
 fails the job with a message naming the file or column. (The REST side is in test_api_data.py.)"""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from service.cli import main
 from service.engine.data import DataInfo, prepare_data
 from service.engine.runner import launch_run
 from service.spec import DatasetSpec, JobSpec
-from tests.service.digits_files import write_digits_folder
+from tests.service.digits_files import write_digits_folder, write_digits_parquet
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -84,13 +85,17 @@ def _shard_peak_memory(config: dict[str, Any]) -> None:
     (Path(config["out"]) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def test_each_worker_streams_only_its_shard_in_bounded_memory(ray_cluster: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["image_folder", "parquet"])
+def test_each_worker_streams_only_its_shard_in_bounded_memory(ray_cluster: dict, tmp_path: Path, kind: str) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    write_digits_folder(tmp_path / "root" / "digits")
+    if kind == "image_folder":
+        write_digits_folder(tmp_path / "root" / "digits")
+    else:  # one file, one row group: a single read task decodes the whole set, in bounded chunks
+        write_digits_parquet(tmp_path / "root" / "digits", files=1)
     size = [160, 160]  # 8x8 digits upscaled: 300 KiB per decoded RGB float32 sample, ~540 MB for the set
-    spec = DatasetSpec(kind="image_folder", uri="digits", image_size=size, channels=3)
+    spec = DatasetSpec(kind=kind, uri="digits", image_size=size, channels=3)
     prepared = prepare_data(spec, seed=0, data_root=tmp_path / "root")
     sample_bytes = 3 * size[0] * size[1] * 4
     shard_bytes = prepared.info.train_size // 2 * sample_bytes
@@ -118,7 +123,7 @@ def test_each_worker_streams_only_its_shard_in_bounded_memory(ray_cluster: dict,
         # the worker's own memory grew by a small part of its shard, let alone the whole set
         assert result["growth"] < shard_bytes / 4, (result, shard_bytes)
     mib = [f"{r['growth'] / 2**20:.1f} MiB (VmHWM +{r['hwm_growth'] / 2**20:.1f} MiB)" for r in ranks]
-    print(f"shard {shard_bytes / 2**20:.0f} MiB; peak private memory growth per rank: {mib}")
+    print(f"{kind}: shard {shard_bytes / 2**20:.0f} MiB; peak private memory growth per rank: {mib}")
 
 
 @pytest.mark.timeout(600)

@@ -1,6 +1,7 @@
-"""The streamed splits on a real local Ray: the Parquet validation split is the same wherever the files lie (it
-hashes the path relative to the dataset's location and the row's position, not Ray's absolute-path `row_hash`),
-and validation scores every row exactly once, even when the set's size is not a multiple of the workers."""
+"""The streamed splits on a real local Ray: the Parquet validation split is the same wherever the files lie and
+however they are cut into row groups (it hashes the path relative to the dataset's location and the row's position
+in its file), and validation scores every row exactly once, even when the set's size is not a multiple of the
+workers."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from service.engine.data import PreparedData, prepare_data
 from service.spec import DatasetSpec
-from tests.service.digits_files import write_digits_parquet
+from tests.service.digits_files import digits_pixels, write_digits_parquet
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -88,24 +90,48 @@ def test_validation_sees_every_row_once_when_rows_do_not_divide_by_the_workers(
     assert sorted(seen[0] + seen[1]) == list(range(val_rows))
 
 
-def test_row_keys_undo_rays_absolute_path_hash_and_mix_in_the_seed() -> None:
-    # Ray Data's own row_hash (private, read here only to check against): md5 of the path as read + position.
-    from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
+def test_row_keys_hash_the_relative_path_and_the_position_and_mix_in_the_seed() -> None:
+    from service.engine.data.image_batches import relative_path, row_keys, validation_mask
 
-    from service.engine.data.image_batches import row_keys, row_positions, validation_mask
-
-    here = np.array(["/data/a/part-1.parquet"] * 1000, dtype=object)
-    there = np.array(["/mnt/elsewhere/b/a/part-1.parquet"] * 1000, dtype=object)
-    hash_here = _compute_row_hashes(here[0], 500, 1000)
-    hash_there = _compute_row_hashes(there[0], 500, 1000)
-    assert row_positions(here, hash_here).tolist() == list(range(500, 1500))
-    keys = row_keys(here, hash_here, "/data", base_is_file=False)
-    assert np.array_equal(keys, row_keys(there, hash_there, "/mnt/elsewhere/b", base_is_file=False))
+    positions = np.arange(500, 1500, dtype=np.uint64)
+    here = relative_path("/data/a/part-1.parquet", "/data", base_is_file=False)
+    there = relative_path("/mnt/elsewhere/b/a/part-1.parquet", "/mnt/elsewhere/b/", base_is_file=False)
+    assert here == there == "a/part-1.parquet"
+    keys = row_keys(here, positions)
+    assert len(set(keys.tolist())) == len(positions)
     # A location that is the file itself names it "part-1.parquet", not "a/part-1.parquet": another key.
-    alone = row_keys(there, hash_there, "/mnt/elsewhere/b/a/part-1.parquet", base_is_file=True)
-    assert not np.array_equal(keys, alone)
+    alone = relative_path("/mnt/elsewhere/b/a/part-1.parquet", "/mnt/elsewhere/b/a/part-1.parquet", base_is_file=True)
+    assert alone == "part-1.parquet" and not np.array_equal(keys, row_keys(alone, positions))
     held_out = validation_mask(keys, seed=4, val_fraction=0.2)
     assert 150 < held_out.sum() < 250
     assert not np.array_equal(held_out, validation_mask(keys, seed=5, val_fraction=0.2))
-    with pytest.raises(RuntimeError, match="row_hash is not the hash"):
-        row_positions(here[:3], np.array([1, 2, 3], dtype=np.uint64))
+
+
+def test_row_groups_change_neither_the_split_nor_the_pixels_and_training_reads_them_in_a_new_order(
+    ray_cluster: dict, tmp_path: Path
+) -> None:
+    """The same file written as one row group and as 15 (a read unit each): a row's position in the file, not in its
+    row group, decides its side; every row lands on one side, decoded to its own pixels; each training pass is a
+    new seeded order of the row groups."""
+    write_digits_parquet(tmp_path / "one" / "digits", files=1)
+    write_digits_parquet(tmp_path / "many" / "digits", files=1, row_group_rows=128)
+    assert pq.ParquetFile(tmp_path / "many" / "digits" / "part-0.parquet").num_row_groups == 15
+    spec = DatasetSpec(kind="parquet", uri="digits/part-0.parquet", image_size=[8, 8], channels=1)
+    one = prepare_data(spec, seed=3, data_root=tmp_path / "one")
+    many = prepare_data(spec, seed=3, data_root=tmp_path / "many")
+    assert (one.info.train_size, one.info.val_size) == (many.info.train_size, many.info.val_size)
+    assert _val_rows(one) == _val_rows(many)
+    passes = [
+        [
+            (int(y), x.tobytes())
+            for batch in many.datasets["train"].iter_batches(batch_size=256)
+            for x, y in zip(batch["x"], batch["y"], strict=True)
+        ]
+        for _ in range(2)
+    ]
+    assert sorted(passes[0]) == sorted(passes[1]) and passes[0] != passes[1]
+    assert len(passes[0]) == many.info.train_size
+    originals, labels = digits_pixels()
+    every = sorted(passes[0] + _val_rows(many))
+    pixels = ((originals.astype(np.float32) / 255.0 - 0.5) / 0.5).reshape(len(labels), 1, 8, 8)
+    assert every == sorted((int(y), x.tobytes()) for x, y in zip(pixels, labels, strict=True))

@@ -1,15 +1,18 @@
-"""Ray Data batch transforms shared by the image kinds: decode, resize, normalise, and the seeded validation split.
+"""Ray Data batch transforms shared by the image kinds: read, decode, resize, normalise, and the seeded validation
+split.
 
-Each transform is a small callable class with plain-data state (class names, sizes, normalisation), so Ray can
-ship it to its CPU tasks; `map_batches` calls it on one batch at a time (a dict of numpy columns), which is what
-keeps memory bounded by the streaming window. Every transform emits the same two columns the workers read:
-`x` float32 `(B, C, H, W)` and `y` int64 `(B,)`.
+Each transform is a small callable class with plain-data state (class names, sizes, normalisation, a filesystem),
+so Ray can ship it to its CPU tasks; `map_batches` calls it on one batch at a time (a dict of numpy columns: the
+images `read_images` decoded, or for Parquet a few read units), which is what keeps memory bounded by the
+streaming window. Every transform emits the same two columns the workers read: `x` float32 `(B, C, H, W)` and `y`
+int64 `(B,)`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -17,13 +20,12 @@ import numpy as np
 
 __all__ = [
     "DecodeEncodedImages",
-    "HashSplit",
     "LabelFolderImages",
+    "ReadRowGroups",
     "is_validation_path",
     "normalisation",
-    "relative_paths",
+    "relative_path",
     "row_keys",
-    "row_positions",
     "validation_mask",
 ]
 
@@ -77,80 +79,23 @@ class LabelFolderImages:
         return {"x": x.astype(np.float32, copy=False), "y": np.asarray(labels, dtype=np.int64)}
 
 
-class HashSplit:
-    """parquet: keep the rows of one side of the seeded split, decided by each row's stable key (see `row_keys`)."""
-
-    def __init__(self, seed: int, val_fraction: float, keep_validation: bool, base: str, base_is_file: bool):
-        self.seed = seed
-        self.val_fraction = val_fraction
-        self.keep_validation = keep_validation
-        self.base, self.base_is_file = base, base_is_file
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        keys = row_keys(batch["path"], batch["row_hash"], self.base, self.base_is_file)
-        held_out = validation_mask(keys, self.seed, self.val_fraction)
-        keep = held_out if self.keep_validation else ~held_out
-        return {name: column[keep] for name, column in batch.items() if name != "row_hash"}
-
-
-# Ray Data's row_hash is splitmix64's finalizer of (md5(path)[:8] + row position in the file): invertible. These
-# undo its two multiplications.
-_UNMIX_1 = np.uint64(pow(0xBF58476D1CE4E5B9, -1, 2**64))
-_UNMIX_2 = np.uint64(pow(0x94D049BB133111EB, -1, 2**64))
-# A position beyond this means Ray Data's row_hash is no longer what `row_positions` undoes.
-_MAX_ROWS_PER_FILE = 2**48
-
-
-def _path_seed(path: str) -> int:
-    return int.from_bytes(hashlib.md5(path.encode("utf-8")).digest()[:8], "little")
-
-
-def row_positions(paths: np.ndarray, row_hash: np.ndarray) -> np.ndarray:
-    """Each row's position in its file, recovered from Ray Data's `row_hash` and `path` columns.
-
-    Ray Data hashes the source path *as read* (absolute, so moving the data changes every hash) plus the row's
-    position; the finalizer is a bijection, so the position comes back exactly. Checked: a position outside any
-    plausible file means Ray changed its hash, and the split refuses rather than going quietly wrong.
-    """
-    z = np.asarray(row_hash, dtype=np.uint64).copy()
-    with np.errstate(over="ignore"):
-        z ^= (z >> np.uint64(31)) ^ (z >> np.uint64(62))
-        z *= _UNMIX_2
-        z ^= (z >> np.uint64(27)) ^ (z >> np.uint64(54))
-        z *= _UNMIX_1
-        z ^= (z >> np.uint64(30)) ^ (z >> np.uint64(60))
-        seeds = {path: np.uint64(_path_seed(path)) for path in set(map(str, paths))}
-        positions = z - np.asarray([seeds[str(path)] for path in paths], dtype=np.uint64)
-    if positions.size and int(positions.max()) >= _MAX_ROWS_PER_FILE:
-        raise RuntimeError(
-            "Ray Data's row_hash is not the hash of (path, row position) this version of syncbn expects: the "
-            "Parquet validation split cannot be made stable; pin ray to the version in constraints.txt"
-        )
-    return positions
-
-
-def relative_paths(paths: np.ndarray, base: str, base_is_file: bool) -> list[str]:
-    """Each source file's path relative to the dataset's location (the file name when the location is a file)."""
+def relative_path(path: str, base: str, base_is_file: bool) -> str:
+    """A source file's path relative to the dataset's location (the file name when the location is the file)."""
     if base_is_file:
-        return [PurePosixPath(str(p)).name for p in paths]
-    base_path = PurePosixPath(base.rstrip("/"))
-    return [PurePosixPath(str(p)).relative_to(base_path).as_posix() for p in paths]
+        return PurePosixPath(path).name
+    return PurePosixPath(path).relative_to(PurePosixPath(base.rstrip("/"))).as_posix()
 
 
-def row_keys(paths: np.ndarray, row_hash: np.ndarray, base: str, base_is_file: bool) -> np.ndarray:
-    """A uint64 key per row from (path relative to the dataset's location, row position in its file).
+def row_keys(relative: str, positions: np.ndarray) -> np.ndarray:
+    """A uint64 key per row of one file from (its path relative to the dataset's location, the row's position in
+    the file).
 
-    Unlike Ray Data's `row_hash` (built from the absolute path), the key, and so the split, stays the same
-    wherever the data lies: the same file under another folder or data root holds out the same rows.
+    The key, and so the split, stays the same wherever the data lies: the same file under another folder or data
+    root holds out the same rows, on every pass and every epoch.
     """
-    positions = row_positions(paths, row_hash)
-    relative = relative_paths(paths, base, base_is_file)
-    seeds = {
-        r: np.uint64(int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8).digest(), "little"))
-        for r in set(relative)
-    }
+    seed = np.uint64(int.from_bytes(hashlib.blake2b(relative.encode(), digest_size=8).digest(), "little"))
     with np.errstate(over="ignore"):
-        return np.asarray([seeds[r] for r in relative], dtype=np.uint64) + positions
+        return np.asarray(positions, dtype=np.uint64) + seed
 
 
 def validation_mask(keys: np.ndarray, seed: int, val_fraction: float) -> np.ndarray:
@@ -165,9 +110,9 @@ def validation_mask(keys: np.ndarray, seed: int, val_fraction: float) -> np.ndar
 
 
 class DecodeEncodedImages:
-    """parquet: encoded png/jpeg bytes → decoded, converted, resized, normalised `x`; the label column → `y`.
+    """parquet: encoded png/jpeg bytes → decoded, converted, resized, normalised `x`; integer labels → `y`.
 
-    A value that is not a decodable image fails the batch with a message naming the column and the file.
+    A value that is not a decodable image fails with a message naming the column and the file.
     """
 
     def __init__(
@@ -187,30 +132,92 @@ class DecodeEncodedImages:
         self.mean, self.std = normalisation(channels, mean, std)
         self.num_classes = num_classes
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    def decode(self, values: list[Any], labels: np.ndarray, where: str) -> dict[str, np.ndarray]:
+        """`x` and `y` of one chunk of rows: `values` the encoded images, `labels` theirs, `where` names the file."""
         from PIL import Image, UnidentifiedImageError
 
         mode = "L" if self.channels == 1 else "RGB"
-        paths = batch.get("path")
-        pixels = np.empty((len(batch[self.image_column]), self.height, self.width, self.channels), np.uint8)
-        for i, value in enumerate(batch[self.image_column]):
-            where = f"file {paths[i]!s}" if paths is not None else "the data set"
+        size = (self.width, self.height)
+        pixels = np.empty((len(values), self.height, self.width, self.channels), np.uint8)
+        for i, value in enumerate(values):
             try:
-                with Image.open(io.BytesIO(bytes(value))) as image:
+                with Image.open(io.BytesIO(value)) as image:
                     image = image.convert(mode)
-                    if image.size != (self.width, self.height):
-                        image = image.resize((self.width, self.height), resample=Image.BILINEAR)
+                    if image.size != size:
+                        image = image.resize(size, resample=Image.BILINEAR)
                     pixels[i] = np.asarray(image).reshape(self.height, self.width, self.channels)
             except (UnidentifiedImageError, OSError, TypeError, ValueError) as exc:
                 raise ValueError(
                     f"dataset.image_column {self.image_column!r} holds a value that is not a decodable png/jpeg "
                     f"image in {where} ({type(exc).__name__}: {exc}): store encoded image bytes in that column."
                 ) from None  # this message, not PIL's, is the one a failed job reports
-        labels = np.asarray(batch[self.label_column]).astype(np.int64)
+        labels = np.asarray(labels).astype(np.int64, copy=False)
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(
                 f"dataset.label_column {self.label_column!r} holds labels outside 0..{self.num_classes - 1} "
-                f"(got {labels.min()}..{labels.max()}) in {paths[0] if paths is not None else 'the data set'}."
+                f"(got {labels.min()}..{labels.max()}) in {where}."
             )
         x = (_to_chw(pixels, self.channels) - self.mean) / self.std
         return {"x": x.astype(np.float32, copy=False), "y": labels}
+
+
+class ReadRowGroups:
+    """parquet: read each unit (one row group of one file: `path`, `row_group`, `first_row`) of a batch of units,
+    keep the rows of one side of the seeded split, and decode them, `chunk_rows` rows at a time.
+
+    One Ray Data task reads whole row groups (the unit Parquet is written and compressed in) and decodes them in
+    chunks whose decoded size is bounded, so a task's memory is one row group's encoded bytes plus one chunk.
+    Each row's position in its file is counted here (`first_row` + its place in the row group), which with the
+    file's path relative to the dataset's location (`row_keys`) decides its side of the split.
+    """
+
+    def __init__(
+        self,
+        filesystem: Any,
+        base: str,
+        base_is_file: bool,
+        decode: DecodeEncodedImages,
+        chunk_rows: int,
+        split: tuple[int, float, bool] | None,
+    ):
+        """`split`: None to keep every row, else `(seed, val_fraction, keep_validation)`."""
+        self.filesystem = filesystem
+        self.base, self.base_is_file = base, base_is_file
+        self.decode = decode
+        self.chunk_rows = chunk_rows
+        self.split = split
+
+    def __call__(self, units: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = [self.decode.image_column, self.decode.label_column]
+        for path, row_group, first_row in zip(units["path"], units["row_group"], units["first_row"], strict=True):
+            path = str(path)
+            where = f"file {path}"
+            relative = relative_path(path, self.base, self.base_is_file)
+            position = int(first_row)
+            with self.filesystem.open_input_file(path) as source:
+                reader = pq.ParquetFile(source)
+                for chunk in reader.iter_batches(
+                    batch_size=self.chunk_rows, row_groups=[int(row_group)], columns=columns, use_threads=False
+                ):
+                    rows = chunk.num_rows
+                    images = chunk.column(self.decode.image_column)
+                    labels = chunk.column(self.decode.label_column)
+                    if self.split is not None:
+                        seed, val_fraction, keep_validation = self.split
+                        positions = np.arange(position, position + rows, dtype=np.uint64)
+                        held_out = validation_mask(row_keys(relative, positions), seed, val_fraction)
+                        keep = held_out if keep_validation else ~held_out
+                        mask = pa.array(keep)
+                        images, labels = images.filter(mask), labels.filter(mask)
+                    position += rows
+                    if len(labels) == 0:
+                        continue
+                    if labels.null_count:  # the driver's label pass refuses them; the file changed since
+                        raise ValueError(
+                            f"dataset.label_column {self.decode.label_column!r} has null labels in {where}: fill "
+                            "them in or drop those rows."
+                        )
+                    yield self.decode.decode(images.to_pylist(), labels.to_numpy(), where)
