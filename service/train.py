@@ -9,7 +9,9 @@ Output folder (default `runs/<job id>`):
     record's float32 per-channel vectors are written back into its layers as lists: `mean`, `var`, ...);
   - `model.pt`: the final model, a plain `nn.BatchNorm*d` state dict (copied from the run storage, where Ray Train
     keeps the run's checkpoints: `--storage-uri`, default `<output>/ray`);
-  - `spec.json`: the validated spec; `summary.json`: the end record plus the wall time.
+  - `spec.json`: the validated spec; `summary.json`: the end record plus the wall time, and the run's `timeline`
+    (`service.engine.timeline`) with this command's own marks: `command_started`, `ray_ready` (Ray is up),
+    `end_seen` (the end record was read) and `ray_stopped` (the run's actors are gone and, when embedded, Ray).
 
 Exit code: 0 succeeded, 1 failed (including diverged), 2 bad spec or arguments, 130 cancelled (Ctrl-C).
 """
@@ -66,6 +68,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Run the job of `args.spec` to its end; returns the exit code."""
     started = time.perf_counter()
+    command_started = time.time()
     try:
         spec = load_spec_file(args.spec)
     except (OSError, ValueError) as exc:
@@ -112,16 +115,26 @@ def run_train(args: argparse.Namespace) -> int:
             f"{os.cpu_count()} cores: Ray counts {num_cpus} logical CPUs (workers share cores).\n"
         )
     ensure_ray(args.address, num_cpus, log_to_driver=False)
+    ray_ready = time.time()
     try:
         run = launch_run(
             spec, job_id, output, data_root=data_root, storage_uri=storage.uri, allowed_schemes=allowed_schemes
         )
         end = _follow(run, spec, output / "metrics.jsonl", quiet=args.json)
+        end_seen = time.time()
         run.close()
     finally:
         if embedded:
             ray.shutdown()
     summary = {"job_id": job_id, **end, "wall_time_s": time.perf_counter() - started, "output_dir": str(output)}
+    # The run's timeline (service.engine.timeline) with this command's own marks around it.
+    summary["timeline"] = {
+        "command_started": command_started,
+        "ray_ready": ray_ready,
+        **(end.get("timeline") or {}),
+        "end_seen": end_seen,
+        "ray_stopped": time.time(),
+    }
     stored = storage.find_model(job_id, end.get("model_path"))
     if stored is not None:
         # The run storage may be a bucket: the output folder gets its own copy, next to the metrics.

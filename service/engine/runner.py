@@ -98,6 +98,11 @@ class JobDriver:
         self.allowed_schemes = list(allowed_schemes or [])
         self.recorder = ray.get_actor(recorder_name(job_id), namespace=RECORDER_NAMESPACE)
         self._controller: ActorHandle | None = None
+        self._mark("driver_started")
+
+    def _mark(self, name: str) -> None:
+        """Send a mark of the run's timeline to the record log (not waited for: calls from here stay in order)."""
+        self.recorder.mark.remote(name, time.time())
 
     def set_controller(self, handle: ActorHandle) -> None:
         """Keep the Ray Train controller's handle (pushed by the controller itself when it starts)."""
@@ -150,6 +155,7 @@ class JobDriver:
         check_model_name(spec.model)  # a clear failure here rather than one per worker
         # In-memory kinds are loaded here; streamed kinds are listed and checked here, and read by Ray Data.
         data = prepare_data(spec.dataset, spec.seed, self.data_root, self.allowed_schemes)
+        self._mark("data_ready")
         info = data.info
         # The data's shape is known now (an npz file's only now): its channels against the model's.
         check_model_name(spec.model, info.sample_shape, spec.dataset.kind)
@@ -204,7 +210,9 @@ class JobDriver:
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
+        self._mark("fit_started")
         result = trainer.fit()
+        self._mark("fit_returned")
         summary = ray.get(self.recorder.summary.remote(), timeout=_RPC_TIMEOUT_S)
         model_path = None
         if result.checkpoint is not None:
@@ -407,6 +415,7 @@ def launch_run(
         )
     if attach_run(job_id) is not None:
         raise ValueError(f"a run with job_id {job_id!r} still exists in the cluster: close it or use another id")
+    launched_at = time.time()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     storage = RunStorage(storage_uri if storage_uri is not None else str(output_dir / "ray"))
@@ -425,7 +434,7 @@ def launch_run(
             max_restarts=0,
             scheduling_strategy=here,
         )
-        .remote(job_id, resume_after)
+        .remote(job_id, resume_after, launched_at)
     )
     driver = JobDriver.options(
         name=driver_name(job_id),
