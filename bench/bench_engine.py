@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -78,6 +79,73 @@ def uptime() -> str:
 def _env() -> dict[str, str]:
     """This environment without a cluster address or service settings (the runs start their own Ray)."""
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("SYNCBN_")}
+
+
+# ---------------------------------------------------------------------------------------------- CPU accounting
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class TreeCPU:
+    """Samples, every 0.5 s, the CPU seconds (user + system) used so far by each process under `root`.
+
+    On a shared machine wall-clock speed follows the load; the CPU a run spends per sample does not (much), so it
+    tells whether the engine does more work per step, or only waits more.
+    """
+
+    def __init__(self, root: int, exclude_root: bool = False) -> None:
+        self.root, self.exclude_root = root, exclude_root
+        self.samples: list[tuple[float, dict[int, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self._tree()))
+            self._stop.wait(0.5)
+
+    def _tree(self) -> dict[int, float]:
+        parents: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(name)] = int(fields[1])
+                cpu[int(name)] = (int(fields[11]) + int(fields[12])) / _TICK
+        tree, frontier = {self.root}, [self.root]
+        children: dict[int, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in tree:
+                    tree.add(child)
+                    frontier.append(child)
+        if self.exclude_root:
+            tree.discard(self.root)
+        return {pid: cpu[pid] for pid in tree if pid in cpu}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def window(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds in [start, end]: of the two busiest processes (the ranks) and of all the others."""
+        first = min(self.samples, key=lambda s: abs(s[0] - start))
+        last = min(self.samples, key=lambda s: abs(s[0] - end))
+        used = sorted((cpu - first[1].get(pid, 0.0) for pid, cpu in last[1].items()), reverse=True)
+        return {"seconds": last[0] - first[0], "ranks": sum(used[:2]), "others": sum(used[2:])}
+
+
+def steady_cpu(timeline: dict[str, Any], cpu: TreeCPU) -> dict[str, float]:
+    """CPU milliseconds per training sample over the steady epochs: the ranks', and every other process's."""
+    epochs = [e for e in timeline["epochs"] if e[0] > WARMUP_EPOCHS]
+    window = cpu.window(epochs[0][1], epochs[-1][3])
+    samples = len(epochs) * timeline["samples_per_epoch"]
+    return {"ranks_ms": 1000 * window["ranks"] / samples, "others_ms": 1000 * window["others"] / samples}
 
 
 # ---------------------------------------------------------------------------------------------- the bare DDP loop
@@ -166,10 +234,15 @@ def run_bare(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-engine-bare-") as tmp:
         out = str(Path(tmp) / "timeline.json")
         launched = time.time()
-        mp.spawn(_bare_rank, args=(2, _free_port(), spec, out), nprocs=2, join=True)
+        cpu = TreeCPU(os.getpid(), exclude_root=True)
+        try:
+            mp.spawn(_bare_rank, args=(2, _free_port(), spec, out), nprocs=2, join=True)
+        finally:
+            cpu.stop()
         timeline = json.loads(Path(out).read_text())
     timeline["command_started"] = launched
     timeline["ended"] = time.time()
+    timeline["cpu"] = steady_cpu(timeline, cpu)
     return timeline
 
 
@@ -182,24 +255,33 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         launched = time.time()
-        done = subprocess.run(
-            [str(syncbn), "train", str(spec_path), "--output", str(Path(tmp) / "out"), "--json"],
-            capture_output=True,
-            text=True,
-            env=_env(),
-            cwd=ROOT,
-            check=False,
-        )
+        command = [str(syncbn), "train", str(spec_path), "--output", str(Path(tmp) / "out"), "--json"]
+        returncode, output = _run_measured(command, cpu_holder := [])
         exited = time.time()
-        if done.returncode != 0:
-            raise RuntimeError(f"syncbn train exited with {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        if returncode != 0:
+            raise RuntimeError(f"syncbn train exited with {returncode}:\n{output}")
         summary = json.loads((Path(tmp) / "out" / "summary.json").read_text())
         info = _first_info(Path(tmp) / "out" / "metrics.jsonl")
     timeline = dict(summary["timeline"])
     timeline.update(launched_command=launched, exited=exited, val_acc=summary["final_val_acc"])
     timeline["samples_per_epoch"] = info["steps_per_epoch"] * spec["batch_size"] * spec["workers"]
     timeline["ray"] = ray_train_split(f"syncbn-{summary['job_id']}")
+    timeline["cpu"] = steady_cpu(timeline, cpu_holder[0])
     return timeline
+
+
+def _run_measured(command: list[str], cpu_holder: list[TreeCPU]) -> tuple[int, str]:
+    """Run a command (its output to a temporary file), sampling the CPU of its process tree meanwhile."""
+    with tempfile.TemporaryFile("w+") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, text=True)
+        cpu = TreeCPU(process.pid)
+        cpu_holder.append(cpu)
+        try:
+            returncode = process.wait()
+        finally:
+            cpu.stop()
+        output.seek(0)
+        return returncode, output.read()[-5000:]
 
 
 def _first_info(metrics: Path) -> dict[str, Any]:
@@ -281,10 +363,11 @@ def run_floor(spec: dict[str, Any]) -> dict[str, Any]:
             str(Path(tmp) / "ray"),
             json.dumps(spec),
         ]
-        done = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=ROOT, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"the bare Ray Train run exited with {done.returncode}:\n{done.stderr}")
+        returncode, output = _run_measured(command, cpu_holder := [])
+        if returncode != 0:
+            raise RuntimeError(f"the bare Ray Train run exited with {returncode}:\n{output}")
         timeline = json.loads(out.read_text())
+        timeline["cpu"] = steady_cpu(timeline, cpu_holder[0])
     timeline.update(launched_command=launched, exited=time.time())
     timeline["ray"] = ray_train_split(timeline["run_name"])
     return timeline
@@ -527,6 +610,11 @@ def report(results: dict[str, Any]) -> None:
             f"(per round: {per_round}), Ray Train/bare {statistics.median(f) / statistics.median(b):.3f}, "
             f"engine/Ray Train {statistics.median(e) / statistics.median(f):.3f}"
         )
+    print("  CPU per training sample (ms, steady epochs; medians): ranks + every other process of the run")
+    for name, runs in (("bare DDP", bare), ("bare Ray Train", floor), ("engine", engine)):
+        ranks = statistics.median(r["cpu"]["ranks_ms"] for r in runs)
+        others = statistics.median(r["cpu"]["others_ms"] for r in runs)
+        print(f"    {name:15s} {ranks:.3f} + {others:.3f} = {ranks + others:.3f}")
     kinds = {
         "syncbn train": engine,
         "warm service": results["service"],
@@ -587,8 +675,11 @@ def main() -> int:
         for kind in order:
             timeline = runners[kind]()
             results[kind].append(timeline)
-            figures = steady(timeline)
-            line = f"train {figures['train']:.1f} samples/s, epoch {figures['epoch']:.1f} samples/s; "
+            figures, cpu = steady(timeline), timeline["cpu"]
+            line = (
+                f"train {figures['train']:.1f} samples/s, epoch {figures['epoch']:.1f} samples/s, CPU per sample "
+                f"{cpu['ranks_ms']:.3f} ms ranks + {cpu['others_ms']:.3f} ms others; "
+            )
             start = "command_started" if kind == "bare" else "launched_command"
             print(
                 f"round {round_index + 1} {kind:6s}: {line}start to first step "
