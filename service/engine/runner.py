@@ -42,6 +42,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from service.engine.cluster import TRAIN_ENV_VARS, train_env_inherited
 from service.engine.recorder import RECORDER_NAMESPACE, RecordLog, recorder_name
 from service.engine.storage import RunStorage
 from service.spec import JobSpec
@@ -51,10 +52,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["TRAIN_ENV_VARS", "JobRun", "attach_run", "driver_name", "launch_run"]
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: The environment of a job's driver, hence of its Ray Train controller: Train V2, and how often the controller
-#: collects reports (Ray's default is 2 s; a worker reporting faster than the controller collects would block,
-#: since each worker's report queue holds one entry). `bench/bench_layer_stats.py` runs under the same.
-TRAIN_ENV_VARS = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 _RPC_TIMEOUT_S = 60.0
 
 
@@ -442,7 +439,8 @@ def launch_run(
         lifetime="detached",
         max_concurrency=2,  # run() blocks in fit(); set_controller/controller are served beside it
         scheduling_strategy=here,
-        runtime_env={"env_vars": dict(TRAIN_ENV_VARS)},
+        # An embedded Ray's workers have the variables already: no runtime_env, so an idle worker process serves.
+        **({} if train_env_inherited() else {"runtime_env": {"env_vars": dict(TRAIN_ENV_VARS)}}),
     ).remote(
         job_id,
         spec.model_dump(mode="json"),
