@@ -34,7 +34,11 @@ from service.spec import JobSpec, load_spec_file
 
 __all__ = ["add_train_arguments", "run_train"]
 
-_POLL_S = 0.25
+#: Seconds between two reads of the run's new records. Each read is a call to the record log, and on a machine
+#: whose cores the ranks fill, whatever this process does comes out of training (bench/bench_engine.py).
+_POLL_S = 0.5
+#: Seconds without a new record after which the command also asks whether the driver is still there.
+_DONE_CHECK_S = 2.0
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +185,7 @@ def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[st
     task = progress.add_task("starting workers", total=None, loss="-", acc="-")
     seq = 0
     end: dict[str, Any] | None = None
+    checked = time.monotonic()
     with metrics_path.open("a", encoding="utf-8") as sink, progress:
         while end is None:
             try:
@@ -190,9 +195,14 @@ def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[st
                     sink.write(json.dumps(_jsonable(record)) + "\n")
                     end = _show(record, progress, task, run, spec) or end
                 sink.flush()
-                if end is None and not records:
-                    if run.done():
-                        continue  # the end record is there now (or was written for a vanished driver)
+                if records:
+                    checked = time.monotonic()
+                elif end is None:
+                    # The end record arrives by poll; done() is for a driver that vanished without writing it.
+                    if time.monotonic() - checked >= _DONE_CHECK_S:
+                        checked = time.monotonic()
+                        if run.done():
+                            continue  # the end record is there now (written for the vanished driver)
                     time.sleep(_POLL_S)
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: cancelling the run")
