@@ -96,6 +96,7 @@ class TreeCPU:
     def __init__(self, root: int, exclude_root: bool = False) -> None:
         self.root, self.exclude_root = root, exclude_root
         self.samples: list[tuple[float, dict[int, float]]] = []
+        self.names: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -126,6 +127,12 @@ class TreeCPU:
                     frontier.append(child)
         if self.exclude_root:
             tree.discard(self.root)
+        for pid in tree:
+            name = self.names.get(pid, "")
+            if not name or "IDLE" in name or name.startswith("/"):  # Ray renames a worker once it runs an actor
+                with contextlib.suppress(OSError):
+                    raw = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    self.names[pid] = " ".join(part.decode(errors="replace") for part in raw[:3])[:70]
         return {pid: cpu[pid] for pid in tree if pid in cpu}
 
     def stop(self) -> None:
@@ -136,8 +143,14 @@ class TreeCPU:
         """CPU seconds in [start, end]: of the two busiest processes (the ranks) and of all the others."""
         first = min(self.samples, key=lambda s: abs(s[0] - start))
         last = min(self.samples, key=lambda s: abs(s[0] - end))
-        used = sorted((cpu - first[1].get(pid, 0.0) for pid, cpu in last[1].items()), reverse=True)
-        return {"seconds": last[0] - first[0], "ranks": sum(used[:2]), "others": sum(used[2:])}
+        used = sorted(((cpu - first[1].get(pid, 0.0), pid) for pid, cpu in last[1].items()), reverse=True)
+        others = {self.names.get(pid, str(pid)): seconds for seconds, pid in used[2:8] if seconds > 0}
+        return {
+            "seconds": last[0] - first[0],
+            "ranks": sum(seconds for seconds, _ in used[:2]),
+            "others": sum(seconds for seconds, _ in used[2:]),
+            "top_others": others,
+        }
 
 
 def steady_cpu(timeline: dict[str, Any], cpu: TreeCPU) -> dict[str, float]:
@@ -145,7 +158,11 @@ def steady_cpu(timeline: dict[str, Any], cpu: TreeCPU) -> dict[str, float]:
     epochs = [e for e in timeline["epochs"] if e[0] > WARMUP_EPOCHS]
     window = cpu.window(epochs[0][1], epochs[-1][3])
     samples = len(epochs) * timeline["samples_per_epoch"]
-    return {"ranks_ms": 1000 * window["ranks"] / samples, "others_ms": 1000 * window["others"] / samples}
+    return {
+        "ranks_ms": 1000 * window["ranks"] / samples,
+        "others_ms": 1000 * window["others"] / samples,
+        "top_others_ms": {name: 1000 * seconds / samples for name, seconds in window["top_others"].items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the bare DDP loop
@@ -436,8 +453,15 @@ def run_service(spec: dict[str, Any], jobs: int) -> list[dict[str, Any]]:
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
                 _wait(lambda: client.get("/readyz").status_code == 200, 300, "the service to be ready")
+                samples = _samples_per_epoch(spec)
                 for _ in range(jobs):
-                    results.append(_service_job(client, spec))
+                    cpu = TreeCPU(server.pid)
+                    try:
+                        results.append(_service_job(client, spec))
+                    finally:
+                        cpu.stop()
+                    results[-1]["samples_per_epoch"] = samples
+                    results[-1]["cpu"] = steady_cpu(results[-1], cpu)
                     print(f"  service job: {_service_line(results[-1])}", flush=True)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
@@ -446,6 +470,19 @@ def run_service(spec: dict[str, Any], jobs: int) -> list[dict[str, Any]]:
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
     return results
+
+
+def _samples_per_epoch(spec: dict[str, Any]) -> int:
+    """Training samples per epoch over all ranks (the engine's own batching of the job's data)."""
+    from service.engine.data import prepare_data
+    from service.engine.data.rank_batches import MemoryBatches
+    from service.spec import JobSpec
+
+    job = JobSpec.model_validate(spec)
+    splits = prepare_data(job.dataset, job.seed).splits
+    assert splits is not None
+    steps = MemoryBatches(splits, job.batch_size, job.steps_per_epoch, job.seed, 0, job.workers, False).steps_per_epoch
+    return steps * job.batch_size * job.workers
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> None:
@@ -508,7 +545,9 @@ def _service_line(t: dict[str, Any]) -> str:
     return (
         f"POST to first step {_s(_span(t, 'posted', 'first_step'))} s (answered {_s(_span(t, 'posted', 'answered'))}, "
         f"to launch {_s(_span(t, 'posted', 'launched'))}); last step to succeeded "
-        f"{_s(_span(t, 'last_step', 'stored'))} s"
+        f"{_s(_span(t, 'last_step', 'stored'))} s; steady {steady(t)['train']:.1f} samples/s, CPU per sample "
+        f"{t['cpu']['ranks_ms']:.3f} ms ranks + {t['cpu']['others_ms']:.3f} ms others "
+        f"({', '.join(f'{n} {ms:.3f}' for n, ms in list(t['cpu']['top_others_ms'].items())[:3])})"
     )
 
 
@@ -611,7 +650,10 @@ def report(results: dict[str, Any]) -> None:
             f"engine/Ray Train {statistics.median(e) / statistics.median(f):.3f}"
         )
     print("  CPU per training sample (ms, steady epochs; medians): ranks + every other process of the run")
-    for name, runs in (("bare DDP", bare), ("bare Ray Train", floor), ("engine", engine)):
+    service = results["service"]
+    for name, runs in (("bare DDP", bare), ("bare Ray Train", floor), ("engine", engine), ("warm service", service)):
+        if not runs:
+            continue
         ranks = statistics.median(r["cpu"]["ranks_ms"] for r in runs)
         others = statistics.median(r["cpu"]["others_ms"] for r in runs)
         print(f"    {name:15s} {ranks:.3f} + {others:.3f} = {ranks + others:.3f}")
@@ -680,16 +722,17 @@ def main() -> int:
                 f"train {figures['train']:.1f} samples/s, epoch {figures['epoch']:.1f} samples/s, CPU per sample "
                 f"{cpu['ranks_ms']:.3f} ms ranks + {cpu['others_ms']:.3f} ms others; "
             )
+            busiest = ", ".join(f"{name} {ms:.3f}" for name, ms in list(cpu["top_others_ms"].items())[:4])
             start = "command_started" if kind == "bare" else "launched_command"
             print(
                 f"round {round_index + 1} {kind:6s}: {line}start to first step "
                 f"{_s(_span(timeline, start, 'first_step'))} s, "
                 f"last step to exit {_s(_span(timeline, 'last_step', 'exited' if kind != 'bare' else 'ended'))} s "
-                f"({uptime()})",
+                f"({uptime()})" + (f"\n    others' CPU, ms per sample: {busiest}" if busiest else ""),
                 flush=True,
             )
     if args.service_jobs:
-        service_spec = {**spec, "epochs": 2, "name": "bench-engine-service"}
+        service_spec = {**spec, "epochs": 4, "name": "bench-engine-service"}
         results["service"] = run_service(service_spec, args.service_jobs)
     report(results)
     print(f"\n{uptime()}")
