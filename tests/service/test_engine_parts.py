@@ -283,3 +283,15 @@ def test_record_log_keeps_the_timeline_and_puts_it_in_the_end_record() -> None:
     timing = [r for r in log.poll(0) if r["kind"] == "log" and r["message"].startswith("timing:")]
     assert len(timing) == 1 and "start-up to the first step 5.00 s" in timing[0]["message"]
     assert "model build 0.50" in timing[0]["message"]
+
+
+def test_digits_read_from_the_shipped_file_equal_scikit_learns_loader() -> None:
+    from sklearn.datasets import load_digits
+
+    from service.engine.data.in_memory import _digits
+
+    x, y = _digits()
+    bunch = load_digits()
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8))
+    assert torch.equal(y, torch.from_numpy(bunch.target.astype(np.int64)))
