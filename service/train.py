@@ -181,6 +181,7 @@ def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[st
         TimeElapsedColumn(),
         console=console,
         transient=False,
+        auto_refresh=not quiet,  # --json shows no bar: no refresh thread waking 10 times a second
     )
     task = progress.add_task("starting workers", total=None, loss="-", acc="-")
     seq = 0
