@@ -485,13 +485,13 @@ def _samples_per_epoch(spec: dict[str, Any]) -> int:
     return steps * job.batch_size * job.workers
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
+def _wait(predicate: Any, timeout: float, what: str, every: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
             if predicate():
                 return
-        time.sleep(0.1)
+        time.sleep(every)
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
@@ -501,7 +501,10 @@ def _service_job(client: Any, spec: dict[str, Any]) -> dict[str, Any]:
     answered = time.time()
     response.raise_for_status()
     job_id = response.json()["id"]
-    _wait(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled"), 900, "")
+    # Asked once a second (the times come from the job's timeline and status event, not from this loop): a
+    # faster loop would be the service's largest load and slow the job it measures.
+    terminal = ("succeeded", "failed", "cancelled")
+    _wait(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in terminal, 900, "the job's end", every=1.0)
     status = None
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as events:
         kind = None
