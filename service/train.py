@@ -9,7 +9,9 @@ Output folder (default `runs/<job id>`):
     record's float32 per-channel vectors are written back into its layers as lists: `mean`, `var`, ...);
   - `model.pt`: the final model, a plain `nn.BatchNorm*d` state dict (copied from the run storage, where Ray Train
     keeps the run's checkpoints: `--storage-uri`, default `<output>/ray`);
-  - `spec.json`: the validated spec; `summary.json`: the end record plus the wall time.
+  - `spec.json`: the validated spec; `summary.json`: the end record plus the wall time, and the run's `timeline`
+    (`service.engine.timeline`) with this command's own marks: `command_started`, `ray_ready` (Ray is up),
+    `end_seen` (the end record was read) and `ray_stopped` (the run's actors are gone and, when embedded, Ray).
 
 Exit code: 0 succeeded, 1 failed (including diverged), 2 bad spec or arguments, 130 cancelled (Ctrl-C).
 """
@@ -24,6 +26,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,11 @@ from service.spec import JobSpec, load_spec_file
 
 __all__ = ["add_train_arguments", "run_train"]
 
-_POLL_S = 0.25
+#: Seconds between two reads of the run's new records. Each read is a call to the record log, and on a machine
+#: whose cores the ranks fill, whatever this process does comes out of training (bench/bench_engine.py).
+_POLL_S = 0.5
+#: Seconds without a new record after which the command also asks whether the driver is still there.
+_DONE_CHECK_S = 2.0
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +73,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Run the job of `args.spec` to its end; returns the exit code."""
     started = time.perf_counter()
+    command_started = time.time()
     try:
         spec = load_spec_file(args.spec)
     except (OSError, ValueError) as exc:
@@ -112,16 +120,26 @@ def run_train(args: argparse.Namespace) -> int:
             f"{os.cpu_count()} cores: Ray counts {num_cpus} logical CPUs (workers share cores).\n"
         )
     ensure_ray(args.address, num_cpus, log_to_driver=False)
+    ray_ready = time.time()
     try:
         run = launch_run(
             spec, job_id, output, data_root=data_root, storage_uri=storage.uri, allowed_schemes=allowed_schemes
         )
         end = _follow(run, spec, output / "metrics.jsonl", quiet=args.json)
+        end_seen = time.time()
         run.close()
     finally:
         if embedded:
             ray.shutdown()
     summary = {"job_id": job_id, **end, "wall_time_s": time.perf_counter() - started, "output_dir": str(output)}
+    # The run's timeline (service.engine.timeline) with this command's own marks around it.
+    summary["timeline"] = {
+        "command_started": command_started,
+        "ray_ready": ray_ready,
+        **(end.get("timeline") or {}),
+        "end_seen": end_seen,
+        "ray_stopped": time.time(),
+    }
     stored = storage.find_model(job_id, end.get("model_path"))
     if stored is not None:
         # The run storage may be a bucket: the output folder gets its own copy, next to the metrics.
@@ -154,6 +172,10 @@ def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[st
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # Imported now, while the run starts, rather than at its first layers record: it loads the store package
+    # (SQLAlchemy), 0.6 s of CPU that would otherwise be taken from the training ranks.
+    from service.store.layer_codec import decode_vectors
+
     console = Console(stderr=quiet, quiet=quiet)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -164,22 +186,29 @@ def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[st
         TimeElapsedColumn(),
         console=console,
         transient=False,
+        auto_refresh=not quiet,  # --json shows no bar: no refresh thread waking 10 times a second
     )
     task = progress.add_task("starting workers", total=None, loss="-", acc="-")
     seq = 0
     end: dict[str, Any] | None = None
+    checked = time.monotonic()
     with metrics_path.open("a", encoding="utf-8") as sink, progress:
         while end is None:
             try:
                 records = run.poll(seq)
                 for record in records:
                     seq = record["seq"]
-                    sink.write(json.dumps(_jsonable(record)) + "\n")
+                    sink.write(json.dumps(_jsonable(record, decode_vectors)) + "\n")
                     end = _show(record, progress, task, run, spec) or end
                 sink.flush()
-                if end is None and not records:
-                    if run.done():
-                        continue  # the end record is there now (or was written for a vanished driver)
+                if records:
+                    checked = time.monotonic()
+                elif end is None:
+                    # The end record arrives by poll; done() is for a driver that vanished without writing it.
+                    if time.monotonic() - checked >= _DONE_CHECK_S:
+                        checked = time.monotonic()
+                        if run.done():
+                            continue  # the end record is there now (written for the vanished driver)
                     time.sleep(_POLL_S)
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: cancelling the run")
@@ -187,13 +216,14 @@ def _follow(run: Any, spec: JobSpec, metrics_path: Path, quiet: bool) -> dict[st
     return end
 
 
-def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
-    """The record as JSON-ready data: a `layers` record's float32 vector blocks become per-layer lists."""
+def _jsonable(
+    record: dict[str, Any], decode_vectors: Callable[[bytes], dict[str, list[float | None] | None]]
+) -> dict[str, Any]:
+    """The record as JSON-ready data: a `layers` record's float32 vector blocks become per-layer lists
+    (`decode_vectors`: `service.store.layer_codec.decode_vectors`)."""
     vectors = record.get("vectors")
     if not isinstance(vectors, dict):
         return record
-    from service.store.layer_codec import decode_vectors
-
     layers = {
         name: {**stats, **decode_vectors(vectors[name])} if name in vectors else stats
         for name, stats in record["layers"].items()

@@ -13,6 +13,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from syncbn._compile_ops import DEFAULT_GROUP, sync_batch_norm
 from syncbn._functions import BatchMoments, SyncBatchNormFunction
 
+# `torch.compiler.disable` imports torch._dynamo when it decorates, which costs about 1.2 s of CPU in every process
+# that imports syncbn (each Ray Train worker and controller of a job) whether it compiles or not. Torch's own
+# `_disable_dynamo` does the same at the decorated function's first call instead (dynamo skips its wrapper and
+# runs the function eagerly), and that call happens only under torch.compile; it is private, hence the fallback.
+_eager_under_compile = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
 
 class SyncBatchNorm(_BatchNorm):
     r"""Batch normalisation whose statistics are those of the concatenation of every rank's batch.
@@ -163,6 +169,8 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
 
         if self._moments_sink is not None:
+            if torch.compiler.is_compiling():
+                return self._recording_forward_eager(input)
             return self._recording_forward(input)
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
@@ -197,12 +205,12 @@ class SyncBatchNorm(_BatchNorm):
             None,
         )
 
-    @torch.compiler.disable
     def _recording_forward(self, input: torch.Tensor) -> torch.Tensor:
         """A recording step (BatchStatsRecorder) runs eagerly: it appends this pass's moments to a Python list.
 
-        Under ``torch.compile`` this is a graph break on recording steps only (an error with ``fullgraph=True``:
-        record with the uncompiled model there); ordinary steps stay break-free.
+        Under ``torch.compile`` it is called through `_recording_forward_eager`: a graph break on recording steps
+        only (an error with ``fullgraph=True``: record with the uncompiled model there); ordinary steps stay
+        break-free.
         """
         tracking = self.track_running_stats
         return SyncBatchNormFunction.apply(
@@ -217,3 +225,5 @@ class SyncBatchNorm(_BatchNorm):
             self._process_group,
             self._moments_sink,
         )
+
+    _recording_forward_eager = _eager_under_compile(_recording_forward)

@@ -4,6 +4,12 @@
 someone else started with `ray start` on the same machine); `ensure_ray("ray://...")` or `ensure_ray("auto")`
 joins an existing cluster instead. `cluster_capacity()` tells the job manager what can ever fit.
 
+An embedded Ray starts with `TRAIN_ENV_VARS` in its environment, which every worker process inherits: a job's
+driver actor then needs no `runtime_env` of its own, so Ray runs it in one of the worker processes it keeps
+started and idle (a `runtime_env` asks for a new process: a second or more of start-up per job). A joined cluster's
+workers do not inherit this process's environment, so there the driver carries them in its `runtime_env`
+(`train_env_inherited()` tells which).
+
 Joining is guarded twice:
 
 - A cluster on another machine is joined only with Ray's token authentication (`RAY_AUTH_MODE=token` and the
@@ -31,18 +37,26 @@ from service.settings import is_loopback_host
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TRAIN_ENV_VARS",
     "InsecureRayClusterError",
     "RayJoinError",
     "cluster_capacity",
     "ensure_ray",
     "ray_address_host",
     "sends_ray_token",
+    "train_env_inherited",
 ]
 
 #: The environment variable that allows joining a remote cluster without a token (Settings.ray_allow_insecure).
 ALLOW_INSECURE_ENV = "SYNCBN_RAY_ALLOW_INSECURE"
 #: Longest pause between two attempts to join a cluster that is still starting.
 MAX_JOIN_BACKOFF_S = 15.0
+#: The environment of a job's driver, hence of its Ray Train controller: Train V2, and how often the controller
+#: collects reports (Ray's default is 2 s; a worker reporting faster than the controller collects would block,
+#: since each worker's report queue holds one entry). `bench/bench_layer_stats.py` runs under the same.
+TRAIN_ENV_VARS = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+# The node id of the embedded Ray that ensure_ray started with TRAIN_ENV_VARS in its environment.
+_train_env_node: str | None = None
 
 
 class InsecureRayClusterError(ValueError):
@@ -170,8 +184,22 @@ def ensure_ray(
         _join(address, log_to_driver, join_timeout_s)
         logger.info("joined the Ray cluster at %s", address)
         return
+    global _train_env_node
+    os.environ.update(TRAIN_ENV_VARS)  # inherited by the raylet, hence by every worker process it starts
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    _train_env_node = ray.get_runtime_context().get_node_id()
     logger.info("started an embedded Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+
+
+def train_env_inherited() -> bool:
+    """Whether the Ray workers of this process's cluster have `TRAIN_ENV_VARS` in their environment: true for the
+    embedded Ray that `ensure_ray` started (while this environment still holds them), false for a joined one."""
+    return (
+        _train_env_node is not None
+        and ray.is_initialized()
+        and ray.get_runtime_context().get_node_id() == _train_env_node
+        and all(os.environ.get(name) == value for name, value in TRAIN_ENV_VARS.items())
+    )
 
 
 def cluster_capacity() -> dict[str, Any]:

@@ -4,8 +4,9 @@ It runs as a detached, named Ray actor (`syncbn-recorder-{job_id}` in namespace 
 it outlives both the Ray Train controller that writes into it and a service restart that reads from it.
 
 Records are dicts with `seq` (1-based, increasing) and `kind`: `step`, `epoch`, `layers`, `log` and, last, `end`.
-Two kinds pushed by the controller are kept as state instead of being published: `info` (the current attempt's
-workers and step counts) and `summary` (the train loop's final report, from which the `end` record is built).
+Three kinds pushed by the controller are kept as state instead of being published: `info` (the current attempt's
+workers and step counts), `summary` (the train loop's final report, from which the `end` record is built) and
+`timeline` (marks of the run's start-up and wrap-up, `service.engine.timeline`, which the `end` record carries).
 
 After a worker-group restart, the train loop resumes from its last checkpoint and reports some steps and epochs
 again; the log keeps the first record of each step and epoch, so consumers see increasing step numbers. A run
@@ -26,6 +27,7 @@ import collections
 import time
 from typing import Any
 
+from service.engine import timeline as run_timeline
 from service.engine.running_lag import LAG_WINDOW, lag_warning
 
 __all__ = ["END_STATUSES", "RECORDER_NAMESPACE", "RecordLog", "recorder_name"]
@@ -53,9 +55,12 @@ class RecordLog:
         job_id: the job's id.
         resume_after: for a run resumed after a service restart, the last `step`, `layers` step and `epoch`
             the store already holds: records up to them are dropped as repeats.
+        launched_at: when the run was launched (Unix time; default: now), the timeline's first mark.
     """
 
-    def __init__(self, job_id: str, resume_after: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, job_id: str, resume_after: dict[str, int] | None = None, launched_at: float | None = None
+    ) -> None:
         after = resume_after or {}
         self.job_id = job_id
         self._records: list[dict[str, Any]] = []
@@ -69,6 +74,7 @@ class RecordLog:
         self._controller: Any = None
         self._released = 0  # records up to this seq no longer hold their per-channel vectors
         self._placement_groups: list[str] = []
+        self._timeline: dict[str, Any] = {"launched": time.time() if launched_at is None else float(launched_at)}
         # The last recorded steps' layer summaries (drift and count only): the lag check at the end.
         self._recent_layers: collections.deque[dict[str, dict[str, Any]]] = collections.deque(maxlen=LAG_WINDOW)
 
@@ -82,6 +88,9 @@ class RecordLog:
             kind = record.get("kind")
             if kind == "info":
                 self._info = {k: v for k, v in record.items() if k != "kind"}
+                continue
+            if kind == "timeline":
+                run_timeline.merge(self._timeline, {k: v for k, v in record.items() if k != "kind"})
                 continue
             if kind == "summary":
                 self._summary = {k: v for k, v in record.items() if k != "kind"}
@@ -113,6 +122,16 @@ class RecordLog:
         """Keep the Ray Train controller's actor handle (for cancelling) until the run ends."""
         if self._end is None:
             self._controller = handle
+            run_timeline.merge(self._timeline, {"controller_started": time.time()})
+
+    def mark(self, name: str, at: float) -> None:
+        """Add a mark of the run's timeline (`service.engine.timeline`): `name` happened at Unix time `at`."""
+        if self._end is None:
+            run_timeline.merge(self._timeline, {name: at})
+
+    def timeline(self) -> dict[str, Any]:
+        """The run's timeline so far (mark name -> Unix time, and `epochs`)."""
+        return dict(self._timeline)
 
     def controller(self) -> Any:
         """The Ray Train controller's actor handle, or None before it starts or after the run ended."""
@@ -149,6 +168,8 @@ class RecordLog:
         warning = lag_warning(self._recent_layers, precise_ran) if status == "succeeded" else None
         if warning is not None:
             self._append({"kind": "log", "level": "warning", "message": warning})
+        run_timeline.merge(self._timeline, {"ended": time.time()})
+        self._append({"kind": "log", "level": "debug", "message": run_timeline.describe(self._timeline)})
         self._end = {
             "kind": "end",
             "status": status,
@@ -161,7 +182,8 @@ class RecordLog:
             "final_train_loss": summary.get("final_train_loss", last.get("train_loss")),
             "warning": warning,
             "model_path": model_path,
-            "finished_at": time.time(),
+            "finished_at": self._timeline["ended"],
+            "timeline": dict(self._timeline),
         }
         self._append(self._end)
         self._controller = None  # a borrowed handle would keep the (finished) controller actor alive

@@ -14,6 +14,7 @@ finishes or aborts. The tracker's failures come back as `log` records in the nex
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from typing import Any
 
@@ -74,6 +75,9 @@ class RecordingCallback(UserCallback):
         except Exception as exc:  # a malformed report must not kill the controller; say so in the job's log
             logger.exception("could not merge a report round")
             records = [{"kind": "log", "level": "error", "message": f"could not merge a report round: {exc!r}"}]
+        if any(r["kind"] == "summary" for r in records):
+            # The final report is in: its checkpoint (with the model) has been uploaded to the run's storage.
+            records.append({"kind": "timeline", "final_reported": time.time()})
         if checkpoint is not None:
             epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
             after = f" after epoch {epochs[0]}" if epochs else ""
@@ -140,6 +144,7 @@ class PlacementGroupCallback(WorkerGroupCallback):
     it. When a run ends without the controller's own clean-up (its driver actor was killed, its node died), the
     group stays reserved until the service exits. With the ids in the record log, `JobRun.close` removes what is
     left. (Ray Train's own cleaner needs the dashboard's state API, which an embedded Ray without dashboard lacks.)
+    It also marks the run's timeline (`service.engine.timeline`): `workers_requested` and `workers_ready`.
 
     `WorkerGroupCallback` is Ray Train's internal worker-group hook, passed through like `ControllerCallback`.
     """
@@ -147,6 +152,12 @@ class PlacementGroupCallback(WorkerGroupCallback):
     def __init__(self, recorder: ActorHandle) -> None:
         self._recorder = recorder
 
+    def before_worker_group_start(self, worker_group_context: Any) -> None:
+        self._recorder.mark.remote("workers_requested", time.time())  # a timeline mark: not waited for
+
     def after_worker_group_start(self, worker_group: Any) -> None:
+        # Ray Train's own callbacks ran before this one: the process group exists.
+        ready = time.time()
         group = worker_group.get_worker_group_state().placement_group_handle.placement_group
         ray.get(self._recorder.add_placement_group.remote(group.id.hex()), timeout=_PUSH_TIMEOUT_S)
+        self._recorder.mark.remote("workers_ready", ready)

@@ -3,7 +3,7 @@
 Every rank calls `ray.train.report` at the same points (it is a barrier), with a dict whose `kind` says which:
 
 - `start` (once per attempt): `rank, pid, hostname, device, world_size, steps_per_epoch, total_steps,
-  resumed_from_epoch`;
+  resumed_from_epoch` and `times` (rank 0's marks `loop_started`, `model_ready` of `service.engine.timeline`);
 - `step` (every `stats_every` steps): `step, epoch, train_loss, lr, samples_per_s, step_time_s` (global values,
   equal on every rank) and `layers`: this rank's `syncbn.BatchStatsRecorder.packed_snapshot()` (two float64
   tensors for all layers; the per-layer dicts of `snapshot()` are still understood);
@@ -11,7 +11,7 @@ Every rank calls `ray.train.report` at the same points (it is a barrier), with a
   val_loss_precise, val_acc_precise, epoch_time_s` (global values; the `_precise` ones with precise BatchNorm
   statistics, None when `precise_bn` did not run that epoch);
 - `final` (once, at the end): `verdict, reason, epochs_done, best_val_acc, final_val_acc, final_val_acc_precise,
-  final_train_loss`
+  final_train_loss` and `times` (`first_step`, `last_step`, `epochs`)
   (rank 0 attaches the final model as a checkpoint; the driver reads its location from Ray Train's result).
 
 Layer statistics are merged over all ranks: with `sync_group_size`, `ranks_agree` is False by design (each group
@@ -19,10 +19,10 @@ normalises with its own global statistics) while `count`, `mean`, `var` and the 
 world batch.
 
 `records_from_reports` merges one such dict per rank into the records of the engine's contract (`step`, `layers`,
-`epoch`, `log`) plus two internal kinds that the recorder keeps as state: `info` (the attempt's workers) and
-`summary` (the final report). A `layers` record holds `layers: {layer: summary}` (JSON-ready scalars) and
-`vectors: {layer: bytes}`: the merged per-channel block as float32 (`service.store.layer_codec.VECTOR_ROWS` x
-channels), which is what the store keeps.
+`epoch`, `log`) plus three internal kinds that the recorder keeps as state: `info` (the attempt's workers),
+`summary` (the final report) and `timeline` (the marks in `times`). A `layers` record holds
+`layers: {layer: summary}` (JSON-ready scalars) and `vectors: {layer: bytes}`: the merged per-channel block as
+float32 (`service.store.layer_codec.VECTOR_ROWS` x channels), which is what the store keeps.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def records_from_reports(per_rank: Sequence[dict[str, Any]]) -> list[dict[str, A
             f"{len(workers)} workers on {first['device']} ({where}), {first['steps_per_epoch']} steps per epoch, "
             f"{origin}"
         )
-        return [{"kind": "info", **info}, {"kind": "log", "level": "info", "message": message}]
+        return [{"kind": "info", **info}, {"kind": "log", "level": "info", "message": message}, *_timeline(first)]
     if kind == "step":
         records: list[dict[str, Any]] = [{"kind": "step", **{key: first[key] for key in STEP_FIELDS}}]
         if first.get("layers") is not None:
@@ -99,8 +99,14 @@ def records_from_reports(per_rank: Sequence[dict[str, Any]]) -> list[dict[str, A
     if kind == "epoch":
         return [{"kind": "epoch", **{key: first[key] for key in EPOCH_FIELDS}}]
     if kind == "final":
-        return [{"kind": "summary", **{key: first[key] for key in SUMMARY_FIELDS}}]
+        return [{"kind": "summary", **{key: first[key] for key in SUMMARY_FIELDS}}, *_timeline(first)]
     raise ValueError(f"unknown report kind {kind!r}: expected start, step, epoch or final")
+
+
+def _timeline(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rank 0's timeline marks (`times`) as a `timeline` record, when its report has them."""
+    times = report.get("times")
+    return [{"kind": "timeline", **times}] if isinstance(times, dict) and times else []
 
 
 def merge_layers(per_rank: Sequence[Any]) -> tuple[dict[str, dict[str, Any]], dict[str, bytes]]:

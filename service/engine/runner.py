@@ -42,6 +42,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from service.engine.cluster import TRAIN_ENV_VARS, train_env_inherited
 from service.engine.recorder import RECORDER_NAMESPACE, RecordLog, recorder_name
 from service.engine.storage import RunStorage
 from service.spec import JobSpec
@@ -51,10 +52,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["TRAIN_ENV_VARS", "JobRun", "attach_run", "driver_name", "launch_run"]
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: The environment of a job's driver, hence of its Ray Train controller: Train V2, and how often the controller
-#: collects reports (Ray's default is 2 s; a worker reporting faster than the controller collects would block,
-#: since each worker's report queue holds one entry). `bench/bench_layer_stats.py` runs under the same.
-TRAIN_ENV_VARS = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 _RPC_TIMEOUT_S = 60.0
 
 
@@ -98,6 +95,11 @@ class JobDriver:
         self.allowed_schemes = list(allowed_schemes or [])
         self.recorder = ray.get_actor(recorder_name(job_id), namespace=RECORDER_NAMESPACE)
         self._controller: ActorHandle | None = None
+        self._mark("driver_started")
+
+    def _mark(self, name: str) -> None:
+        """Send a mark of the run's timeline to the record log (not waited for: calls from here stay in order)."""
+        self.recorder.mark.remote(name, time.time())
 
     def set_controller(self, handle: ActorHandle) -> None:
         """Keep the Ray Train controller's handle (pushed by the controller itself when it starts)."""
@@ -150,6 +152,7 @@ class JobDriver:
         check_model_name(spec.model)  # a clear failure here rather than one per worker
         # In-memory kinds are loaded here; streamed kinds are listed and checked here, and read by Ray Data.
         data = prepare_data(spec.dataset, spec.seed, self.data_root, self.allowed_schemes)
+        self._mark("data_ready")
         info = data.info
         # The data's shape is known now (an npz file's only now): its channels against the model's.
         check_model_name(spec.model, info.sample_shape, spec.dataset.kind)
@@ -204,7 +207,9 @@ class JobDriver:
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
+        self._mark("fit_started")
         result = trainer.fit()
+        self._mark("fit_returned")
         summary = ray.get(self.recorder.summary.remote(), timeout=_RPC_TIMEOUT_S)
         model_path = None
         if result.checkpoint is not None:
@@ -407,6 +412,7 @@ def launch_run(
         )
     if attach_run(job_id) is not None:
         raise ValueError(f"a run with job_id {job_id!r} still exists in the cluster: close it or use another id")
+    launched_at = time.time()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     storage = RunStorage(storage_uri if storage_uri is not None else str(output_dir / "ray"))
@@ -425,7 +431,7 @@ def launch_run(
             max_restarts=0,
             scheduling_strategy=here,
         )
-        .remote(job_id, resume_after)
+        .remote(job_id, resume_after, launched_at)
     )
     driver = JobDriver.options(
         name=driver_name(job_id),
@@ -433,7 +439,8 @@ def launch_run(
         lifetime="detached",
         max_concurrency=2,  # run() blocks in fit(); set_controller/controller are served beside it
         scheduling_strategy=here,
-        runtime_env={"env_vars": dict(TRAIN_ENV_VARS)},
+        # An embedded Ray's workers have the variables already: no runtime_env, so an idle worker process serves.
+        **({} if train_env_inherited() else {"runtime_env": {"env_vars": dict(TRAIN_ENV_VARS)}}),
     ).remote(
         job_id,
         spec.model_dump(mode="json"),

@@ -68,12 +68,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ObjectRef to the in-memory `DataSplits`, or None for data streamed through Ray Data) and `resume_from`
             (a checkpoint folder or None).
     """
+    loop_started = time.time()  # the run's timeline (service.engine.timeline): the process group exists now
     spec = JobSpec.model_validate(config["spec"])
     info = DataInfo.from_dict(config["data"]["info"])
     splits_ref = config["data"].get("splits")
     splits: DataSplits | None = ray.get(splits_ref) if splits_ref is not None else None
     resume_from = config.get("resume_from")
-    _WorkerRun(spec, info, splits, None if resume_from is None else Path(resume_from)).run()
+    _WorkerRun(spec, info, splits, None if resume_from is None else Path(resume_from), loop_started).run()
 
 
 def _buffer_sync(enabled: bool) -> dict[str, bool]:
@@ -93,9 +94,18 @@ class _WorkerRun:
     """
 
     def __init__(
-        self, spec: JobSpec, info: DataInfo, splits: DataSplits | None, resume_from: Path | None = None
+        self,
+        spec: JobSpec,
+        info: DataInfo,
+        splits: DataSplits | None,
+        resume_from: Path | None = None,
+        loop_started: float | None = None,
     ) -> None:
         self.spec = spec
+        # Timeline marks (service.engine.timeline), sent with the start and final reports.
+        self._times: dict[str, float] = {"loop_started": time.time() if loop_started is None else loop_started}
+        self._first_step_at: float | None = None
+        self._epoch_times: list[list[float | None]] = []  # [epoch, started, trained, ended] per epoch run here
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world = context.get_world_size()
@@ -150,6 +160,7 @@ class _WorkerRun:
         self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, **_buffer_sync(not spec.sync_bn))
         # What each training step calls: the DDP model, compiled when the job asks (DDP first, then compile).
         self.step_model = self.precision.wrap(self.ddp)
+        self._times["model_ready"] = time.time()
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -214,6 +225,7 @@ class _WorkerRun:
                 "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.steps_per_epoch * self.spec.epochs,
                 "resumed_from_epoch": self.start_epoch - 1,
+                "times": dict(self._times),
             }
         )
         verdict: str | None = self.verdict
@@ -245,6 +257,11 @@ class _WorkerRun:
                 "final_val_acc": self.final_val_acc,
                 "final_val_acc_precise": self.final_val_acc_precise,
                 "final_train_loss": self.final_train_loss,
+                "times": {
+                    **({"first_step": self._first_step_at} if self._first_step_at is not None else {}),
+                    **({"last_step": self._epoch_times[-1][2]} if self._epoch_times else {}),
+                    "epochs": self._epoch_times,
+                },
             },
             # The final model travels in a last checkpoint, which Ray Train uploads to the run's storage.
             checkpoint_epoch=None if verdict == "diverged" else epochs_done,
@@ -256,6 +273,8 @@ class _WorkerRun:
         """One pass over this rank's shard; returns a divergence reason when the loss stops being finite."""
         spec = self.spec
         self.ddp.train()
+        timing = [epoch, time.time(), None, None]  # [epoch, started, trained, ended] (service.engine.timeline)
+        self._epoch_times.append(timing)
         self._epoch_start = time.perf_counter()
         self._epoch_sums = torch.zeros(3, dtype=torch.float64)
         window = torch.zeros(3, dtype=torch.float64)
@@ -290,10 +309,13 @@ class _WorkerRun:
             window_steps += 1
             window += sums
             self._epoch_sums += sums
+            if self._first_step_at is None:
+                self._first_step_at = time.time()
             global_loss = float(sums[0] / sums[1])
             reason = self.tracker.check_train_loss(global_loss, self.step, epoch, lr)
             if reason is not None:
                 logger.warning("rank %d: %s", self.rank, reason)
+                timing[2] = time.time()
                 return reason
 
             if recording:
@@ -312,6 +334,7 @@ class _WorkerRun:
                 window.zero_()
                 window_compute_s, window_steps = 0.0, 0
                 window_start = time.perf_counter()
+        timing[2] = time.time()
         return None
 
     def _end_epoch(self, epoch: int) -> str | None:
@@ -345,6 +368,7 @@ class _WorkerRun:
         every = self.spec.checkpoint_every
         due = every > 0 and epoch % every == 0 and verdict is None and epoch < self.spec.epochs
         self._report(metrics, checkpoint_epoch=epoch if due else None)
+        self._epoch_times[-1][3] = time.time()
         return verdict
 
     def _precise_evaluation(self, epoch: int, last: bool) -> tuple[float | None, float | None]:

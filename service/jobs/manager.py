@@ -57,6 +57,10 @@ MAX_POLL_FAILURES = 20
 POLL_BATCH = 200
 #: Seconds a cluster capacity reading is reused by the scheduler.
 CAPACITY_TTL_S = 5.0
+#: Seconds between two checks that a running job's driver is still there. A run's end arrives as its `end` record
+#: with the next drain; the check is for a driver that vanished without writing one. Each check is a call to the
+#: run's record log, and on a machine whose cores the ranks fill, what the service does comes out of training.
+DONE_CHECK_S = 2.0
 
 
 # Errors raised to the API layer:
@@ -134,6 +138,7 @@ class JobManager:
         self._resume: list[str] = []  # running jobs whose run died with the service, oldest first
         self._poll_failures: dict[str, int] = {}
         self._study_checks: set[str] = set()  # studies one of whose trials ended: may they stop early?
+        self._done_checked: dict[str, float] = {}  # job id -> time.monotonic() of its last run.done()
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -566,7 +571,11 @@ class JobManager:
             self._cancel_run(job_id, run)  # requested through another replica (or before a takeover); sent once
         cursor, ended, stored_any = job.record_seq, None, False
         try:
-            done = run.done()
+            # Asked before the poll, so that a run found over has all its records read in this pass.
+            done = False
+            if time.monotonic() - self._done_checked.get(job_id, 0.0) >= DONE_CHECK_S:
+                self._done_checked[job_id] = time.monotonic()
+                done = run.done()
             while True:
                 records = run.poll(cursor, POLL_BATCH)
                 if not records:
@@ -640,6 +649,7 @@ class JobManager:
         self.wake()
 
     def _forget(self, job_id: str) -> None:
+        self._done_checked.pop(job_id, None)
         with self._lock:
             self._runs.pop(job_id, None)
             self._reserved.pop(job_id, None)

@@ -836,7 +836,12 @@ class JobStore:
             job.last_val_acc = job.final_val_acc
         model_path = record.get("model_path")
         job.model_path = str(model_path) if model_path else None
-        self._add_event(session, job, "status", self._status_data(job, previous, now), now)
+        data = self._status_data(job, previous, now)
+        timeline = record.get("timeline")
+        if isinstance(timeline, dict):
+            # When the run's start-up and wrap-up steps happened (service.engine.timeline); `at` is when it was stored.
+            data["timeline"] = timeline
+        self._add_event(session, job, "status", data, now)
         summary = f"job {target.value}" + (f": {job.error}" if target is JobStatus.FAILED else "")
         self._add_log(session, job, "error" if target is JobStatus.FAILED else "info", summary, "service", now)
         return target

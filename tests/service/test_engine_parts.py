@@ -257,3 +257,41 @@ def test_record_log_builds_end_from_the_summary() -> None:
     assert "verdict converged" in log.poll(0)[0]["message"]
     end = log.finish("succeeded", model_path="/x/model.pt")
     assert end["verdict"] == "converged" and end["epochs_done"] == 3 and end["model_path"] == "/x/model.pt"
+
+
+def test_record_log_keeps_the_timeline_and_puts_it_in_the_end_record() -> None:
+    log = RecordLog("j4", launched_at=100.0)
+    start = [{"kind": "start", "rank": r, "pid": r, "hostname": "h", "device": "cpu", "world_size": 2,
+              "steps_per_epoch": 3, "total_steps": 6, "resumed_from_epoch": 0,
+              "times": {"loop_started": 104.0, "model_ready": 104.5}} for r in range(2)]  # fmt: skip
+    log.push(records_from_reports(start))
+    log.mark("driver_started", 101.0)
+    log.mark("driver_started", 150.0)  # a start-up mark keeps its first time
+    log.mark("workers_ready", 103.5)
+    final = {"kind": "final", "verdict": "completed", "reason": None, "epochs_done": 2, "best_val_acc": 0.9,
+             "final_val_acc": 0.9, "final_val_acc_precise": None, "final_train_loss": 0.1,
+             "times": {"first_step": 105.0, "last_step": 110.0,
+                       "epochs": [[1, 104.6, 107.0, 107.2], [2, 107.2, 110.0, 110.3]]}}  # fmt: skip
+    log.push(records_from_reports([final, final]))
+    log.mark("last_step", 111.0)  # a wrap-up mark keeps its latest time (a later attempt's)
+    assert all(r["kind"] not in ("timeline", "info", "summary") for r in log.poll(0))
+    end = log.finish("succeeded", model_path="/x/model.pt")
+    timeline = end["timeline"]
+    assert timeline["launched"] == 100.0 and timeline["driver_started"] == 101.0
+    assert timeline["loop_started"] == 104.0 and timeline["first_step"] == 105.0 and timeline["last_step"] == 111.0
+    assert [e[0] for e in timeline["epochs"]] == [1, 2] and timeline["ended"] == end["finished_at"]
+    timing = [r for r in log.poll(0) if r["kind"] == "log" and r["message"].startswith("timing:")]
+    assert len(timing) == 1 and "start-up to the first step 5.00 s" in timing[0]["message"]
+    assert "model build 0.50" in timing[0]["message"]
+
+
+def test_digits_read_from_the_shipped_file_equal_scikit_learns_loader() -> None:
+    from sklearn.datasets import load_digits
+
+    from service.engine.data.in_memory import _digits
+
+    x, y = _digits()
+    bunch = load_digits()
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8))
+    assert torch.equal(y, torch.from_numpy(bunch.target.astype(np.int64)))
