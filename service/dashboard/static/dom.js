@@ -40,6 +40,20 @@ export function replace(node, ...children) {
   return append(node, children);
 }
 
+/** What a page shows when its first read failed: a wait for a token (401), or the error with a way back. */
+export function showLoadError(root, error, { title, id, backHref, backText }) {
+  if (error.status === 401) {
+    replace(root, h("p", { class: "muted" }, "Waiting for an API token (see above)."));
+    return;
+  }
+  replace(
+    root,
+    h("h2", {}, `${title} `, h("code", {}, id)),
+    h("p", { class: "error-text" }, error.message),
+    h("p", {}, h("a", { href: backHref }, backText)),
+  );
+}
+
 const STATUS_LABELS = {
   queued: "queued",
   running: "running",

@@ -12,6 +12,7 @@ import {
   progressBar,
   replace,
   shortId,
+  showLoadError,
   statusBadge,
   when,
 } from "./dom.js";
@@ -152,16 +153,7 @@ export class JobPage {
     try {
       await this.feed.start(this.statistic); // the heatmap's history: the statistic it shows first only
     } catch (error) {
-      if (error.status === 401) {
-        replace(root, h("p", { class: "muted" }, "Waiting for an API token (see above)."));
-      } else {
-        replace(
-          root,
-          h("h2", {}, "Job ", h("code", {}, this.jobId)),
-          h("p", { class: "error-text" }, error.message),
-          h("p", {}, h("a", { href: "#/jobs" }, "Back to the job list")),
-        );
-      }
+      showLoadError(root, error, { title: "Job", id: this.jobId, backHref: "#/jobs", backText: "Back to the job list" });
       return;
     }
     this.render();

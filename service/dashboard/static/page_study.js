@@ -19,7 +19,7 @@
 
 import { PALETTE } from "./charts.js";
 import { CurveOverlay, stepColumns } from "./curve_overlay.js";
-import { duration, h, isTerminal, num, replace, shortId, statusBadge, when } from "./dom.js";
+import { duration, h, isTerminal, num, replace, shortId, showLoadError, statusBadge, when } from "./dom.js";
 import { Heatmap } from "./heatmap.js";
 import { intervalPlot } from "./interval_plot.js";
 
@@ -112,16 +112,12 @@ export class StudyPage {
     try {
       this.study = await this.ctx.api.get(this.path);
     } catch (error) {
-      if (error.status === 401) {
-        replace(root, h("p", { class: "muted" }, "Waiting for an API token (see above)."));
-      } else {
-        replace(
-          root,
-          h("h2", {}, "Study ", h("code", {}, this.studyId)),
-          h("p", { class: "error-text" }, error.message),
-          h("p", {}, h("a", { href: "#/studies" }, "Back to the study list")),
-        );
-      }
+      showLoadError(root, error, {
+        title: "Study",
+        id: this.studyId,
+        backHref: "#/studies",
+        backText: "Back to the study list",
+      });
       return;
     }
     if (this.stopped) return;
