@@ -65,6 +65,46 @@ class BatchMoments:
     between_var: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class RecordedPass:
+    """What a recording forward pass of a synchronized layer keeps: its local first and second moments (a copy
+    taken before the all-reduce) and the all-reduced packet itself. No arithmetic happens in the forward pass:
+    :func:`batch_moments` derives one layer's :class:`BatchMoments` on demand, and a recorder derives all layers'
+    at once (``BatchStatsRecorder.packed_snapshot``), a dozen ops in all instead of a dozen per layer.
+
+    Attributes:
+        count: this rank's elements per channel.
+        local: ``(2, C)`` float64, this rank's ``E[x]`` and ``E[x^2]`` per channel (zeros for an empty batch).
+        packed: the all-reduced ``[N, sum(x), sum(x^2), sum_i n_i mean_i^2]`` (``3C + 1`` float64).
+    """
+
+    count: int
+    local: torch.Tensor
+    packed: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return self.local.shape[1]
+
+
+def batch_moments(recorded: RecordedPass) -> BatchMoments:
+    """One layer's :class:`BatchMoments` from what its recording pass kept."""
+    channels = recorded.channels
+    total = recorded.packed[0:1].clamp(min=1.0)
+    mean_l, square_l = recorded.local[0], recorded.local[1]
+    moments = recorded.packed[1 : 2 * channels + 1].view(2, channels) / total
+    mean = moments[0]
+    return BatchMoments(
+        count_local=torch.tensor(float(recorded.count), dtype=torch.float64),
+        mean_local=mean_l,
+        var_local=torch.addcmul(square_l, mean_l, mean_l, value=-1.0).clamp_(min=0.0),
+        count_global=recorded.packed[0].clone(),
+        mean_global=mean,
+        var_global=torch.addcmul(moments[1], mean, mean, value=-1.0).clamp_(min=0.0),
+        between_var=(recorded.packed[2 * channels + 1 :] / total - mean * mean).clamp_(min=0.0),
+    )
+
+
 def channel_view_shape(ndim: int, channels: int) -> list[int]:
     """Shape that broadcasts a per-channel vector against an ``ndim``-D input laid out as (N, C, ...)."""
     return [1, channels] + [1] * (ndim - 2)
@@ -192,7 +232,7 @@ def sync_forward(
     bias: torch.Tensor | None,
     eps: float,
     process_group: dist.ProcessGroup | None,
-    record: list[BatchMoments] | None,
+    record: list[RecordedPass] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward pass on one rank: local packet, one all-reduce, global statistics, normalised output.
 
@@ -211,7 +251,7 @@ def sync_forward(
     else:
         packed = _local_packet(x, count, record is not None)
     if record is not None:
-        local = packed[1 : 2 * channels + 1].view(2, channels) / max(count, 1)
+        local = packed[1 : 2 * channels + 1].view(2, channels) / max(count, 1)  # a copy: the all-reduce is in place
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
 
     total = packed[0:1]
@@ -219,20 +259,7 @@ def sync_forward(
     stats_k = global_statistics(packed, channels, eps, dtype)
 
     if record is not None:
-        global_moments = packed[1 : 2 * channels + 1].view(2, channels) / total.clamp(min=1.0)
-        mean = global_moments[0]
-        var = torch.addcmul(global_moments[1], mean, mean, value=-1.0).clamp_(min=0.0)
-        record.append(
-            BatchMoments(
-                count_local=torch.tensor(float(count), dtype=torch.float64),
-                mean_local=local[0],
-                var_local=torch.addcmul(local[1], local[0], local[0], value=-1.0).clamp_(min=0.0),
-                count_global=total[0].clone(),
-                mean_global=mean,
-                var_global=var,
-                between_var=(packed[2 * channels + 1 :] / total.clamp(min=1.0) - mean * mean).clamp_(min=0.0),
-            )
-        )
+        record.append(RecordedPass(count, local, packed))
 
     if count == 0:
         y = torch.empty_like(x)
@@ -329,7 +356,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         momentum: float | None,
         eps: float,
         process_group: dist.ProcessGroup | None,
-        record: list[BatchMoments] | None,
+        record: list[RecordedPass] | None,
     ) -> torch.Tensor:
         y, stats_k, total = sync_forward(x, weight, bias, eps, process_group, record)
         if running_mean is not None and running_var is not None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncbn._functions import BatchMoments, local_moments
+from syncbn._functions import RecordedPass, batch_moments, local_moments
 from syncbn.batchnorm import SyncBatchNorm
 
 # Relative tolerance within which ranks' global statistics count as equal (float64 pooling, float32 inputs).
@@ -61,9 +61,16 @@ def _floats(t: torch.Tensor | None) -> list[float] | None:
     return None if t is None else t.detach().double().cpu().tolist()
 
 
-@dataclass(frozen=True)
+def _short_repr(kind: str, layers: Sequence[str], channels: Sequence[int]) -> str:
+    return f"{kind}({len(layers)} layers, {sum(channels)} channels)"
+
+
+@dataclass(frozen=True, repr=False)
 class PackedLayerStats:
     """One rank's statistics of every recorded layer in two float64 tensors (cheap to send and to merge).
+
+    Its ``repr`` names the size only: Ray Train formats every report into a log line (whatever the log level),
+    and printing the tensors took ~7 ms per report for 10,240 channels.
 
     Attributes:
         layers: module paths of the layers, in model order.
@@ -77,8 +84,11 @@ class PackedLayerStats:
     scalars: torch.Tensor
     vectors: torch.Tensor
 
+    def __repr__(self) -> str:
+        return _short_repr("PackedLayerStats", self.layers, self.channels)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class MergedLayerStats:
     """Every layer's statistics merged over the ranks (see :func:`merge_packed_layer_stats`).
 
@@ -95,6 +105,9 @@ class MergedLayerStats:
     channels: tuple[int, ...]
     summaries: tuple[dict[str, Any], ...]
     vectors: torch.Tensor
+
+    def __repr__(self) -> str:
+        return _short_repr("MergedLayerStats", self.layers, self.channels)
 
     def layer_vectors(self, index: int) -> torch.Tensor:
         """The ``(len(MERGED_VECTORS), channels[index])`` block of layer ``index``."""
@@ -115,39 +128,69 @@ def _grad_norm(p: torch.Tensor | None) -> float | None:
     return float(p.grad.detach().double().norm())
 
 
+def _per_layer_reduce(
+    values: torch.Tensor, layer_of: torch.Tensor, channels: Sequence[int], reduce: str
+) -> torch.Tensor:
+    """One value per layer from the concatenated per-channel ``values`` (``reduce``: sum, mean, amin, amax).
+
+    Layers of equal width (the usual case) reduce as rows of a ``(layers, channels)`` view, one op; otherwise
+    one scatter-reduction over ``layer_of`` (the layer index of every channel).
+    """
+    width = channels[0]
+    if all(c == width for c in channels) and width > 0:
+        return getattr(values.view(len(channels), width), reduce)(1)
+    out = torch.zeros(len(channels), dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, layer_of, values, reduce, include_self=False)
+
+
 def _parameter_summaries(
     scalars: torch.Tensor,
     kind: str,
     params: Sequence[torch.Tensor | None],
-    layer_of: torch.Tensor,
     channels: Sequence[int],
 ) -> None:
     """Fill ``{kind}_mean/min/max`` and ``{kind}_grad_norm`` of every layer in ``scalars`` (NaN where a layer has
-    no such parameter or gradient), with one scatter-reduction per statistic over all layers' channels."""
+    no such parameter or gradient): one concatenation and one reduction per statistic over all layers."""
     rows = [i for i, p in enumerate(params) if p is not None and p.numel() == channels[i]]
     if not rows:
         return
+    widths = [channels[i] for i in rows]
+    layer_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(widths)).to(scalars.device)
     index = torch.tensor(rows, device=scalars.device)
-    mask = torch.zeros(len(params), dtype=torch.bool, device=scalars.device)
-    mask[index] = True
-    selected = mask[layer_of]
-    values = torch.cat([params[i].detach().double().reshape(-1) for i in rows])
-    owner = layer_of[selected]
+    values = torch.cat([params[i].reshape(-1) for i in rows]).double()
     for suffix, reduce in (("mean", "mean"), ("min", "amin"), ("max", "amax")):
-        out = torch.zeros(len(params), dtype=torch.float64, device=scalars.device)
-        out = out.scatter_reduce(0, owner, values, reduce, include_self=False)
-        scalars[index, _S[f"{kind}_{suffix}"]] = out[index]
-    with_grad = [i for i in rows if params[i].grad is not None]
+        scalars[index, _S[f"{kind}_{suffix}"]] = _per_layer_reduce(values, layer_of, widths, reduce)
+    if all(params[i].grad is not None for i in rows):
+        grads = torch.cat([params[i].grad.reshape(-1) for i in rows]).double()
+        scalars[index, _S[f"{kind}_grad_norm"]] = _per_layer_reduce(grads * grads, layer_of, widths, "sum").sqrt()
+        return
+    with_grad = [i for i in rows if params[i].grad is not None]  # some layers without a gradient: those alone
     if with_grad:
-        grads = torch.cat([params[i].grad.detach().double().reshape(-1) for i in with_grad])
-        grad_owner = torch.repeat_interleave(
-            torch.tensor(with_grad, device=scalars.device),
-            torch.tensor([channels[i] for i in with_grad], device=scalars.device),
-        )
-        squares = torch.zeros(len(params), dtype=torch.float64, device=scalars.device)
-        squares.index_add_(0, grad_owner, grads * grads)
-        grad_index = torch.tensor(with_grad, device=scalars.device)
-        scalars[grad_index, _S[f"{kind}_grad_norm"]] = squares[grad_index].sqrt()
+        grad_widths = [channels[i] for i in with_grad]
+        grads = torch.cat([params[i].grad.reshape(-1) for i in with_grad]).double()
+        grad_of = torch.repeat_interleave(torch.arange(len(with_grad)), torch.tensor(grad_widths)).to(grads.device)
+        norms = _per_layer_reduce(grads * grads, grad_of, grad_widths, "sum").sqrt()
+        scalars[torch.tensor(with_grad, device=scalars.device), _S[f"{kind}_grad_norm"]] = norms
+
+
+def _synced_moments(
+    passes: Sequence[RecordedPass],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(mean_local, var_local, mean_global, var_global)`` of every recorded synchronized layer, derived for all
+    layers at once (the same element-wise operations as :func:`syncbn._functions.batch_moments`, so the same
+    values), then split back into per-layer views."""
+    if not passes:
+        return []
+    channels = [p.channels for p in passes]
+    local = torch.cat([p.local for p in passes], dim=1)  # (2, all channels): E[x], E[x^2]
+    sums = torch.cat([p.packed[1 : 2 * c + 1].view(2, c) for p, c in zip(passes, channels, strict=True)], dim=1)
+    totals = torch.cat([p.packed[0:1] for p in passes]).clamp_(min=1.0)
+    moments = sums / torch.repeat_interleave(totals, torch.tensor(channels, device=totals.device))
+    mean_l, mean_g = local[0], moments[0]
+    var_l = torch.addcmul(local[1], mean_l, mean_l, value=-1.0).clamp_(min=0.0)
+    var_g = torch.addcmul(moments[1], mean_g, mean_g, value=-1.0).clamp_(min=0.0)
+    rows = [row.split(channels) for row in (mean_l, var_l, mean_g, var_g)]
+    return list(zip(*rows, strict=True))
 
 
 class BatchStatsRecorder:
@@ -177,7 +220,7 @@ class BatchStatsRecorder:
         }
         self._recording = False
         self._local: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
-        self._synced: dict[str, BatchMoments] = {}
+        self._synced: dict[str, RecordedPass] = {}
         self._hooks = [m.register_forward_hook(self._make_hook(name)) for name, m in self._layers.items()]
 
     @property
@@ -225,7 +268,7 @@ class BatchStatsRecorder:
         for name, layer in self._layers.items():
             entry: dict[str, Any] = {"eps": float(layer.eps)}
             if name in self._synced:
-                m = self._synced[name]
+                m = batch_moments(self._synced[name])
                 entry.update(
                     synchronized=True,
                     count_local=float(m.count_local),
@@ -264,15 +307,15 @@ class BatchStatsRecorder:
 
         Same content as :meth:`snapshot` without ``count_global`` and ``between_var`` (the merge recomputes both
         from the ranks' local moments), in two float64 tensors built on the layers' device and copied to the
-        host once. The vectors are copied into one preallocated block, and the per-layer parameter summaries
-        and gradient norms are computed for all layers at once (a few scatter-reductions), so the cost barely
-        grows with the number of layers.
+        host once. Each row of the vectors is one concatenation over the layers, and the per-layer parameter
+        summaries and gradient norms are one reduction per statistic over all layers, so the cost barely grows
+        with the number of layers (~1 ms for 40 layers on one CPU thread).
         """
+        derived = dict(zip(self._synced, _synced_moments(list(self._synced.values())), strict=True))
         entries = []
         for name, layer in self._layers.items():
             if name in self._synced:
-                m = self._synced[name]
-                entries.append((name, layer, m.count_local, m.mean_local, m.var_local, m.mean_global, m.var_global))
+                entries.append((name, layer, self._synced[name].count, *derived[name]))
             elif name in self._local:
                 count, mean, var = self._local[name]
                 entries.append((name, layer, count, mean, var, None, None))
@@ -281,28 +324,23 @@ class BatchStatsRecorder:
             return PackedLayerStats((), (), no_scalars, torch.zeros(len(PACKED_VECTORS), 0, dtype=torch.float64))
         device = entries[0][3].device
         channels = [e[3].numel() for e in entries]
-        vectors = torch.full((len(PACKED_VECTORS), sum(channels)), math.nan, dtype=torch.float64, device=device)
-        start = 0
-        for (_, layer, _, mean, var, mean_g, var_g), c in zip(entries, channels, strict=True):
-            tracked = layer.track_running_stats and layer.running_mean is not None
-            rows = (mean, var, mean_g, var_g) + ((layer.running_mean, layer.running_var) if tracked else (None, None))
-            for row, values in enumerate(rows):
-                if values is not None:
-                    vectors[row, start : start + c].copy_(values.detach())
-            start += c
+        with torch.no_grad():
+            missing = torch.full((max(channels),), math.nan, dtype=torch.float64, device=device)
+            columns: list[list[torch.Tensor]] = [[] for _ in PACKED_VECTORS]
+            for (_, layer, _, mean, var, mean_g, var_g), c in zip(entries, channels, strict=True):
+                tracked = layer.track_running_stats and layer.running_mean is not None
+                running = (layer.running_mean, layer.running_var) if tracked else (None, None)
+                for row, values in enumerate((mean, var, mean_g, var_g, *running)):
+                    columns[row].append(missing[:c] if values is None else values.to(torch.float64))
+            vectors = torch.stack([torch.cat(pieces) for pieces in columns])
 
-        layer_of = torch.repeat_interleave(
-            torch.arange(len(entries), device=device), torch.tensor(channels, device=device)
-        )
-        scalars = torch.full((len(entries), len(PACKED_SCALARS)), math.nan, dtype=torch.float64, device=device)
-        scalars[:, _S["eps"]] = torch.tensor([float(e[1].eps) for e in entries], dtype=torch.float64)
-        scalars[:, _S["synchronized"]] = torch.tensor([float(e[5] is not None) for e in entries], dtype=torch.float64)
-        scalars[:, _S["count_local"]] = torch.stack(
-            [torch.as_tensor(e[2], dtype=torch.float64, device=device).reshape(()) for e in entries]
-        )
-        for kind in ("weight", "bias"):
-            params = [getattr(e[1], kind) for e in entries]
-            _parameter_summaries(scalars, kind, params, layer_of, channels)
+            scalars = torch.full((len(entries), len(PACKED_SCALARS)), math.nan, dtype=torch.float64, device=device)
+            scalars[:, _S["eps"]] = torch.tensor([float(e[1].eps) for e in entries], dtype=torch.float64)
+            synchronized = [float(e[5] is not None) for e in entries]
+            scalars[:, _S["synchronized"]] = torch.tensor(synchronized, dtype=torch.float64)
+            scalars[:, _S["count_local"]] = torch.tensor([float(e[2]) for e in entries], dtype=torch.float64)
+            for kind in ("weight", "bias"):
+                _parameter_summaries(scalars, kind, [getattr(e[1], kind) for e in entries], channels)
         return PackedLayerStats(tuple(e[0] for e in entries), tuple(channels), scalars.cpu(), vectors.cpu())
 
     def close(self) -> None:

@@ -146,3 +146,32 @@ def test_packed_merge_of_many_layers_matches_layer_by_layer_and_refuses_mismatch
     with pytest.raises(ValueError, match="at least one rank"):
         merge_packed_layer_stats([])
     recorder.close()
+
+
+@pytest.mark.parametrize("widths", [(6, 6, 6), (6, 2, 9)], ids=["equal widths", "unequal widths"])
+def test_packed_snapshot_parameter_summaries_with_a_frozen_layer(widths: tuple[int, ...]) -> None:
+    """Per-layer weight/bias summaries and gradient norms of the packed form equal the dict form's, also when one
+    layer's parameters are frozen (no gradient) and whether the layers share one width or not."""
+    torch.manual_seed(5)
+    model = nn.Sequential(*(nn.BatchNorm1d(c) for c in widths))
+    for layer in model:
+        nn.init.normal_(layer.weight)
+        nn.init.normal_(layer.bias)
+    model[1].weight.requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    recorder = syncbn.BatchStatsRecorder(model)
+    with recorder.recording():
+        outs = [layer(torch.randn(5, layer.num_features)) for layer in model]
+    sum((o * o).sum() for o in outs).backward()
+    snap, packed = recorder.snapshot(), recorder.packed_snapshot()
+    columns = syncbn.stats.PACKED_SCALARS
+    for index, name in enumerate(packed.layers):
+        for key in ("weight_mean", "weight_min", "weight_max", "bias_mean", "bias_max", "weight_grad_norm"):
+            value = float(packed.scalars[index, columns.index(key)])
+            if snap[name][key] is None:
+                assert value != value, (name, key)  # NaN: no gradient on the frozen layer
+            else:
+                assert value == pytest.approx(snap[name][key], rel=1e-12), (name, key)
+    assert snap["1"]["weight_grad_norm"] is None and snap["0"]["weight_grad_norm"] > 0
+    assert repr(packed) == f"PackedLayerStats(3 layers, {sum(widths)} channels)", "a short repr: Ray logs reports"
+    recorder.close()
