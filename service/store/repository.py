@@ -229,6 +229,8 @@ class JobStore:
         self._write_lock = threading.Lock()
         self._latest_event: dict[str, int] = {}
         self._latest_lock = threading.Lock()
+        # Layer series ids per job (name -> id) as committed: series are only ever added, and go with their job.
+        self._series_cache: dict[str, dict[str, int]] = {}
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
@@ -525,6 +527,7 @@ class JobStore:
             session.execute(delete(JobRow).where(JobRow.id == job_id))
         with self._latest_lock:
             self._latest_event.pop(job_id, None)
+        self._series_cache.pop(job_id, None)
         return True
 
     # -- studies --------------------------------------------------------------------------------------------
@@ -670,6 +673,8 @@ class JobStore:
             if job is None:
                 return IngestResult(record_seq=0, event_seq=0)
             result = IngestResult(record_seq=job.record_seq, event_seq=job.event_seq)
+            layers = _LayerIngest()
+            session.info["layers"] = layers
             for record in sorted(records, key=lambda r: _integer(r.get("seq"))):
                 seq = _integer(record.get("seq"))
                 if seq <= job.record_seq:
@@ -684,8 +689,13 @@ class JobStore:
                 result.stored += 1
                 if ended is not None:
                     result.ended = ended
+            if layers.vectors_written:
+                # Once per batch: the rule keeps at most `stats_keep` snapshots after it, whatever the batch held.
+                self._apply_retention(session, job, list(layers.series.values()), layers.reference)
             result.record_seq = job.record_seq
             result.event_seq = job.event_seq
+        if layers.series is not None:
+            self._series_cache[job_id] = layers.series  # committed: ids that later batches may use
         self._note_event(job_id, result.event_seq)
         return result
 
@@ -737,7 +747,11 @@ class JobStore:
         if not isinstance(layers, dict):
             return
         vectors = record.get("vectors") if isinstance(record.get("vectors"), dict) else {}
-        series = self._series(session, job.id)
+        state: _LayerIngest = session.info["layers"]
+        if state.series is None:
+            cached = self._series_cache.get(job.id)
+            state.series = dict(cached) if cached is not None else self._series(session, job.id)
+        series = state.series
         summaries, blocks = [], []
         for raw_name, stats in layers.items():
             if not isinstance(stats, dict):
@@ -748,22 +762,34 @@ class JobStore:
             channels = _integer(stats.get("channels"), default=len(block) // 16 if block else 0)
             series_id = series.get(name)
             if series_id is None:
-                row = LayerSeriesRow(job_id=job.id, position=len(series), layer=name, channels=channels)
-                session.add(row)
-                session.flush()
-                series_id = series[name] = row.id
+                known = self._series(session, job.id)  # another writer (a former leader) may have added it
+                series_id = known.get(name)
+                if series_id is None:
+                    row = LayerSeriesRow(job_id=job.id, position=len(known), layer=name, channels=channels)
+                    session.add(row)
+                    session.flush()
+                    series_id = row.id
+                series.update(known)
+                series[name] = series_id
             summaries.append({"series_id": series_id, "step": step, "epoch": epoch, "summary": encode_summary(stats)})
             if block:
                 blocks.append({"series_id": series_id, "step": step, "vectors": block})
         if summaries:
             ids = [row["series_id"] for row in summaries]
-            # A step recorded again (a resumed run that bypassed the record log's de-duplication): latest wins.
-            for table in (LayerSummaryRow, LayerVectorsRow):
-                session.execute(delete(table).where(table.series_id.in_(ids), table.step == step))
-            session.execute(insert(LayerSummaryRow), summaries)
+            if state.last_step is None:
+                state.last_step = session.scalar(
+                    select(func.max(LayerSummaryRow.step)).where(LayerSummaryRow.series_id.in_(ids))
+                )
+            if state.last_step is not None and step <= state.last_step:
+                # A step recorded again (a resumed run that bypassed the record log's de-duplication): latest wins.
+                for table in (LayerSummaryRow, LayerVectorsRow):
+                    session.execute(delete(table).where(table.series_id.in_(ids), table.step == step))
+            state.last_step = step if state.last_step is None else max(state.last_step, step)
+            session.execute(insert(LayerSummaryRow.__table__), summaries)
             if blocks:
-                session.execute(insert(LayerVectorsRow), blocks)
-                self._apply_retention(session, job, list(series.values()), blocks[0]["series_id"])
+                session.execute(insert(LayerVectorsRow.__table__), blocks)
+                state.vectors_written = True
+                state.reference = blocks[0]["series_id"]
         self._add_event(session, job, "layers", {"step": step, "epoch": epoch}, now)
 
     @staticmethod
@@ -1113,6 +1139,17 @@ class JobStore:
         """The newest event id of a job in the database (0 if none)."""
         with self._read() as session:
             return session.scalar(select(JobRow.event_seq).where(JobRow.id == job_id)) or 0
+
+
+@dataclass
+class _LayerIngest:
+    """What one `ingest` transaction learns about a job's layers: its series (name -> id), the newest recorded
+    step (so a new step skips the delete of a re-recorded one), and whether retention must run at the end."""
+
+    series: dict[str, int] | None = None
+    last_step: int | None = None
+    vectors_written: bool = False
+    reference: int = 0
 
 
 _HANDLERS = {

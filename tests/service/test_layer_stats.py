@@ -348,3 +348,40 @@ def test_json_layer_rows_of_an_existing_job_are_migrated_and_can_be_downgraded(s
     assert [(step, layer) for step, layer, _ in back] == [(s, n) for s in (1, 2, 3) for n in ("0", "1", "2")]
     stats = back[0][2] if isinstance(back[0][2], dict) else json.loads(back[0][2])
     assert stats["mean"] == decode_vectors(merged[1]["vectors"]["0"])["mean"]
+
+
+def _only(record: dict[str, Any], names: tuple[str, ...], **changes: Any) -> dict[str, Any]:
+    """`record` (a layers record) with only the layers `names`."""
+    layers = {name: record["layers"][name] for name in names}
+    vectors = {name: record["vectors"][name] for name in names}
+    return {**record, "layers": layers, "vectors": vectors, **changes}
+
+
+def test_two_writers_share_a_jobs_layer_series_and_a_re_recorded_step_replaces_the_first(
+    store: JobStore,  # noqa: F811
+) -> None:
+    """Two stores on one database (a leader, then its successor, then the first again): each finds the layers the
+    other added (the first one's cached series are not the whole truth), and a step stored twice keeps the later
+    record only (a resumed run), summaries and vectors alike."""
+    layers = [r for r in _records(range(1, 5)) if r["kind"] == "layers"]
+    job_id = _job(store, stats_keep=4)
+    successor = JobStore(store.engine.url.render_as_string(hide_password=False))
+    try:
+        store.ingest(job_id, [_only(layers[0], ("0",), seq=1)])
+        successor.ingest(job_id, [_only(layers[1], ("0", "1"), seq=2)])
+        store.ingest(job_id, [_only(layers[2], ("0", "1", "2"), seq=3)])
+        assert store.layer_names(job_id) == ["0", "1", "2"]
+        assert [p.step for p in store.layer_history(job_id, "1", channels=False).points] == [2, 3]
+        assert [p.step for p in store.layer_history(job_id, "2", channels=False).points] == [3]
+
+        again = _only(layers[3], ("0", "1", "2"), seq=4, step=2)  # step 2 recorded again, with step 4's numbers
+        successor.ingest(job_id, [again])
+        assert store.layer_steps(job_id) == [1, 2, 3], "one row per step"
+        at_two = store.layers_at(job_id, 2)
+        at_four = store.layers_at(job_id, None)  # still step 3: the newest step
+        assert at_two.step == 2 and at_four.step == 3
+        expected = decode_vectors(layers[3]["vectors"]["1"])
+        np.testing.assert_array_equal(at_two.layers["1"]["mean"], expected["mean"])
+        assert at_two.layers["0"]["skew_max_gap"] == pytest.approx(layers[3]["layers"]["0"]["skew_max_gap"], rel=1e-6)
+    finally:
+        successor.close()
