@@ -8,7 +8,10 @@ linear head; 2 Ray Train workers (gloo, one thread each), batch 16 x 256 x 4 x 4
    round inside the run (after one untimed warm-up round), so machine noise hits all of them alike:
    - `off`: no report at all (the baseline);
    - `metrics/k`: step metrics reported every k steps, no layer statistics;
-   - `layers/k`: step metrics and the packed per-layer statistics every k steps (what a job does).
+   - `layers/k`: step metrics and the packed per-layer statistics every k steps (what a job does);
+   recorded steps travel as a job's loop sends them, `service.engine.reports.steps_per_report(k)` per report
+   (10 at k = 1: reports at least 10 steps apart); `metrics/1-each` and `layers/1-each` send one report per
+   recorded step, as the loop did before.
    Printed: mean step time per mode (a report round's cost spread over the k steps it serves; medians too),
    ratios against `off` and of `layers/k` against `metrics/k`, all measured in the same run, and the median time
    rank 0 spends inside `ray.train.report` (the round's barrier and hand-over to the controller). The controller
@@ -32,6 +35,7 @@ linear head; 2 Ray Train workers (gloo, one thread each), batch 16 x 256 x 4 x 4
    (pydantic models + the standard encoder) against orjson on the store's float32 arrays.
 
     .venv/bin/python bench/bench_layer_stats.py [--rounds 6 --steps 20 --requests 30]
+    .venv/bin/python bench/bench_layer_stats.py --training-only [--modes off,metrics/1,layers/1]
     .venv/bin/python bench/bench_layer_stats.py --history-only [--history-channels 256,2048]
 
 Figures depend on the machine's load: on a shared machine run it more than once and say so.
@@ -56,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 LAYERS, CHANNELS, BATCH, SPATIAL = 40, 256, 16, 4
-MODES = ("off", "metrics/10", "layers/10", "metrics/1", "layers/1")
+MODES = ("off", "metrics/10", "layers/10", "metrics/1", "layers/1", "metrics/1-each", "layers/1-each")
 #: The statistics the dashboard's heatmap offers (service/dashboard/static/layer_view.js, STATISTICS), in its order:
 #: the first is the one a job page shows (and reads) first.
 HEATMAP_KEYS = (
@@ -81,6 +85,7 @@ def train_fn(config: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     import syncbn
+    from service.engine.reports import steps_per_report
 
     torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()
@@ -97,13 +102,17 @@ def train_fn(config: dict[str, Any]) -> None:
     torch.manual_seed(1 + rank)
     x = torch.randn(BATCH, CHANNELS, SPATIAL, SPATIAL) + rank
     y = torch.randint(0, 10, (BATCH,))
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    report_s: dict[str, list[float]] = {mode: [] for mode in MODES}  # inside ray.train.report (the round's barrier)
+    times: dict[str, list[float]] = {mode: [] for mode in config["modes"]}
+    # Time inside ray.train.report (the round's barrier and hand-over to the controller).
+    report_s: dict[str, list[float]] = {mode: [] for mode in config["modes"]}
     step = 0
     for round_index in range(config["rounds"] + 1):  # round 0 warms up (first steps, first reports): not timed
         timed = round_index > 0
-        for mode in MODES:
-            every = int(mode.split("/")[1]) if "/" in mode else 0
+        for mode in config["modes"]:
+            every = int(mode.split("/")[1].removesuffix("-each")) if "/" in mode else 0
+            # As the engine's loop: recorded steps travel steps_per_report(every) at a time; "-each": one per report.
+            per_report = 1 if mode.endswith("-each") or not every else steps_per_report(every)
+            pending: list[dict[str, Any]] = []
             dist.barrier()
             for index in range(config["steps"]):
                 step += 1
@@ -129,10 +138,13 @@ def train_fn(config: dict[str, Any]) -> None:
                     }
                     if layers:
                         metrics["layers"] = packed
-                    reporting = time.perf_counter()
-                    ray.train.report(metrics)
-                    if timed:
-                        report_s[mode].append(time.perf_counter() - reporting)
+                    pending.append(metrics)
+                    if len(pending) == per_report or index == config["steps"] - 1:
+                        reporting = time.perf_counter()
+                        ray.train.report(pending[0] if len(pending) == 1 else {"kind": "steps", "steps": pending})
+                        pending = []
+                        if timed:
+                            report_s[mode].append(time.perf_counter() - reporting)
                 if timed:
                     times[mode].append(time.perf_counter() - started)
     if rank == 0:
@@ -164,20 +176,21 @@ def run_training(args: argparse.Namespace, work: Path, store: Any, job_id: str) 
         cursor = 0
         while not stop.is_set() or cursor < ray.get(log.last_seq.remote()):
             records = ray.get(log.poll.remote(cursor, 200))
-            for record in records:
+            if records:  # one transaction per poll, as the service's drain stores them
                 started = time.perf_counter()
-                store.ingest(job_id, [record])
-                if record["kind"] == "layers":
-                    ingest_s.append(time.perf_counter() - started)
-                cursor = record["seq"]
-            if not records:
+                store.ingest(job_id, records)
+                layer_records = sum(record["kind"] == "layers" for record in records)
+                if layer_records:
+                    ingest_s.extend([(time.perf_counter() - started) / layer_records] * layer_records)
+                cursor = records[-1]["seq"]
+            else:
                 time.sleep(0.25)
 
     drainer = threading.Thread(target=drain, daemon=True)
     drainer.start()
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"rounds": args.rounds, "steps": args.steps, "out": str(out)},
+        train_loop_config={"rounds": args.rounds, "steps": args.steps, "modes": args.modes, "out": str(out)},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
@@ -446,9 +459,16 @@ def main() -> int:
     parser.add_argument("--recorded", type=int, default=500, help="recorded steps stored (default 500)")
     parser.add_argument("--requests", type=int, default=30, help="requests per route (default 30)")
     parser.add_argument("--skip-training", action="store_true", help="only pieces, storage and latency")
+    parser.add_argument("--training-only", action="store_true", help="only section 1 (step time)")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"modes of section 1, 'off' among them (default {','.join(MODES)})"
+    )
     parser.add_argument("--history-channels", default="256,2048", help="layer widths of section 5 (default 256,2048)")
     parser.add_argument("--history-only", action="store_true", help="only section 5 (layer history at scale)")
     args = parser.parse_args()
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if "off" not in args.modes or not set(args.modes) <= set(MODES):
+        parser.error(f"--modes: expected 'off' and any of {', '.join(MODES)}, got {','.join(args.modes)}")
     widths = [int(w) for w in args.history_channels.split(",") if w.strip()]
     if args.history_only:
         with tempfile.TemporaryDirectory(prefix="bench-layer-history-") as tmp:
@@ -472,11 +492,18 @@ def main() -> int:
             means = {mode: 1000.0 * statistics.fmean(values) for mode, values in run["times"].items()}
             result["step_ms_mean"] = means
             result["step_ms_median"] = {mode: median_ms(values) for mode, values in run["times"].items()}
-            result["ratio_vs_off"] = {mode: means[mode] / means["off"] for mode in MODES}
-            result["layers_vs_metrics"] = {k: means[f"layers/{k}"] / means[f"metrics/{k}"] for k in (1, 10)}
+            result["ratio_vs_off"] = {mode: means[mode] / means["off"] for mode in args.modes}
+            result["layers_vs_metrics"] = {
+                k: means[f"layers/{k}"] / means[f"metrics/{k}"]
+                for k in ("1", "10", "1-each")
+                if f"layers/{k}" in means and f"metrics/{k}" in means
+            }
             result["report_call_ms_median"] = {mode: median_ms(v) for mode, v in run["report_s"].items() if v}
             result["ingest_ms_per_layers_record"] = median_ms(run["ingest_s"]) if run["ingest_s"] else None
             result["training_wall_s"] = run["wall_s"]
+        if args.training_only:
+            print(json.dumps(result, indent=2))
+            return 0
         result["pieces"] = piece_costs()
 
         # A real merged record (the controller's output) as the template of the stored history.

@@ -7,6 +7,11 @@ Every rank calls `ray.train.report` at the same points (it is a barrier), with a
 - `step` (every `stats_every` steps): `step, epoch, train_loss, lr, samples_per_s, step_time_s` (global values,
   equal on every rank) and `layers`: this rank's `syncbn.BatchStatsRecorder.packed_snapshot()` (two float64
   tensors for all layers; the per-layer dicts of `snapshot()` are still understood);
+- `steps`: `steps`, a list of `step` reports sent together. With `stats_every` below `REPORT_EVERY_STEPS` the
+  loop keeps its recorded steps and reports them `steps_per_report(stats_every)` at a time (and whatever is left
+  before each epoch's report): a report round has a fixed cost in every process of the run (the ranks' barrier,
+  the controller's poll, the record log's push and the service's read) that recording every step would pay at
+  every step;
 - `epoch` (after each epoch's validation): `epoch, step, train_loss, train_acc, val_loss, val_acc,
   val_loss_precise, val_acc_precise, epoch_time_s` (global values; the `_precise` ones with precise BatchNorm
   statistics, None when `precise_bn` did not run that epoch);
@@ -35,7 +40,18 @@ import numpy as np
 from syncbn import merge_rank_layer_stats
 from syncbn.stats import PackedLayerStats, merge_packed_layer_stats
 
-__all__ = ["EPOCH_FIELDS", "STEP_FIELDS", "SUMMARY_FIELDS", "merge_layers", "records_from_reports"]
+__all__ = [
+    "EPOCH_FIELDS",
+    "REPORT_EVERY_STEPS",
+    "STEP_FIELDS",
+    "SUMMARY_FIELDS",
+    "merge_layers",
+    "records_from_reports",
+    "steps_per_report",
+]
+
+#: Training steps between two step reports at the least: recorded steps closer than that travel together.
+REPORT_EVERY_STEPS = 10
 
 STEP_FIELDS = ("step", "epoch", "train_loss", "lr", "samples_per_s", "step_time_s")
 EPOCH_FIELDS = (
@@ -59,6 +75,14 @@ SUMMARY_FIELDS = (
     "final_train_loss",
 )
 _INFO_FIELDS = ("world_size", "device", "steps_per_epoch", "total_steps", "resumed_from_epoch")
+
+
+def steps_per_report(stats_every: int) -> int:
+    """How many recorded steps one `steps` report carries: enough that reports are `REPORT_EVERY_STEPS` training
+    steps apart (1 when `stats_every` already is that far: a plain `step` report)."""
+    if stats_every < 1:
+        raise ValueError(f"expected stats_every >= 1, got {stats_every}")
+    return max(1, -(-REPORT_EVERY_STEPS // stats_every))
 
 
 def records_from_reports(per_rank: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,6 +112,14 @@ def records_from_reports(per_rank: Sequence[dict[str, Any]]) -> list[dict[str, A
             f"{origin}"
         )
         return [{"kind": "info", **info}, {"kind": "log", "level": "info", "message": message}, *_timeline(first)]
+    if kind == "steps":
+        counts = {len(report["steps"]) for report in per_rank}
+        if len(counts) != 1:
+            raise ValueError(f"expected every rank to report the same number of steps, got {sorted(counts)}")
+        out: list[dict[str, Any]] = []
+        for index in range(counts.pop()):
+            out += records_from_reports([report["steps"][index] for report in per_rank])
+        return out
     if kind == "step":
         records: list[dict[str, Any]] = [{"kind": "step", **{key: first[key] for key in STEP_FIELDS}}]
         if first.get("layers") is not None:
@@ -100,7 +132,7 @@ def records_from_reports(per_rank: Sequence[dict[str, Any]]) -> list[dict[str, A
         return [{"kind": "epoch", **{key: first[key] for key in EPOCH_FIELDS}}]
     if kind == "final":
         return [{"kind": "summary", **{key: first[key] for key in SUMMARY_FIELDS}}, *_timeline(first)]
-    raise ValueError(f"unknown report kind {kind!r}: expected start, step, epoch or final")
+    raise ValueError(f"unknown report kind {kind!r}: expected start, step, steps, epoch or final")
 
 
 def _timeline(report: dict[str, Any]) -> list[dict[str, Any]]:

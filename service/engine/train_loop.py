@@ -9,7 +9,8 @@ starts. One rank's life:
    the `resume_from` checkpoint folder the service picked for a run started again after its restart;
 3. train with DDP on this rank's batches (`service.engine.data.rank_batches`: in-memory tensors through a
    `DistributedSampler`, or this rank's shard of the job's Ray Data datasets; reshuffled every epoch); every
-   `stats_every` steps, record the BatchNorm statistics of that step's forward pass and report them; validate,
+   `stats_every` steps, record the BatchNorm statistics of that step's forward pass and report them (several
+   recorded steps per report when `stats_every` is below `service.engine.reports.REPORT_EVERY_STEPS`); validate,
    report and checkpoint every epoch (with `precise_bn`, validate a second time with the running statistics
    recomputed exactly by `syncbn.recalibrate`: every epoch, or after the last one, which the saved model keeps);
 4. stop together: divergence and early-stop decisions use only all-reduced values, so every rank leaves the loop
@@ -49,6 +50,7 @@ from service.engine.data import DataInfo, DataSplits
 from service.engine.data.rank_batches import MemoryBatches, RankBatches, StreamedBatches
 from service.engine.model_registry import build_model
 from service.engine.optimization import LearningRate, build_optimizer, set_lr
+from service.engine.reports import steps_per_report
 from service.engine.step_precision import StepPrecision
 from service.engine.storage import MODEL_FILE
 from service.spec import JobSpec
@@ -142,6 +144,9 @@ class _WorkerRun:
         self.tracker = ConvergenceTracker(spec.early_stop)
         self.start_epoch = 1
         self.step = 0
+        # Recorded steps not reported yet: they travel `_steps_per_report` at a time (service.engine.reports).
+        self._pending_steps: list[dict[str, Any]] = []
+        self._steps_per_report = steps_per_report(spec.stats_every)
         self.final_val_acc: float | None = None
         self.final_val_acc_precise: float | None = None
         self.final_train_loss: float | None = None
@@ -315,6 +320,7 @@ class _WorkerRun:
             reason = self.tracker.check_train_loss(global_loss, self.step, epoch, lr)
             if reason is not None:
                 logger.warning("rank %d: %s", self.rank, reason)
+                self._report_steps()
                 timing[2] = time.time()
                 return reason
 
@@ -330,12 +336,24 @@ class _WorkerRun:
                     "step_time_s": window_compute_s / window_steps,
                     "layers": layers,
                 }
-                self._report(metrics)
+                self._pending_steps.append(metrics)
+                if len(self._pending_steps) >= self._steps_per_report:
+                    self._report_steps()
                 window.zero_()
                 window_compute_s, window_steps = 0.0, 0
                 window_start = time.perf_counter()
+        self._report_steps()  # the epoch's last recorded steps, before its epoch report
         timing[2] = time.time()
         return None
+
+    def _report_steps(self) -> None:
+        """Report the recorded steps kept so far, if any (every rank has kept the same ones): one `step` report,
+        or one `steps` report of several (`service.engine.reports.steps_per_report`)."""
+        pending, self._pending_steps = self._pending_steps, []
+        if len(pending) == 1:
+            self._report(pending[0])
+        elif pending:
+            self._report({"kind": "steps", "steps": pending})
 
     def _end_epoch(self, epoch: int) -> str | None:
         """Validate, report the epoch (with a checkpoint when due) and return an early-stop verdict or None."""

@@ -17,7 +17,7 @@ from service.engine.data import load_data
 from service.engine.model_registry import build_model
 from service.engine.optimization import LearningRate, build_optimizer
 from service.engine.recorder import RecordLog
-from service.engine.reports import records_from_reports
+from service.engine.reports import records_from_reports, steps_per_report
 from service.spec import DatasetSpec, EarlyStopSpec, LrScheduleSpec, OptimizerSpec
 
 pytestmark = pytest.mark.timeout(60)
@@ -212,6 +212,29 @@ def test_records_from_reports_merges_layers_across_ranks() -> None:
         for key, value in summary.items():
             expected = layers[name][key]
             assert value == (pytest.approx(expected, rel=1e-12) if isinstance(expected, float) else expected), key
+
+
+def test_a_steps_report_gives_the_records_of_each_step_in_order() -> None:
+    """With stats_every below REPORT_EVERY_STEPS the loop reports several recorded steps at once: the records are
+    those of one report per step, in step order, and ranks that disagree on the steps are refused."""
+    torch.manual_seed(1)
+    model = build_model("cnn", (1, 8, 8), 10)
+    reports = []  # per step, the two ranks' `step` reports as the loop builds them
+    for step in (1, 2, 3):
+        snaps = _snapshots(model, [torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8) + step])
+        base = {"kind": "step", "step": step, "epoch": 1, "train_loss": 2.0, "lr": 0.1, "samples_per_s": 9.0}
+        reports.append([{**base, "step_time_s": 0.1, "layers": snaps[rank][1]} for rank in range(2)])
+    together = records_from_reports([{"kind": "steps", "steps": [r[rank] for r in reports]} for rank in range(2)])
+    one_by_one = [record for per_rank in reports for record in records_from_reports(per_rank)]
+    assert [(r["kind"], r["step"]) for r in together] == [(k, s) for s in (1, 2, 3) for k in ("step", "layers")]
+    assert [r["vectors"] for r in together if r["kind"] == "layers"] == [
+        r["vectors"] for r in one_by_one if r["kind"] == "layers"
+    ]
+    with pytest.raises(ValueError, match="same number of steps"):
+        records_from_reports([{"kind": "steps", "steps": reports[0][:1]}, {"kind": "steps", "steps": reports[1]}])
+    assert [steps_per_report(every) for every in (1, 2, 3, 9, 10, 50)] == [10, 5, 4, 2, 1, 1]
+    with pytest.raises(ValueError, match="stats_every"):
+        steps_per_report(0)
 
 
 def test_records_from_reports_refuses_mixed_kinds() -> None:
