@@ -694,7 +694,9 @@ class JobStore:
                 self._apply_retention(session, job, list(layers.series.values()), layers.reference)
             result.record_seq = job.record_seq
             result.event_seq = job.event_seq
-        if layers.series is not None:
+        if result.ended is not None:
+            self._series_cache.pop(job_id, None)  # no layers come after the end: keep the cache to running jobs
+        elif layers.series is not None:
             self._series_cache[job_id] = layers.series  # committed: ids that later batches may use
         self._note_event(job_id, result.event_seq)
         return result
