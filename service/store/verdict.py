@@ -28,6 +28,7 @@ from scipy import stats
 
 __all__ = [
     "METRICS",
+    "METRIC_RANGES",
     "ArmResult",
     "ArmSummary",
     "Comparison",
@@ -135,8 +136,16 @@ def _t_half_width(sd: float, n: int, confidence: float) -> float:
     return float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
 
 
-def summarise_arm(result: ArmResult, confidence: float) -> ArmSummary:
-    """Mean over seeds, its t interval (None with fewer than two seeds), mean samples/s and wall time."""
+#: The values each metric can take: an arm's interval is clipped to them (a t interval of accuracies near 100 %
+#: would otherwise reach past it, e.g. 92 to 102 %).
+METRIC_RANGES: dict[str, tuple[float, float]] = {"val_accuracy": (0.0, 1.0), "val_loss": (0.0, math.inf)}
+
+
+def summarise_arm(
+    result: ArmResult, confidence: float, value_range: tuple[float, float] = (-math.inf, math.inf)
+) -> ArmSummary:
+    """Mean over seeds, its t interval (None with fewer than two seeds) clipped to `value_range` (the values the
+    metric can take, `METRIC_RANGES`), mean samples/s and wall time."""
     values = np.array([v for v in result.values.values() if math.isfinite(v)], dtype=np.float64)
     if values.size == 0:
         raise ValueError("an arm needs at least one finished trial with a finite metric, got none")
@@ -144,7 +153,7 @@ def summarise_arm(result: ArmResult, confidence: float) -> ArmSummary:
     low = high = None
     if values.size >= 2:
         half = _t_half_width(float(values.std(ddof=1)), int(values.size), confidence)
-        low, high = mean - half, mean + half
+        low, high = max(mean - half, value_range[0]), min(mean + half, value_range[1])
     return ArmSummary(
         mean, low, high, int(values.size), _mean_or_none(result.samples_per_s), _mean_or_none(result.wall_s)
     )
@@ -331,7 +340,7 @@ def study_verdict(
             )
     if not comparisons:
         return None
-    summaries = [summarise_arm(arm, confidence) if arm.values else None for arm in arms]
+    summaries = [summarise_arm(arm, confidence, METRIC_RANGES[metric]) if arm.values else None for arm in arms]
     first = comparisons[0]
     sentence = _sentence(first, metric, confidence, (labels[0], labels[first.arm]), sync_only)
     layers = skewed_layers(layer_shares) if layer_shares else []

@@ -14,6 +14,7 @@ import pytest
 from scipy import stats
 
 from service.store.verdict import (
+    METRIC_RANGES,
     ArmResult,
     Comparison,
     Difference,
@@ -24,6 +25,7 @@ from service.store.verdict import (
     settled,
     skewed_layers,
     study_verdict,
+    summarise_arm,
 )
 
 SYNC = {0: 0.968, 1: 0.955, 2: 0.971, 3: 0.962}
@@ -166,3 +168,23 @@ def test_a_study_with_several_comparisons_settles_only_when_every_one_does() -> 
     assert settled(verdict)
     assert not settled(Verdict("pays", "", "val_accuracy", 0.005, 0.95, [], [*verdict.comparisons, unsettled]))
     assert not settled(Verdict("pays", "", "val_accuracy", 0.005, 0.95, [], []))
+
+
+def test_an_arms_interval_stays_within_the_values_its_metric_can_take() -> None:
+    """Accuracies of 0.96, 0.99 and 1.0 over three seeds: the t interval (~0.93 to ~1.03) is clipped to [0, 1];
+    a loss interval cannot go below 0; an unbounded use keeps the plain t interval."""
+    arm = ArmResult({0: 0.96, 1: 0.99, 2: 1.0})
+    plain = summarise_arm(arm, 0.95)
+    assert plain.ci_high > 1.0, "the unclipped interval reaches past 100 %"
+    clipped = summarise_arm(arm, 0.95, METRIC_RANGES["val_accuracy"])
+    assert clipped.ci_high == 1.0 and clipped.ci_low == plain.ci_low and clipped.mean == plain.mean
+    loss = summarise_arm(ArmResult({0: 0.01, 1: 0.2, 2: 0.02}), 0.95, METRIC_RANGES["val_loss"])
+    assert loss.ci_low == 0.0 and loss.ci_high > 0.2
+    result = study_verdict(
+        [arm, ArmResult({0: 0.9, 1: 0.92, 2: 0.91})],
+        metric="val_accuracy",
+        confidence=0.95,
+        margin=0.005,
+        labels=["sync_bn=true", "sync_bn=false"],
+    )
+    assert result is not None and result.arms[0].ci_high == 1.0
