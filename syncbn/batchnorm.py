@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncbn._compile_ops import DEFAULT_GROUP, sync_batch_norm
-from syncbn._functions import BatchMoments, SyncBatchNormFunction
+from syncbn._functions import RecordedPass, SyncBatchNormFunction
 
 # `torch.compiler.disable` imports torch._dynamo when it decorates, which costs about 1.2 s of CPU in every process
 # that imports syncbn (each Ray Train worker and controller of a job) whether it compiles or not. Torch's own
@@ -89,7 +89,7 @@ class SyncBatchNorm(_BatchNorm):
         # Number of input dims this layer is for (2-3: 1d, 4: 2d, 5: 3d); lets revert pick the BatchNorm class.
         self.input_dims_hint: int | None = None
         # Set by BatchStatsRecorder around a recording forward pass; the Function appends its moments here.
-        self._moments_sink: list[BatchMoments] | None = None
+        self._moments_sink: list[RecordedPass] | None = None
 
     @property
     def process_group(self) -> dist.ProcessGroup | None:
