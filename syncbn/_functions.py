@@ -69,8 +69,8 @@ class BatchMoments:
 class RecordedPass:
     """What a recording forward pass of a synchronized layer keeps: its local first and second moments (a copy
     taken before the all-reduce) and the all-reduced packet itself. No arithmetic happens in the forward pass:
-    :func:`batch_moments` derives one layer's :class:`BatchMoments` on demand, and a recorder derives all layers'
-    at once (``BatchStatsRecorder.packed_snapshot``), a dozen ops in all instead of a dozen per layer.
+    :func:`derive_moments` derives the moments of all recorded layers at once (``BatchStatsRecorder.packed_snapshot``),
+    a dozen ops in all instead of a dozen per layer; :func:`batch_moments` gives one layer's :class:`BatchMoments`.
 
     Attributes:
         count: this rank's elements per channel.
@@ -87,21 +87,38 @@ class RecordedPass:
         return self.local.shape[1]
 
 
+def derive_moments(
+    passes: list[RecordedPass],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(mean_local, var_local, mean_global, var_global)`` of each recorded pass (per-channel views), derived for
+    all passes at once: one concatenation per input and each operation once over all their channels."""
+    if not passes:
+        return []
+    channels = [p.channels for p in passes]
+    local = torch.cat([p.local for p in passes], dim=1)  # (2, all channels): E[x], E[x^2]
+    sums = torch.cat([p.packed[1 : 2 * c + 1].view(2, c) for p, c in zip(passes, channels, strict=True)], dim=1)
+    totals = torch.cat([p.packed[0:1] for p in passes]).clamp_(min=1.0)
+    moments = sums / torch.repeat_interleave(totals, torch.tensor(channels, device=totals.device))
+    mean_l, mean_g = local[0], moments[0]
+    var_l = torch.addcmul(local[1], mean_l, mean_l, value=-1.0).clamp_(min=0.0)
+    var_g = torch.addcmul(moments[1], mean_g, mean_g, value=-1.0).clamp_(min=0.0)
+    rows = [row.split(channels) for row in (mean_l, var_l, mean_g, var_g)]
+    return list(zip(*rows, strict=True))
+
+
 def batch_moments(recorded: RecordedPass) -> BatchMoments:
-    """One layer's :class:`BatchMoments` from what its recording pass kept."""
-    channels = recorded.channels
+    """One layer's :class:`BatchMoments` from what its recording pass kept (:func:`derive_moments`, plus the
+    counts and the between-rank variance)."""
+    ((mean_l, var_l, mean, var),) = derive_moments([recorded])
     total = recorded.packed[0:1].clamp(min=1.0)
-    mean_l, square_l = recorded.local[0], recorded.local[1]
-    moments = recorded.packed[1 : 2 * channels + 1].view(2, channels) / total
-    mean = moments[0]
     return BatchMoments(
         count_local=torch.tensor(float(recorded.count), dtype=torch.float64),
         mean_local=mean_l,
-        var_local=torch.addcmul(square_l, mean_l, mean_l, value=-1.0).clamp_(min=0.0),
+        var_local=var_l,
         count_global=recorded.packed[0].clone(),
         mean_global=mean,
-        var_global=torch.addcmul(moments[1], mean, mean, value=-1.0).clamp_(min=0.0),
-        between_var=(recorded.packed[2 * channels + 1 :] / total - mean * mean).clamp_(min=0.0),
+        var_global=var,
+        between_var=(recorded.packed[2 * recorded.channels + 1 :] / total - mean * mean).clamp_(min=0.0),
     )
 
 

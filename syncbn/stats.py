@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncbn._functions import RecordedPass, batch_moments, local_moments
+from syncbn._functions import RecordedPass, batch_moments, derive_moments, local_moments
 from syncbn.batchnorm import SyncBatchNorm
 
 # Relative tolerance within which ranks' global statistics count as equal (float64 pooling, float32 inputs).
@@ -128,18 +128,19 @@ def _grad_norm(p: torch.Tensor | None) -> float | None:
     return float(p.grad.detach().double().norm())
 
 
-def _per_layer_reduce(
-    values: torch.Tensor, layer_of: torch.Tensor, channels: Sequence[int], reduce: str
+def _per_layer(
+    values: torch.Tensor, layer_of: torch.Tensor, channels: Sequence[int], reduce: str, empty: float = math.nan
 ) -> torch.Tensor:
-    """One value per layer from the concatenated per-channel ``values`` (``reduce``: sum, mean, amin, amax).
+    """One value per layer from the concatenated per-channel ``values`` (``reduce``: sum, mean, amin, amax);
+    ``empty`` for a layer without channels.
 
     Layers of equal width (the usual case) reduce as rows of a ``(layers, channels)`` view, one op; otherwise
     one scatter-reduction over ``layer_of`` (the layer index of every channel).
     """
-    width = channels[0]
-    if all(c == width for c in channels) and width > 0:
-        return getattr(values.view(len(channels), width), reduce)(1)
-    out = torch.zeros(len(channels), dtype=values.dtype, device=values.device)
+    width = channels[0] if channels else 0
+    if width > 0 and all(c == width for c in channels):
+        return getattr(values.reshape(len(channels), width), reduce)(1)
+    out = torch.full((len(channels),), empty, dtype=values.dtype, device=values.device)
     return out.scatter_reduce(0, layer_of, values, reduce, include_self=False)
 
 
@@ -155,42 +156,25 @@ def _parameter_summaries(
     if not rows:
         return
     widths = [channels[i] for i in rows]
-    layer_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(widths)).to(scalars.device)
+    layer_of = _layer_index(widths, scalars.device)
     index = torch.tensor(rows, device=scalars.device)
     values = torch.cat([params[i].reshape(-1) for i in rows]).double()
     for suffix, reduce in (("mean", "mean"), ("min", "amin"), ("max", "amax")):
-        scalars[index, _S[f"{kind}_{suffix}"]] = _per_layer_reduce(values, layer_of, widths, reduce)
-    if all(params[i].grad is not None for i in rows):
-        grads = torch.cat([params[i].grad.reshape(-1) for i in rows]).double()
-        scalars[index, _S[f"{kind}_grad_norm"]] = _per_layer_reduce(grads * grads, layer_of, widths, "sum").sqrt()
+        scalars[index, _S[f"{kind}_{suffix}"]] = _per_layer(values, layer_of, widths, reduce, empty=0.0)
+    with_grad = [i for i in rows if params[i].grad is not None]
+    if not with_grad:
         return
-    with_grad = [i for i in rows if params[i].grad is not None]  # some layers without a gradient: those alone
-    if with_grad:
-        grad_widths = [channels[i] for i in with_grad]
-        grads = torch.cat([params[i].grad.reshape(-1) for i in with_grad]).double()
-        grad_of = torch.repeat_interleave(torch.arange(len(with_grad)), torch.tensor(grad_widths)).to(grads.device)
-        norms = _per_layer_reduce(grads * grads, grad_of, grad_widths, "sum").sqrt()
-        scalars[torch.tensor(with_grad, device=scalars.device), _S[f"{kind}_grad_norm"]] = norms
+    if len(with_grad) < len(rows):  # some layers without a gradient (frozen): the norms of the others alone
+        widths = [channels[i] for i in with_grad]
+        layer_of = _layer_index(widths, scalars.device)
+        index = torch.tensor(with_grad, device=scalars.device)
+    grads = torch.cat([params[i].grad.reshape(-1) for i in with_grad]).double()
+    scalars[index, _S[f"{kind}_grad_norm"]] = _per_layer(grads * grads, layer_of, widths, "sum", empty=0.0).sqrt()
 
 
-def _synced_moments(
-    passes: Sequence[RecordedPass],
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(mean_local, var_local, mean_global, var_global)`` of every recorded synchronized layer, derived for all
-    layers at once (the same element-wise operations as :func:`syncbn._functions.batch_moments`, so the same
-    values), then split back into per-layer views."""
-    if not passes:
-        return []
-    channels = [p.channels for p in passes]
-    local = torch.cat([p.local for p in passes], dim=1)  # (2, all channels): E[x], E[x^2]
-    sums = torch.cat([p.packed[1 : 2 * c + 1].view(2, c) for p, c in zip(passes, channels, strict=True)], dim=1)
-    totals = torch.cat([p.packed[0:1] for p in passes]).clamp_(min=1.0)
-    moments = sums / torch.repeat_interleave(totals, torch.tensor(channels, device=totals.device))
-    mean_l, mean_g = local[0], moments[0]
-    var_l = torch.addcmul(local[1], mean_l, mean_l, value=-1.0).clamp_(min=0.0)
-    var_g = torch.addcmul(moments[1], mean_g, mean_g, value=-1.0).clamp_(min=0.0)
-    rows = [row.split(channels) for row in (mean_l, var_l, mean_g, var_g)]
-    return list(zip(*rows, strict=True))
+def _layer_index(channels: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The layer index of every channel of layers with ``channels`` channels each, concatenated."""
+    return torch.repeat_interleave(torch.arange(len(channels)), torch.tensor(channels, dtype=torch.long)).to(device)
 
 
 class BatchStatsRecorder:
@@ -311,7 +295,7 @@ class BatchStatsRecorder:
         summaries and gradient norms are one reduction per statistic over all layers, so the cost barely grows
         with the number of layers (~1 ms for 40 layers on one CPU thread).
         """
-        derived = dict(zip(self._synced, _synced_moments(list(self._synced.values())), strict=True))
+        derived = dict(zip(self._synced, derive_moments(list(self._synced.values())), strict=True))
         entries = []
         for name, layer in self._layers.items():
             if name in self._synced:
@@ -386,13 +370,6 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _per_layer(values: torch.Tensor, layer_of: torch.Tensor, layers: int, reduce: str) -> torch.Tensor:
-    """Reduce per-channel ``values`` to one value per layer (``reduce``: sum, mean, amin or amax); NaN for a
-    layer without channels."""
-    out = torch.full((layers,), math.nan, dtype=torch.float64)
-    return out.scatter_reduce(0, layer_of, values, reduce, include_self=False)
-
-
 def merge_packed_layer_stats(per_rank: Sequence[PackedLayerStats]) -> MergedLayerStats:
     """Merge every layer of every rank (index = rank) at once: global statistics and cross-worker skew.
 
@@ -412,8 +389,7 @@ def merge_packed_layer_stats(per_rank: Sequence[PackedLayerStats]) -> MergedLaye
                 f"{sum(first.channels)} channels), got {len(other.layers)} layers, {sum(other.channels)} channels "
                 f"from rank {rank}"
             )
-    n_layers = len(first.layers)
-    layer_of = torch.repeat_interleave(torch.arange(n_layers), torch.tensor(first.channels, dtype=torch.long))
+    layer_of = _layer_index(first.channels, torch.device("cpu"))
     scalars = torch.stack([p.scalars for p in per_rank])  # (ranks, layers, scalars)
     vectors = torch.stack([p.vectors for p in per_rank])  # (ranks, rows, channels)
 
@@ -440,7 +416,7 @@ def merge_packed_layer_stats(per_rank: Sequence[PackedLayerStats]) -> MergedLaye
         ref = vectors[0, _V[row]]
         close = torch.isclose(vectors[:, _V[row]], ref.expand_as(vectors[:, _V[row]]), rtol=_AGREE_RTOL, atol=1e-9)
         agree_c = torch.minimum(agree_c, close.all(0).double())
-    agree = _per_layer(agree_c, layer_of, n_layers, "amin")
+    agree = _per_layer(agree_c, layer_of, first.channels, "amin")
 
     per_channel = {
         "dead_channels": ((var < eps_c).double(), "sum"),
@@ -458,7 +434,9 @@ def merge_packed_layer_stats(per_rank: Sequence[PackedLayerStats]) -> MergedLaye
         "running_var_min": (running_var, "amin"),
         "running_var_max": (running_var, "amax"),
     }
-    table = torch.stack([_per_layer(v, layer_of, n_layers, r) for v, r in (per_channel[k] for k in _SUMMARY_KEYS)])
+    table = torch.stack(
+        [_per_layer(v, layer_of, first.channels, r) for v, r in (per_channel[k] for k in _SUMMARY_KEYS)]
+    )
     table_rows = table.T.tolist()  # (layers, keys)
     parameters = first.scalars[:, [_S[k] for k in _PARAMETER_KEYS]].tolist()
     totals, count_rows, agree_rows = total.tolist(), counts.T.tolist(), agree.tolist()
