@@ -689,7 +689,7 @@ class JobStore:
                 result.stored += 1
                 if ended is not None:
                     result.ended = ended
-            if layers.vectors_written:
+            if layers.reference is not None:
                 # Once per batch: the rule keeps at most `stats_keep` snapshots after it, whatever the batch held.
                 self._apply_retention(session, job, list(layers.series.values()), layers.reference)
             result.record_seq = job.record_seq
@@ -790,7 +790,6 @@ class JobStore:
             session.execute(insert(LayerSummaryRow.__table__), summaries)
             if blocks:
                 session.execute(insert(LayerVectorsRow.__table__), blocks)
-                state.vectors_written = True
                 state.reference = blocks[0]["series_id"]
         self._add_event(session, job, "layers", {"step": step, "epoch": epoch}, now)
 
@@ -1146,12 +1145,12 @@ class JobStore:
 @dataclass
 class _LayerIngest:
     """What one `ingest` transaction learns about a job's layers: its series (name -> id), the newest recorded
-    step (so a new step skips the delete of a re-recorded one), and whether retention must run at the end."""
+    step (so a new step skips the delete of a re-recorded one), and a series it wrote vectors of (the reference
+    of the retention that then runs at the end; None when it wrote none)."""
 
     series: dict[str, int] | None = None
     last_step: int | None = None
-    vectors_written: bool = False
-    reference: int = 0
+    reference: int | None = None
 
 
 _HANDLERS = {
